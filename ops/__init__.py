@@ -1,0 +1,1 @@
+"""The custom ops of the ai.sessa domain: their definitions and kernels."""

@@ -1,0 +1,1 @@
+"""What is specific to each compile target: CPU, CUDA, Metal."""
