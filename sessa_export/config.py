@@ -1,0 +1,103 @@
+"""SessaLM configuration: the keys of `config.json`, checked for consistency."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import SessaExportError
+
+
+@dataclass(frozen=True)
+class SessaConfig:
+    """Shape of a SessaLM: embedding -> n_layers x (SessaLayer [+ MLP]) -> LayerNorm -> LM head."""
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    max_len: int | None = None
+    ln_eps: float = 1e-5
+    gamma_max: float = 0.999
+    use_forward_rope: bool = True
+    mlp_ratio: float = 0.0
+    tie_embeddings: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(round(self.mlp_ratio * self.d_model))
+
+    def state_values_per_token(self) -> int:
+        """Values of decode state per token of context, all layers (spec §2)."""
+        return self.n_layers * (2 * self.kv_heads * self.head_dim + 2 * self.d_model)
+
+    def validate(self) -> "SessaConfig":
+        """Raise SessaExportError naming the first inconsistent field."""
+        problems = []
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append(f"{name} must be a positive integer, got {value!r}")
+        if problems:
+            raise SessaExportError("invalid config: " + "; ".join(problems))
+        if self.n_kv_heads is not None and (not isinstance(self.n_kv_heads, int) or self.n_kv_heads < 1):
+            problems.append(f"n_kv_heads must be a positive integer or null, got {self.n_kv_heads!r}")
+        elif self.n_heads % self.kv_heads:
+            problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
+        if self.d_model % self.n_heads:
+            problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        elif self.use_forward_rope and self.head_dim % 2:
+            problems.append(f"head width d_model/n_heads = {self.head_dim} must be even when use_forward_rope is true")
+        if not (isinstance(self.gamma_max, (int, float)) and 0.0 < self.gamma_max < 1.0):
+            problems.append(f"gamma_max must lie in (0, 1), got {self.gamma_max!r}")
+        if not (isinstance(self.ln_eps, (int, float)) and self.ln_eps > 0 and math.isfinite(self.ln_eps)):
+            problems.append(f"ln_eps must be a positive number, got {self.ln_eps!r}")
+        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
+            problems.append(f"max_len must be a positive integer or null, got {self.max_len!r}")
+        if not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio < 0:
+            problems.append(f"mlp_ratio must be >= 0, got {self.mlp_ratio!r}")
+        if problems:
+            raise SessaExportError("invalid config: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "SessaConfig":
+        """Build from a dict, refusing unknown or missing required keys."""
+        if not isinstance(data, dict):
+            raise SessaExportError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SessaExportError(f"{source}: unknown config keys {unknown}; known keys are {sorted(known)}")
+        required = ("vocab_size", "d_model", "n_layers", "n_heads")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise SessaExportError(f"{source}: missing config keys {missing}")
+        return cls(**data).validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SessaConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise SessaExportError(f"config file not found: {path}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise SessaExportError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, source=str(path))
