@@ -1,0 +1,95 @@
+"""`ai.sessa.FeedbackAttention` (spec §4) as an ONNX function of standard ops.
+
+Steps 3-5 of a Sessa layer for S new positions given the P earlier ones:
+    α_t,j = softmax_{j<t}(q_b,t · k_b,j · scale)          (strictly causal; row t = 0 is all zero)
+    s_t   = f_t + γ_t · Σ_{j<t} α_t,j s_j
+The part from the P earlier states is one matrix product. The S new rows form a unit lower
+triangular system, solved in blocks of 64 rows: each block first takes what the solved rows
+before it contribute (a matrix product), then inverts its own (I − M) exactly with the doubling
+product (I + M)(I + M²)(I + M⁴)… which ends because M^64 = 0. Everything accumulates in float32
+and casts back to the input type, so float16 and bfloat16 models keep the spec's precision (§3).
+
+Every model that uses the op carries this function, so a runtime that knows nothing of
+`ai.sessa` inlines it; a runtime with a fused kernel replaces the node.
+`scale` = 0 (the default) means D^-1/2; the exporter always writes the scale it used.
+"""
+
+from __future__ import annotations
+
+import onnx
+from onnxscript import opset23 as op
+from onnxscript import script
+from onnxscript.values import Opset
+
+DOMAIN = "ai.sessa"
+VERSION = 1
+OP_TYPE = "FeedbackAttention"
+INPUTS = ("query", "key", "forward", "gain", "past_key", "past_state")
+OUTPUTS = ("state", "present_key", "present_state")
+
+sessa = Opset(DOMAIN, VERSION)
+FLOAT = 1  # onnx.TensorProto.FLOAT
+
+
+@script(sessa, default_opset=op)
+def FeedbackAttention(query, key, forward, gain, past_key, past_state, scale: float = 0.0):
+    present_key = op.Concat(past_key, key, axis=1)
+    width = op.Cast(op.Shape(query, start=-1), to=FLOAT)
+    given = op.Constant(value_float=scale)
+    scale_used = op.Where(op.Equal(given, op.Constant(value_float=0.0)), op.Reciprocal(op.Sqrt(width)), given)
+    keys_t = op.Transpose(op.Cast(present_key, to=FLOAT), perm=[0, 2, 1])
+    scores = op.Mul(op.MatMul(op.Cast(query, to=FLOAT), keys_t), scale_used)  # [B, S, P+S]
+
+    past = op.Shape(past_key, start=1, end=2)
+    new = op.Shape(query, start=1, end=2)
+    total = op.Add(past, new)
+    t = op.Range(op.Squeeze(past), op.Squeeze(total), op.Constant(value_int=1))
+    j = op.Range(op.Constant(value_int=0), op.Squeeze(total), op.Constant(value_int=1))
+    earlier = op.Less(op.Unsqueeze(j, [0]), op.Unsqueeze(t, [1]))  # j < t
+    # A row with no earlier key (t = 0) sees equal finite scores, then the mask zeroes it: no NaN.
+    lowest = op.Constant(value_float=-3.4028234663852886e38)
+    alpha = op.Mul(op.Softmax(op.Where(earlier, scores, lowest), axis=-1), op.Cast(earlier, to=FLOAT))
+
+    g = op.Cast(gain, to=FLOAT)
+    zero = op.Constant(value_ints=[0])
+    axis1 = op.Constant(value_ints=[1])
+    axis2 = op.Constant(value_ints=[2])
+    from_past = op.MatMul(op.Slice(alpha, zero, past, axis2), op.Cast(past_state, to=FLOAT))
+    rhs = op.Add(op.Cast(forward, to=FLOAT), op.Mul(g, from_past))
+    alpha_new = op.Slice(alpha, past, total, axis2)  # [B, S, S], strictly lower
+
+    block = op.Constant(value_ints=[64])
+    n_blocks = op.Squeeze(op.Div(op.Add(new, op.Constant(value_ints=[63])), block))
+    solved = op.Slice(rhs, zero, zero, axis1)  # [B, 0, D]
+    for index in range(n_blocks):
+        start = op.Mul(op.Reshape(index, op.Constant(value_ints=[1])), block)
+        end = op.Min(op.Add(start, block), new)
+        rows = op.Slice(alpha_new, start, end, axis1)
+        g_rows = op.Slice(g, start, end, axis1)
+        x = op.Add(op.Slice(rhs, start, end, axis1),
+                   op.Mul(g_rows, op.MatMul(op.Slice(rows, zero, start, axis2), solved)))
+        m = op.Mul(g_rows, op.Slice(rows, start, end, axis2))
+        # x <- (I - m)^-1 x = (I + m^32)(I + m^16)(I + m^8)(I + m^4)(I + m^2)(I + m) x
+        x = op.Add(x, op.MatMul(m, x))
+        m = op.MatMul(m, m)
+        x = op.Add(x, op.MatMul(m, x))
+        m = op.MatMul(m, m)
+        x = op.Add(x, op.MatMul(m, x))
+        m = op.MatMul(m, m)
+        x = op.Add(x, op.MatMul(m, x))
+        m = op.MatMul(m, m)
+        x = op.Add(x, op.MatMul(m, x))
+        m = op.MatMul(m, m)
+        x = op.Add(x, op.MatMul(m, x))
+        solved = op.Concat(solved, x, axis=1)
+
+    state = op.CastLike(solved, forward)
+    present_state = op.Concat(past_state, state, axis=1)
+    return state, present_key, present_state
+
+
+def function_proto() -> onnx.FunctionProto:
+    """The function body that ships inside every exported model."""
+    proto = FeedbackAttention.to_function_proto()
+    proto.doc_string = __doc__.strip().splitlines()[0]
+    return proto

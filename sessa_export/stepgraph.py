@@ -1,0 +1,77 @@
+"""The recurrent step graph: what the tracer produces and every back end (ONNX, TVM) lowers.
+
+One graph serves prefill, chunked prefill and decode: it takes S new positions and the state of
+the P earlier ones, and returns the outputs of the S positions and the state of all P + S.
+Nodes are position-wise ops plus `mixer` nodes, the only place where positions meet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
+
+from .config import SessaConfig
+from .model import SessaMixer
+
+# Position-wise ops a back end must lower, besides "mixer".
+UNARY = ("gelu", "relu", "silu", "tanh", "sigmoid", "identity")
+BINARY = ("add", "sub", "mul", "div")
+OPS = ("embedding", "linear", "layer_norm", "split", "getitem", "mixer") + UNARY + BINARY
+
+STATE_FIELDS = ("key", "value", "feedback_key", "feedback_state")
+
+
+def past_name(layer: int, field_name: str) -> str:
+    return f"past_key_values.{layer}.{field_name}"
+
+
+def present_name(layer: int, field_name: str) -> str:
+    return f"present.{layer}.{field_name}"
+
+
+@dataclass(frozen=True)
+class Node:
+    """One op: `output = op(*inputs)`; inputs are value names or Python scalars (binary ops)."""
+
+    op: str
+    output: str
+    inputs: tuple[str | float, ...]
+    module: nn.Module | None = None  # weights of embedding, linear, layer_norm, mixer
+    path: str = ""  # module path in the source model, used to name weights
+    attrs: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepGraph:
+    """Nodes in execution order, one data input, named outputs, and the Sessa mixers in order."""
+
+    input_name: str
+    input_kind: Literal["tokens", "embeddings"]
+    input_width: int | None  # D for embeddings inputs
+    nodes: list[Node]
+    outputs: dict[str, str]  # graph output name -> value name
+    mixers: list[SessaMixer]
+    config: SessaConfig | None = None  # set when the source is a SessaLM
+
+    def state_layout(self) -> list[dict]:
+        """Per mixer: the past/present tensor names and their shapes (symbolic dims as strings)."""
+        layout = []
+        for i, m in enumerate(self.mixers):
+            kv = ["batch", m.n_kv_heads, "past", m.head_dim]
+            fb = ["batch", "past", m.D]
+            layout.append({
+                "layer": i,
+                "past": {f: past_name(i, f) for f in STATE_FIELDS},
+                "present": {f: present_name(i, f) for f in STATE_FIELDS},
+                "shapes": {"key": kv, "value": kv, "feedback_key": fb, "feedback_state": fb},
+                "n_heads": m.n_heads, "n_kv_heads": m.n_kv_heads, "head_dim": m.head_dim,
+                "d_model": m.D, "use_forward_rope": m.use_forward_rope, "gamma_max": m.gamma_max,
+            })
+        return layout
+
+    @property
+    def max_len(self) -> int | None:
+        limits = [m.max_len for m in self.mixers if m.max_len is not None]
+        return min(limits) if limits else None
