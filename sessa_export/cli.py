@@ -80,28 +80,190 @@ def inspect(
     console.print(layers)
 
 
+def _load_model(checkpoint: Optional[Path], config: Optional[Path], model: Optional[str]):
+    """The source model: a SessaLM checkpoint, or `--model package.module:factory` with weights."""
+    from .checkpoint import load_checkpoint
+    from .tracer import load_factory_model
+
+    if model is not None:
+        return load_factory_model(model, checkpoint)
+    if checkpoint is None:
+        raise SessaExportError("give a checkpoint (or --model package.module:factory with weights)")
+    return load_checkpoint(checkpoint, config)
+
+
+@command
+def export(
+    checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint (directory, .safetensors or torch file); "
+                                                "with --model, the weights for the factory's module."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory (replaced when it exists)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="config.json for a bare state_dict."),
+    model: Optional[str] = typer.Option(None, "--model", help="package.module:factory building an nn.Module "
+                                        "whose positions meet only in Sessa mixers."),
+) -> None:
+    """Export to OUT/model.onnx + OUT/sessa_config.json: one step graph for prefill, chunks and decode."""
+    from .onnx_export import export_onnx
+    from .tracer import trace
+
+    with console.status("loading model") as status:
+        source = _load_model(checkpoint, config, model)
+        status.update("tracing")
+        graph = trace(source)
+        export_onnx(graph, out, progress=lambda msg: status.update(msg),
+                    source=str(checkpoint.resolve()) if checkpoint and model is None else None)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    console.print(f"wrote {out}/ ({_format_bytes(size)}): {len(graph.mixers)} Sessa layers, "
+                  f"inputs {graph.input_name} + {4 * len(graph.mixers)} state tensors")
+
+
+@command
+def run(
+    artifact: Path = typer.Argument(..., help="Export directory (or a checkpoint, to run PyTorch)."),
+    prompt: str = typer.Option(..., "--prompt", help="Prompt text; byte-level models read its UTF-8 bytes."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate."),
+    temperature: float = typer.Option(0.0, help="0 = greedy."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = all)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+) -> None:
+    """Generate from a prompt, streaming the output: prefill, then decode with the state."""
+    import numpy as np
+
+    from .data import decode, encode
+    from .generate import Sampling, generate
+    from .runtime import open_runner
+
+    runner = open_runner(artifact)
+    ids = encode(prompt)
+    if not ids:
+        raise SessaExportError("--prompt is empty")
+    sampling = Sampling(temperature, top_k, top_p, seed)
+    result = generate(runner, np.array([ids], dtype=np.int64), max_new_tokens, sampling, on_tokens=_stream)
+    sys.stdout.write("\n")
+    err_console.print(f"{runner.name}: prefill {result.prompt_tokens} tokens in {result.prefill_s * 1e3:.1f} ms, "
+                      f"decode {result.decode_tokens_per_s:.1f} tokens/s", highlight=False)
+
+
+def _stream(tokens) -> None:
+    sys.stdout.buffer.write(bytes([int(tokens[0]) % 256]))
+    sys.stdout.flush()
+
+
+@command
+def validate(
+    artifact: Path = typer.Argument(..., help="Export directory to check."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Reference checkpoint "
+                                              "(default: the one recorded at export)."),
+    prefill: int = typer.Option(256, min=1, help="Prefill length T."),
+    decode_steps: int = typer.Option(256, "--decode", min=0, help="Decode steps N after the prefill."),
+    seed: int = typer.Option(0, help="Seed for random tokens and chunk splits."),
+    atol: float = typer.Option(1e-4, help="Absolute tolerance (fp32 default)."),
+    rtol: float = typer.Option(1e-4, help="Tolerance relative to the tensor's max |value|."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+) -> None:
+    """Compare an export with the PyTorch reference; exit 1 when a tolerance fails.
+
+    A tensor passes when max|export - reference| <= atol + rtol * max|reference|, for the logits and
+    every state tensor, after every step of: a prefill + decode on random tokens (batch 2) and on the
+    bundled held-out text, and a prefill in random uneven chunks.
+    """
+    import json
+
+    from .checkpoint import load_checkpoint
+    from .data import heldout_bytes
+    from .runtime import TorchRunner, open_runner, read_manifest
+    from .validate import Tolerance, cases, report_dict, run_case
+
+    candidate = open_runner(artifact)
+    manifest = read_manifest(artifact)
+    source = checkpoint or (Path(manifest["source"]) if manifest.get("source") else None)
+    if source is None:
+        raise SessaExportError(f"{artifact} records no source checkpoint: pass --checkpoint CKPT")
+    reference = TorchRunner(load_checkpoint(source))
+    _check_same_weights(reference, manifest, source)
+    tol = Tolerance(atol, rtol)
+    reports = []
+    for name, ids, steps in track(cases(reference.config.vocab_size, prefill, decode_steps, heldout_bytes(),
+                                        seed, reference.config.max_len), "validating"):
+        reports.append(run_case(name, reference, candidate, ids, steps, tol))
+    _print_report(reports, tol)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report_dict(reports, tol), indent=2) + "\n")
+    if not all(r.ok for r in reports):
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+def _check_same_weights(reference, manifest: dict, source: Path) -> None:
+    from .onnx_export import weights_hash
+    from .tracer import trace
+
+    if manifest.get("weights_sha256") and weights_hash(trace(reference.model)) != manifest["weights_sha256"]:
+        raise SessaExportError(f"{source} is not the checkpoint this export was made from (weights hash differs)")
+
+
+def _print_report(reports, tol) -> None:
+    console.print(f"parity: a tensor passes when max abs <= {tol.atol:g} + {tol.rtol:g} * max|reference|")
+    for r in reports:
+        table = Table(title=f"{r.name}: {len(r.steps)} steps, argmax agreement {r.argmax_agreement:.2%}",
+                      title_justify="left")
+        for col in ("tensor", "max abs", "max rel", "first bad step", "worst at"):
+            table.add_column(col)
+        for name, e in r.tensors.items():
+            bad = "-" if e.first_bad_step is None else f"[red]{e.first_bad_step}[/red]"
+            table.add_row(name, f"{e.max_abs:.2e}", f"{e.max_rel:.2e}", bad, e.worst.removeprefix("past_key_values."))
+        console.print(table)
+    failed = [r.name for r in reports if not r.ok]
+    console.print("[green]PASS[/green]" if not failed else f"[red]FAIL[/red]: {'; '.join(failed)}")
+
+
+def track(items, description: str):
+    """A rich progress bar over a list."""
+    from rich.progress import track as rich_track
+
+    return rich_track(list(items), description=description, console=err_console, transient=True)
+
+
 @command
 def demo(
-    prompt: str = typer.Option("def fibonacci(n):\n", help="Prompt text (bytes)."),
+    prompt: str = typer.Option("def fibonacci(n):\n", help="Prompt text."),
     max_new_tokens: int = typer.Option(200, help="Bytes to generate."),
+    out: Path = typer.Option(Path("sessa-demo"), "-o", "--out", help="Where the export is written."),
 ) -> None:
-    """Run the bundled tiny model: generate bytes from a prompt with the step path."""
+    """The whole pipeline on the bundled tiny model: export, validate, generate through ONNX Runtime."""
     import numpy as np
 
     from .checkpoint import load_checkpoint
-    from .data import BUNDLED_MODEL, decode, encode
+    from .data import BUNDLED_MODEL, encode, heldout_bytes
     from .generate import generate
-    from .runtime import TorchRunner
+    from .onnx_export import export_onnx
+    from .runtime import OrtRunner, TorchRunner
+    from .tracer import trace
+    from .validate import FP32, cases, run_case
 
-    runner = TorchRunner(load_checkpoint(BUNDLED_MODEL))
-    console.print(f"[bold]bundled model[/bold] {BUNDLED_MODEL} ({runner.model.num_parameters():,} parameters)")
+    model = load_checkpoint(BUNDLED_MODEL)
+    console.print(f"[bold]1. model[/bold] {BUNDLED_MODEL} ({model.num_parameters():,} parameters)")
+    with console.status("exporting"):
+        export_onnx(trace(model), out, source=str(BUNDLED_MODEL))
+    console.print(f"[bold]2. export[/bold] {out}/model.onnx")
+    reference, candidate = TorchRunner(model), OrtRunner(out)
+    reports = [run_case(name, reference, candidate, ids, steps, FP32)
+               for name, ids, steps in track(cases(256, 128, 64, heldout_bytes(), 0, model.config.max_len),
+                                             "validating")]
+    _print_report(reports, FP32)
+    console.print("[bold]3. generate[/bold] through ONNX Runtime:")
     prompt_ids = np.array([encode(prompt)], dtype=np.int64)
     sys.stdout.write(prompt)
-    result = generate(runner, prompt_ids, max_new_tokens,
-                      on_tokens=lambda t: (sys.stdout.write(decode([int(t[0])])), sys.stdout.flush()))
-    sys.stdout.write("\n")
-    console.print(f"pytorch: prefill {result.prompt_tokens} tokens in {result.prefill_s * 1e3:.1f} ms, "
-                  f"decode {result.decode_tokens_per_s:.1f} tokens/s")
+    figures = {}
+    for runner in (candidate, reference):
+        result = generate(runner, prompt_ids, max_new_tokens, on_tokens=_stream if runner is candidate else None)
+        if runner is candidate:
+            sys.stdout.write("\n")
+        figures[runner.name] = result
+    for name, r in figures.items():
+        console.print(f"{name}: prefill {r.prompt_tokens} tokens {r.prefill_s * 1e3:.1f} ms, "
+                      f"decode {r.decode_tokens_per_s:.0f} tokens/s")
+    if not all(r.ok for r in reports):
+        raise typer.Exit(EXIT_CHECK_FAILED)
 
 
 def main() -> None:

@@ -236,7 +236,8 @@ def build_onnx(graph: StepGraph, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.M
     return _Builder(graph).build(dtype)
 
 
-def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], None] = lambda _: None) -> Path:
+def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], None] = lambda _: None,
+                source: str | None = None) -> Path:
     """Write OUT/model.onnx and OUT/sessa_config.json; nothing is left at OUT on failure."""
     out = Path(out)
     progress("building ONNX graph")
@@ -251,7 +252,7 @@ def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], Non
             onnx.checker.check_model(str(tmp / MODEL_NAME), full_check=True)
         except onnx.checker.ValidationError as exc:
             raise SessaExportError(f"exported model failed onnx.checker: {exc}") from None
-        (tmp / CONFIG_NAME).write_text(json.dumps(export_manifest(graph, "onnx", {"opset": OPSET}), indent=2) + "\n")
+        (tmp / CONFIG_NAME).write_text(json.dumps(export_manifest(graph, "onnx", {"opset": OPSET, "model_file": MODEL_NAME, "source": source}), indent=2) + "\n")
     return out
 
 

@@ -1,13 +1,22 @@
-"""Runners for the step graph: the PyTorch reference, and `open_runner` for artifacts on disk."""
+"""Runners for the step graph: the PyTorch reference and ONNX Runtime; `open_runner` picks by path.
+
+Every runner has `empty_state(batch)`, `step(input_ids, state) -> (logits, state)` and
+`state_arrays(state)`, which names each state tensor `past_key_values.{i}.{field}` for comparison.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .errors import SessaExportError
 from .model import LayerState, SessaLM
+from .stepgraph import STATE_FIELDS, past_name
+
+MANIFEST_NAME = "sessa_config.json"
 
 
 class TorchRunner:
@@ -27,9 +36,101 @@ class TorchRunner:
         logits, state = self.model.step(torch.from_numpy(np.asarray(input_ids, dtype=np.int64)), state)
         return logits.float().numpy(), state
 
+    def state_arrays(self, state: list[LayerState]) -> dict[str, np.ndarray]:
+        return {past_name(i, f): getattr(layer, f).float().numpy()
+                for i, layer in enumerate(state) for f in STATE_FIELDS}
 
-def open_runner(path: str | Path):
-    """A runner for a checkpoint or an exported artifact directory, chosen by what the path holds."""
+
+def read_manifest(path: Path) -> dict:
+    """The artifact directory's sessa_config.json, with a clear error when it is missing or broken."""
+    file = path / MANIFEST_NAME
+    if not file.is_file():
+        raise SessaExportError(f"{path}: no {MANIFEST_NAME}; is this a directory written by "
+                               "`sessa-export export` or `sessa-export compile`?")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SessaExportError(f"{file}: not valid JSON ({exc}); re-run the export") from None
+    for key in ("format", "state", "input", "outputs"):
+        if key not in manifest:
+            raise SessaExportError(f"{file}: missing key {key!r}; re-run the export")
+    return manifest
+
+
+class OrtRunner:
+    """ONNX Runtime on an exported directory; the state stays in ORT-owned buffers between steps."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        self.manifest = read_manifest(path)
+        model_file = path / self.manifest.get("model_file", "model.onnx")
+        if not model_file.is_file():
+            raise SessaExportError(f"{path}: {model_file.name} is missing; re-run the export")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types for broken models
+            raise SessaExportError(f"{model_file}: ONNX Runtime cannot load it ({str(exc).splitlines()[0]}); "
+                                   "the file may be truncated: re-run the export") from None
+        self._ort = ort
+        self.input_name = self.manifest["input"]["name"]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.layout = self.manifest["state"]
+        self.dtype = np.float16 if self.manifest.get("dtype") == "float16" else np.float32
+        self.max_len = self.manifest.get("max_len")
+
+    def empty_state(self, batch: int) -> dict:
+        state = {}
+        for layer in self.layout:
+            for f in STATE_FIELDS:
+                shape = [batch if d == "batch" else 0 if d == "past" else d for d in layer["shapes"][f]]
+                state[layer["past"][f]] = self._ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype))
+        return state
+
+    def step(self, input_ids: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
+        input_ids = np.asarray(input_ids)
+        kind = self.manifest["input"]["kind"]
+        if kind == "tokens" and (input_ids.ndim != 2 or input_ids.dtype.kind not in "iu"):
+            raise SessaExportError(f"{self.input_name} must be integer token ids [batch, sequence], "
+                                   f"got {input_ids.dtype} {list(input_ids.shape)}")
+        past = next(iter(state.values())).shape()[2] if state else 0
+        if self.max_len is not None and past + input_ids.shape[1] > self.max_len:
+            raise SessaExportError(f"context of {past + input_ids.shape[1]} positions exceeds the model's "
+                                   f"max_len={self.max_len}")
+        feed = {self.input_name: self._ort.OrtValue.ortvalue_from_numpy(
+            input_ids.astype(np.int64) if kind == "tokens" else input_ids.astype(self.dtype))}
+        feed.update(state)
+        try:
+            results = self.session.run_with_ort_values(self.output_names, feed)
+        except Exception as exc:
+            raise SessaExportError(f"ONNX Runtime rejected the inputs: {str(exc).splitlines()[0]}") from None
+        named = dict(zip(self.output_names, results))
+        new_state = {layer["past"][f]: named[layer["present"][f]] for layer in self.layout for f in STATE_FIELDS}
+        return named[self.manifest["outputs"][0]].numpy(), new_state
+
+    def state_arrays(self, state: dict) -> dict[str, np.ndarray]:
+        return {name: value.numpy().astype(np.float32) for name, value in state.items()}
+
+
+def open_runner(path: str | Path, threads: int | None = None):
+    """A runner for an exported artifact directory (ONNX or TVM) or, failing that, a checkpoint."""
     from .checkpoint import load_checkpoint
 
+    path = Path(path)
+    if not path.exists():
+        raise SessaExportError(f"not found: {path}")
+    if path.is_dir() and (path / MANIFEST_NAME).exists():
+        fmt = read_manifest(path)["format"]
+        if fmt == "onnx":
+            return OrtRunner(path, threads)
+        raise SessaExportError(f"{path}: unknown artifact format {fmt!r}")
     return TorchRunner(load_checkpoint(path))
+
+
+__all__ = ["TorchRunner", "OrtRunner", "open_runner", "read_manifest"]
