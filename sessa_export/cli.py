@@ -56,9 +56,16 @@ def inspect(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory, .safetensors or torch file."),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json for a bare state_dict."),
 ) -> None:
-    """Print a checkpoint's config, parameter count and bytes, layers, and state bytes per token."""
-    from .checkpoint import load_checkpoint
+    """Print a checkpoint's config, parameter count and bytes, layers, and state bytes per token.
 
+    Given an export or compile directory, print its manifest: format, inputs, outputs, state layout, files.
+    """
+    from .checkpoint import load_checkpoint
+    from .runtime import MANIFEST_NAME
+
+    if checkpoint.is_dir() and (checkpoint / MANIFEST_NAME).exists():
+        _inspect_artifact(checkpoint)
+        return
     model = load_checkpoint(checkpoint, config)
     c = model.config
     params = model.num_parameters()
@@ -77,6 +84,30 @@ def inspect(
         m = layer.mixer
         layers.add_row(str(i), str(m.n_heads), str(m.n_kv_heads), str(m.head_dim),
                        "on" if m.use_forward_rope else "off", str(c.mlp_hidden) if c.mlp_ratio > 0 else "-")
+    console.print(layers)
+
+
+def _inspect_artifact(path: Path) -> None:
+    from .runtime import read_manifest
+
+    manifest = read_manifest(path)
+    table = Table(title=f"{path} ({manifest['format']})", show_header=False)
+    skip = {"state", "config", "input", "outputs"}
+    for key, value in manifest.items():
+        if key not in skip:
+            table.add_row(key, str(value))
+    table.add_row("input", f"{manifest['input']['name']} ({manifest['input']['kind']})")
+    table.add_row("outputs", ", ".join(manifest["outputs"]))
+    for file in sorted(path.iterdir()):
+        table.add_row(f"file {file.name}", _format_bytes(file.stat().st_size))
+    console.print(table)
+    layers = Table(title="state per layer (past → present)")
+    for col in ("layer", "key/value", "feedback_key/feedback_state", "RoPE"):
+        layers.add_column(col)
+    for layer in manifest["state"]:
+        shapes = layer["shapes"]
+        layers.add_row(str(layer["layer"]), str(shapes["key"]), str(shapes["feedback_key"]),
+                       "on" if layer["use_forward_rope"] else "off")
     console.print(layers)
 
 
@@ -221,6 +252,25 @@ def track(items, description: str):
     from rich.progress import track as rich_track
 
     return rich_track(list(items), description=description, console=err_console, transient=True)
+
+
+@command
+def bench(
+    artifact: Path = typer.Argument(..., help="Export directory, compiled directory or checkpoint."),
+    context: int = typer.Option(1024, min=1, help="Prefill length, and the context decode runs at."),
+    decode_steps: int = typer.Option(32, "--decode-steps", min=1, help="Decode steps timed."),
+    batch: int = typer.Option(1, min=1, help="Batch size."),
+    threads: Optional[int] = typer.Option(None, help="Intra-op threads (ONNX Runtime)."),
+) -> None:
+    """Time prefill tokens/s and decode ms/token at a context (medians of repeated runs)."""
+    from .bench import bench_runner
+    from .runtime import open_runner, vocab_size
+
+    runner = open_runner(artifact, threads)
+    with console.status(f"timing {runner.name}"):
+        t = bench_runner(runner, vocab_size(runner), context, decode_steps, batch)
+    console.print(f"{runner.name}: prefill {t.prefill_tokens_per_s:,.0f} tokens/s at T={context}, "
+                  f"decode {t.decode_ms_per_token:.2f} ms/token at context {context}, batch {batch}")
 
 
 @command

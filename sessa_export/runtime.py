@@ -118,6 +118,16 @@ class OrtRunner:
         return {name: value.numpy().astype(np.float32) for name, value in state.items()}
 
 
+def vocab_size(runner) -> int:
+    """Token vocabulary of a runner's model (for random inputs)."""
+    if isinstance(runner, TorchRunner):
+        return runner.config.vocab_size
+    size = runner.manifest["input"].get("vocab_size")
+    if size is None:
+        raise SessaExportError("this model takes embeddings, not tokens: it cannot be fed random token ids")
+    return size
+
+
 def open_runner(path: str | Path, threads: int | None = None):
     """A runner for an exported artifact directory (ONNX or TVM) or, failing that, a checkpoint."""
     from .checkpoint import load_checkpoint
