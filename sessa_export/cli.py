@@ -164,10 +164,15 @@ def run(
     from .generate import Sampling, generate
     from .runtime import open_runner
 
+    from .runtime import vocab_size
+
     runner = open_runner(artifact)
     ids = encode(prompt)
     if not ids:
         raise SessaExportError("--prompt is empty")
+    if vocab_size(runner) < 256:
+        raise SessaExportError(f"--prompt is read as UTF-8 bytes, but {artifact} has a vocabulary of "
+                               f"{vocab_size(runner)} tokens: run needs a byte-level model (vocab_size 256)")
     sampling = Sampling(temperature, top_k, top_p, seed)
     result = generate(runner, np.array([ids], dtype=np.int64), max_new_tokens, sampling, on_tokens=_stream)
     sys.stdout.write("\n")
