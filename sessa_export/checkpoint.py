@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -56,7 +57,10 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for corrupt or unsafe files
-            raise SessaExportError(f"{path}: cannot load torch file with weights_only=True ({exc})") from None
+            reason = str(exc).strip().splitlines()[-1] if "Unsupported global" not in str(exc) else next(
+                line for line in str(exc).splitlines() if "Unsupported global" in line)
+            raise SessaExportError(f"{path}: refused by torch.load(weights_only=True), which never runs "
+                                   f"code from a checkpoint: {_plain(reason)}") from None
         if isinstance(obj, dict) and "state_dict" in obj:
             config = obj.get("config")
             if config is not None and not isinstance(config, dict):
@@ -69,6 +73,11 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
                                    "{'config': ..., 'state_dict': ...}")
         return dict(obj), config
     raise SessaExportError(f"{path}: not a safetensors or torch checkpoint")
+
+
+def _plain(text: str) -> str:
+    """Drop terminal escape codes and surrounding space from a library's message."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text).strip()
 
 
 def resolve_config(path: Path, config_path: str | Path | None, embedded: dict | None) -> SessaConfig:
@@ -91,10 +100,18 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     missing = [k for k in expected if k not in state_dict and k not in optional]
     unexpected = [k for k in state_dict if k not in expected and not k.endswith(OPTIONAL_SUFFIXES)]
     problems = []
+    for key, value in state_dict.items():
+        if key.endswith("mixer.rope_inv_freq"):
+            mixer = model.get_submodule(key.rsplit(".", 1)[0]) if key.startswith("layers.") else None
+            if mixer is None or not mixer.use_forward_rope:
+                unexpected.append(f"{key} (the config has use_forward_rope false)")
+            elif tuple(value.shape) != tuple(mixer.rope_inv_freq.shape):
+                problems.append(f"shape mismatch for {key}: checkpoint has {tuple(value.shape)}, "
+                                f"config expects {tuple(mixer.rope_inv_freq.shape)}")
     if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
+        problems.insert(0, f"missing keys: {', '.join(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
+        problems.insert(1 if missing else 0, f"unexpected keys: {', '.join(unexpected)}")
     for key, value in state_dict.items():
         if key in expected and tuple(value.shape) != tuple(expected[key].shape):
             problems.append(f"shape mismatch for {key}: checkpoint has {tuple(value.shape)}, "

@@ -89,7 +89,10 @@ class SessaConfig:
         missing = [k for k in required if k not in data]
         if missing:
             raise SessaExportError(f"{source}: missing config keys {missing}")
-        return cls(**data).validate()
+        try:
+            return cls(**data).validate()
+        except SessaExportError as exc:
+            raise SessaExportError(f"{source}: {exc}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "SessaConfig":

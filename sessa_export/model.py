@@ -277,14 +277,17 @@ def init_weights(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Modul
     """Deterministic GPT-style init for fresh models (tests, training, benchmarks)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, SessaMixer):
+                module.gamma_bias.fill_(1.0)
         for name, p in model.named_parameters():
-            if name.endswith("gamma_bias"):
-                p.fill_(1.0)
-            elif p.dim() >= 2:
+            if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
-            elif name.endswith("ln.weight") or name.endswith("norm_f.weight"):
-                p.fill_(1.0)
-            else:
+            elif not (name.endswith("gamma_bias") or isinstance(model.get_submodule(name.rpartition(".")[0]),
+                                                                 nn.LayerNorm)):
                 p.zero_()
     return model
 
