@@ -1,0 +1,255 @@
+"""FeedbackAttention TVM kernels against a float64 NumPy reference of spec §1 steps 3-5.
+
+The reference below is written from the spec, independently of the kernels: a plain loop over
+the new rows, full softmax over j < t, float64 throughout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+
+import numpy as np
+import pytest
+import tvm
+from tvm import relax, tirx
+from tvm.script import relax as R
+
+from sessa_export.ops import tvm_kernels as K
+from sessa_export.targets import cpu, cuda
+
+D = 64
+SCALE = D**-0.5
+PASTS = (0, 1, 7, 129, 1000)
+SEQS = (1, 3, 64, 257)
+BATCHES = (1, 3)
+# max |kernel - reference| / max |reference|: fp32 accumulates in fp32; fp16 also rounds every
+# solved state to fp16 before later rows read it back.
+TOLERANCE = {"float32": 1e-5, "float16": 2e-3}
+
+
+def reference_states(query, key, forward, gain, past_key, past_state, scale=SCALE) -> np.ndarray:
+    """s of the new rows, in float64: s_t = f_t + gain_t * sum_{j<t} softmax_j(scale q_t.k_j) s_j."""
+    q, k, f, g = (np.asarray(a, np.float64) for a in (query, key, forward, gain))
+    batch, seq, width = q.shape
+    past = past_key.shape[1]
+    keys = np.concatenate([np.asarray(past_key, np.float64), k], axis=1)
+    states = np.zeros((batch, past + seq, width))
+    states[:, :past] = past_state
+    for i in range(seq):
+        t = past + i
+        feedback = np.zeros((batch, width))
+        if t > 0:
+            logits = np.einsum("bd,bjd->bj", q[:, i], keys[:, :t]) * scale
+            alpha = np.exp(logits - logits.max(axis=1, keepdims=True))
+            alpha /= alpha.sum(axis=1, keepdims=True)
+            feedback = np.einsum("bj,bjd->bd", alpha, states[:, :t])
+        states[:, t] = f[:, i] + g[:, i] * feedback
+    return states[:, past:]
+
+
+def make_step(batch: int, past: int, seq: int, dtype: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random step inputs; caches hold `past` valid rows, NaN in every row the step must not read."""
+    rng = np.random.default_rng(seed + 1000 * past + seq)
+    capacity = past + seq + 5
+    gain = rng.uniform(-0.999, 0.999, (batch, seq, 1))
+    gain.flat[::4] = np.sign(gain.flat[::4]) * 0.9989  # near ±gamma_max
+    step = {
+        "query": 2 * rng.standard_normal((batch, seq, D)),
+        "key": rng.standard_normal((batch, seq, D)),
+        "forward": rng.standard_normal((batch, seq, D)),
+        "gain": gain,
+        "key_cache": np.full((batch, capacity, D), np.nan),
+        "state_cache": np.full((batch, capacity, D), np.nan),
+    }
+    step["key_cache"][:, :past] = rng.standard_normal((batch, past, D))
+    step["state_cache"][:, :past] = rng.standard_normal((batch, past, D))
+    return {name: value.astype(dtype) for name, value in step.items()}
+
+
+def run_step(lib: tvm.runtime.Executable, kernel: str, step: dict[str, np.ndarray], past: int, dev=None):
+    """Run one kernel on copies of `step`; returns (state, key_cache, state_cache) after the call."""
+    dev = dev or tvm.cpu()
+    names = ("query", "key", "forward", "gain", "key_cache", "state_cache")
+    args = [tvm.runtime.tensor(step[name], dev) for name in names]
+    state = tvm.runtime.tensor(np.zeros_like(step["query"]), dev)
+    lib[kernel](*args, past, state)
+    return state.numpy(), args[4].numpy(), args[5].numpy()
+
+
+def check_step(lib, kernel: str, batch: int, past: int, seq: int, dtype: str, scale=SCALE, dev=None) -> None:
+    """One step against the reference, plus the in-place cache contract."""
+    step = make_step(batch, past, seq, dtype)
+    state, key_cache, state_cache = run_step(lib, kernel, step, past, dev)
+    expected = reference_states(
+        step["query"], step["key"], step["forward"], step["gain"],
+        step["key_cache"][:, :past], step["state_cache"][:, :past], scale,
+    )
+    assert np.isfinite(state).all()
+    error = np.abs(state.astype(np.float64) - expected).max() / np.abs(expected).max()
+    assert error < TOLERANCE[dtype], f"{kernel} B={batch} P={past} S={seq} {dtype}: {error:.2e}"
+    new = slice(past, past + seq)
+    np.testing.assert_array_equal(key_cache[:, new], step["key"])
+    np.testing.assert_array_equal(state_cache[:, new], state)
+    for cache, name in ((key_cache, "key_cache"), (state_cache, "state_cache")):
+        np.testing.assert_array_equal(cache[:, :past], step[name][:, :past])  # old rows untouched
+        assert np.isnan(cache[:, past + seq :]).all()  # nothing written past the new rows
+
+
+@pytest.fixture(scope="module", params=["float32", "float16"])
+def cpu_lib(request):
+    """(dtype, both kernels built for this host), once per dtype."""
+    return request.param, K.build_feedback_attention("cpu", D, request.param)
+
+
+def _cases():
+    return [(past, seq, batch) for past in PASTS for seq in SEQS for batch in BATCHES]
+
+
+@pytest.mark.parametrize("past", PASTS)
+@pytest.mark.parametrize("seq", SEQS)
+def test_cpu_kernels_match_reference(cpu_lib, past, seq):
+    dtype, lib = cpu_lib
+    for batch in BATCHES:
+        check_step(lib, K.DECODE if seq == 1 else K.PREFILL, batch, past, seq, dtype)
+        if seq == 1:  # the prefill kernel is general: it also takes single rows
+            check_step(lib, K.PREFILL, batch, past, seq, dtype)
+
+
+SMALL_TILES = {  # key tile wider than the row block, key columns staged in pieces, D in chunks
+    K.DECODE: K.FeedbackTiling(block_rows=1, key_tile=8, key_cols=16, dot_lanes=4, d_chunks=2),
+    K.PREFILL: K.FeedbackTiling(block_rows=4, key_tile=8, key_cols=16, dot_lanes=4, d_chunks=2),
+}
+# The CUDA tile geometry run by one worker: everything but the thread distribution.
+CUDA_TILES = {name: dataclasses.replace(t, workers=1) for name, t in cuda.feedback_tilings(D, "float32").items()}
+
+
+@pytest.mark.parametrize("tilings", [SMALL_TILES, CUDA_TILES], ids=["small", "cuda-geometry"])
+def test_cpu_other_tilings_match_reference(tilings):
+    tgt = cpu.target()
+    kernels = K.feedback_attention_kernels(D, "float32", None, tilings)
+    scheduled = {name: cpu.schedule_feedback_attention(func, tgt) for name, func in kernels.items()}
+    lib = tvm.compile(K.feedback_attention_module(scheduled), target=tgt)
+    for past, seq in ((0, 1), (7, 1), (300, 1), (0, 3), (0, 64), (129, 3), (1, 257)):
+        check_step(lib, K.DECODE if seq == 1 else K.PREFILL, 3, past, seq, "float32")
+        check_step(lib, K.PREFILL, 3, past, seq, "float32")
+
+
+def test_cpu_scale_attribute():
+    """The op's `scale` attribute replaces D^-0.5."""
+    lib = K.build_feedback_attention("cpu", D, "float32", scale=0.3)
+    for past, seq in ((9, 1), (9, 20)):
+        check_step(lib, K.DECODE if seq == 1 else K.PREFILL, 2, past, seq, "float32", scale=0.3)
+
+
+def test_chunked_steps_equal_full_sequence():
+    """Prefill, decodes and another chunk through the kernels' own caches give the full-sequence s."""
+    lib = K.build_feedback_attention("cpu", D, "float32")
+    total = 90
+    whole = make_step(2, 0, total, "float32", seed=7)
+    expected = reference_states(
+        whole["query"], whole["key"], whole["forward"], whole["gain"],
+        np.zeros((2, 0, D)), np.zeros((2, 0, D)),
+    )
+    key_cache, state_cache = whole["key_cache"], whole["state_cache"]
+    got, past = [], 0
+    for seq in (40, 1, 1, 1, 17, 1, 29):
+        step = {name: whole[name][:, past : past + seq] for name in ("query", "key", "forward", "gain")}
+        step.update(key_cache=key_cache, state_cache=state_cache)
+        state, key_cache, state_cache = run_step(lib, K.DECODE if seq == 1 else K.PREFILL, step, past)
+        got.append(state)
+        past += seq
+    assert past == total
+    np.testing.assert_allclose(np.concatenate(got, axis=1), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+def test_relax_call_tir_inplace_updates_caches():
+    """The calling convention documented for Relax: call_tir_inplace aliases the caches."""
+    dtype = "float32"
+    tgt, kernels = cpu.scheduled_feedback_attention(D, dtype)
+    bb = relax.BlockBuilder()
+    gvars = {name: bb.add_func(func, name) for name, func in kernels.items()}
+    b, s, c = (tirx.Var(name, "int64") for name in ("b", "s", "c"))
+    params = [relax.Var(name, R.Tensor((b, s, D), dtype)) for name in ("query", "key", "forward")]
+    params.append(relax.Var("gain", R.Tensor((b, s, 1), dtype)))
+    params += [relax.Var(name, R.Tensor((b, c, D), dtype)) for name in ("key_cache", "state_cache")]
+    params.append(relax.Var("past_len", R.Prim("int64")))
+    cache_ty = R.Tensor((b, c, D), dtype)
+    with bb.function("step", params):
+        out = bb.emit(
+            R.call_tir_inplace(
+                gvars[K.PREFILL], params, inplace_indices=[4, 5, -1],
+                out_ty=[cache_ty, cache_ty, R.Tensor((b, s, D), dtype)],
+            )
+        )
+        bb.emit_func_output(out)
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=tgt), tvm.cpu())
+
+    past, seq = 5, 4
+    step = make_step(2, past, seq, dtype)
+    names = ("query", "key", "forward", "gain", "key_cache", "state_cache")
+    args = [tvm.runtime.tensor(step[name]) for name in names]
+    key_cache, state_cache, state = vm["step"](*args, past)
+    expected = reference_states(
+        step["query"], step["key"], step["forward"], step["gain"],
+        step["key_cache"][:, :past], step["state_cache"][:, :past],
+    )
+    np.testing.assert_allclose(state.numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_array_equal(args[5].numpy()[:, past : past + seq], state.numpy())  # in place
+    np.testing.assert_array_equal(args[4].numpy()[:, past : past + seq], step["key"])
+    np.testing.assert_array_equal(key_cache.numpy(), args[4].numpy())
+    np.testing.assert_array_equal(state_cache.numpy(), args[5].numpy())
+
+
+def test_aarch64_cross_build():
+    ex = K.build_feedback_attention("cpu", D, "float16", triple=cpu.AARCH64_LINUX)
+    asm = ex.mod.inspect_source("asm")
+    assert "fmla" in asm  # NEON multiply-add: the dot products and accumulators vectorised
+    assert all(name in asm for name in (K.DECODE, K.PREFILL))
+
+
+GPU_KERNELS = (
+    "feedback_attention_decode_kernel",
+    "feedback_attention_prefill_kernel",  # the key append
+    "feedback_attention_prefill_kernel_1",  # the solve
+)
+
+
+@pytest.mark.parametrize("arch", cuda.ARCHS)
+def test_cuda_build_holds_device_code(arch):
+    ex = K.build_feedback_attention("cuda", D, "float16", arch=arch)
+    (device,) = ex.mod.imports
+    assert device.kind == "cuda"
+    source = device.inspect_source()
+    assert all(f"void __launch_bounds__({cuda.THREADS}) {name}(" in source for name in GPU_KERNELS)
+    assert "__shared__" in source and "__syncthreads()" in source
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found: CUDA source checked, not compiled")
+    from tvm.support import nvcc
+
+    with cuda.target(arch):
+        ptx = bytes(nvcc.compile_cuda(source, target_format="ptx", arch=arch, compiler="nvcc")).decode()
+    assert f".target {arch}" in ptx
+    assert all(f".entry {name}(" in ptx for name in GPU_KERNELS)
+
+
+def test_metal_build_holds_shader_source():
+    ex = K.build_feedback_attention("metal", D, "float16")
+    (device,) = ex.mod.imports
+    assert device.kind == "metal"
+    source = device.inspect_source()
+    assert all(f"kernel void {name}(" in source for name in GPU_KERNELS)
+    assert "threadgroup half key_tile_shared" in source and "threadgroup_barrier" in source
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cuda_kernels_match_reference(dtype):
+    dev = tvm.cuda(0)
+    if not dev.exist:
+        pytest.skip("no CUDA device")
+    lib = K.build_feedback_attention("cuda", D, dtype, arch="sm_" + dev.compute_version.replace(".", ""))
+    for past, seq, batch in _cases():
+        check_step(lib, K.DECODE if seq == 1 else K.PREFILL, batch, past, seq, dtype, dev=dev)
+        if seq == 1:
+            check_step(lib, K.PREFILL, batch, past, seq, dtype, dev=dev)
