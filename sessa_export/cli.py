@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import SessaExportError
@@ -37,7 +38,7 @@ def command(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except SessaExportError as exc:
-            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return app.command()(wrapper)
@@ -148,6 +149,60 @@ def export(
 
 
 @command
+def compile(  # noqa: A001 - the command is called `compile`
+    source: Optional[Path] = typer.Argument(None, help="Checkpoint, or an export directory (its recorded "
+                                            "source checkpoint is compiled); with --model, the weights."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output directory (replaced when it exists)."),
+    target: str = typer.Option("cpu", "--target", help="cpu, cuda or metal."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="CUDA arch (sm_80, sm_90, ...); default sm_80."),
+    host: Optional[str] = typer.Option(None, "--host", help="Host triple: cpu aarch64-linux-gnu (cross compile), "
+                                       "metal arm64-apple-darwin (default) or arm64-apple-ios."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Compiled capacity in positions (default: "
+                                          "the model's max_len, else 2048)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="config.json for a bare state_dict."),
+    model: Optional[str] = typer.Option(None, "--model", help="package.module:factory building an nn.Module "
+                                        "whose positions meet only in Sessa mixers."),
+) -> None:
+    """Compile with TVM into OUT/ (library + sessa_config.json): one `step` for prefill, chunks and decode."""
+    from .tracer import trace
+    from .tvm_compile import CompileTarget, compile_graph
+
+    compile_target = CompileTarget(target, arch, host)  # checks target/arch/host before any work
+    checkpoint = _compile_source(source) if source is not None and model is None else source
+    with console.status("loading model") as status:
+        loaded = _load_model(checkpoint, config, model)
+        status.update("tracing")
+        graph = trace(loaded)
+        compile_graph(graph, out, compile_target, max_len, progress=lambda msg: status.update(msg),
+                      source=str(checkpoint.resolve()) if checkpoint and model is None else None)
+    from .runtime import read_manifest
+
+    manifest = read_manifest(out)
+    size = sum(f.stat().st_size for f in out.iterdir())
+    console.print(f"wrote {out}/ ({_format_bytes(size)}): {manifest['library']} for {compile_target.describe()}, "
+                  f"capacity {manifest['capacity']} positions, {len(graph.mixers)} Sessa layers, "
+                  f"compiled in {manifest['compile_seconds']:.1f} s")
+
+
+def _compile_source(path: Path) -> Path:
+    """A checkpoint as given, or the source checkpoint an export directory records."""
+    from .runtime import MANIFEST_NAME, read_manifest
+
+    if not (path.is_dir() and (path / MANIFEST_NAME).is_file()):
+        return path
+    manifest = read_manifest(path)
+    if manifest.get("quantization"):
+        raise SessaExportError(f"{path} is a quantized export; compile the float checkpoint it came from")
+    if not manifest.get("source"):
+        raise SessaExportError(f"{path} records no source checkpoint: pass the checkpoint itself")
+    checkpoint = Path(manifest["source"])
+    if not checkpoint.exists():
+        raise SessaExportError(f"{path} was exported from {checkpoint}, which no longer exists: "
+                               "pass the checkpoint itself")
+    return checkpoint
+
+
+@command
 def run(
     artifact: Path = typer.Argument(..., help="Export directory (or a checkpoint, to run PyTorch)."),
     prompt: str = typer.Option(..., "--prompt", help="Prompt text; byte-level models read its UTF-8 bytes."),
@@ -170,6 +225,10 @@ def run(
     ids = encode(prompt)
     if not ids:
         raise SessaExportError("--prompt is empty")
+    max_len = getattr(runner, "max_len", None) or getattr(getattr(runner, "config", None), "max_len", None)
+    if max_len is not None and len(ids) + max_new_tokens - 1 > max_len:
+        raise SessaExportError(f"the prompt ({len(ids)} tokens) and --max-new-tokens {max_new_tokens} need "
+                               f"{len(ids) + max_new_tokens - 1} positions; {artifact} has max_len={max_len}")
     if vocab_size(runner) < 256:
         raise SessaExportError(f"--prompt is read as UTF-8 bytes, but {artifact} has a vocabulary of "
                                f"{vocab_size(runner)} tokens: run needs a byte-level model (vocab_size 256)")
@@ -196,12 +255,29 @@ def validate(
     atol: float = typer.Option(1e-4, help="Absolute tolerance (fp32 default)."),
     rtol: float = typer.Option(1e-4, help="Tolerance relative to the tensor's max |value|."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Evaluation text (read as bytes) instead of "
+                                        "the bundled held-out text."),
+    eval_bytes: int = typer.Option(16384, "--bytes", min=2, help="Quantized exports: bytes of text to evaluate, "
+                                   "in --window sequences spread evenly over the text."),
+    window: int = typer.Option(256, "--window", min=2, help="Quantized exports: bytes per sequence (a fresh "
+                               "state each); keep it within the model's training context."),
+    chunk: int = typer.Option(128, "--chunk", min=1, help="Quantized exports: tokens per prefill step "
+                              "(the state is carried between chunks)."),
 ) -> None:
     """Compare an export with the PyTorch reference; exit 1 when a tolerance fails.
 
     A tensor passes when max|export - reference| <= atol + rtol * max|reference|, for the logits and
     every state tensor, after every step of: a prefill + decode on random tokens (batch 2) and on the
     bundled held-out text, and a prefill in random uneven chunks.
+
+    A quantized export (`sessa-export quantize`) is held to quality thresholds instead: both models
+    read --bytes of the held-out text (or --text), cut into sequences of --window bytes, each
+    prefilled in chunks of --chunk tokens with the state carried, and the report gives top-1 agreement with the float32 reference, mean and max KL
+    of the next-token distributions, bits per byte of both and their difference, the logits error
+    and the size on disk of both. Exit 1 when the mode's threshold fails -
+    int8: top-1 agreement >= 99% and mean KL <= 0.01 nats;
+    int4: top-1 agreement >= 95% and bits per byte at most 3% above float32;
+    fp16: max |logits error| <= 1e-2 x max |reference logits|.
     """
     import json
 
@@ -217,10 +293,15 @@ def validate(
         raise SessaExportError(f"{artifact} records no source checkpoint: pass --checkpoint CKPT")
     reference = TorchRunner(load_checkpoint(source))
     _check_same_weights(reference, manifest, source)
+    text_bytes = _read_text(text) if text is not None else heldout_bytes()
+    if manifest.get("quantization"):
+        _validate_quantized(artifact, manifest, reference, candidate, text_bytes, eval_bytes, window, chunk, json_out)
+        return
     tol = Tolerance(atol, rtol)
     reports = []
-    for name, ids, steps in track(cases(reference.config.vocab_size, prefill, decode_steps, heldout_bytes(),
-                                        seed, reference.config.max_len), "validating"):
+    limits = [n for n in (reference.config.max_len, getattr(candidate, "max_len", None)) if n]  # TVM: capacity
+    for name, ids, steps in track(cases(reference.config.vocab_size, prefill, decode_steps, text_bytes,
+                                        seed, min(limits) if limits else None), "validating"):
         reports.append(run_case(name, reference, candidate, ids, steps, tol))
     _print_report(reports, tol)
     if json_out is not None:
@@ -252,6 +333,68 @@ def _print_report(reports, tol) -> None:
     console.print("[green]PASS[/green]" if not failed else f"[red]FAIL[/red]: {'; '.join(failed)}")
 
 
+def _read_text(path: Path) -> bytes:
+    if not path.is_file():
+        raise SessaExportError(f"--text {path}: no such file")
+    return path.read_bytes()
+
+
+def _validate_quantized(artifact: Path, manifest: dict, reference, candidate, text: bytes, eval_bytes: int,
+                        window: int, chunk: int, json_out: Optional[Path]) -> None:
+    """Quality of a quantized export against the float32 reference; exit 1 when the mode's threshold fails."""
+    import json
+
+    from .quality import describe, evaluate, render
+    from .quantize import export_size
+
+    quant = manifest["quantization"]
+    mode = quant.get("mode") if isinstance(quant, dict) else None
+    with console.status(f"evaluating {mode} against float32 on {min(eval_bytes, len(text))} bytes"):
+        report = evaluate(reference, candidate, mode, text, eval_bytes, window, chunk,
+                          size_reference=quant.get("source_size_bytes"), size_quantized=export_size(artifact, manifest))
+    block = f", block {quant['block_size']}" if quant.get("block_size") else ""
+    kept = f", kept in full precision: {', '.join(quant['keep'])}" if quant.get("keep") else ""
+    render(report, console, title=f"{artifact}: {mode}{block}{kept} vs float32 reference, {describe(report)}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    if not report.ok:
+        raise typer.Exit(EXIT_CHECK_FAILED)
+
+
+@command
+def quantize(
+    export_dir: Path = typer.Argument(..., metavar="OUT", help="ONNX export directory (from `sessa-export export`)."),
+    mode: str = typer.Option(..., "--mode", help="int8 | int4 | fp16."),
+    block_size: Optional[int] = typer.Option(None, "--block-size", help="int4 and int8: values per "
+                                             "quantization block, a power of 2 from 16 to 256 (default 32); it "
+                                             "must divide the input width of every quantized weight."),
+    keep: list[str] = typer.Option([], "--keep", help="Keep in full precision: lm_head, embed, or a module "
+                                   "path prefix such as layers.0 or layers.0.mixer (repeatable, or comma-separated)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Directory to write (replaced atomically)."),
+) -> None:
+    """Quantize an ONNX export: int8 or int4 (block-wise weights, MatMulNBits) or fp16.
+
+    Every linear layer and the embedding are quantized unless --keep names them. int8 and int4 use
+    ONNX Runtime's MatMulNBitsQuantizer: 8- or 4-bit weights with a scale and zero point per block
+    of --block-size inputs, activations quantized to int8 per block at run time; fp16 stores
+    weights, activations and state in float16 while the softmaxes, LayerNorms, the feedback gain
+    and recurrence accumulate in float32. The ai.sessa.FeedbackAttention nodes and function are
+    kept. Check the result with `sessa-export validate OUT2 --checkpoint CKPT`.
+    """
+    from .quantize import quantize_export
+
+    names = [part.strip() for item in keep for part in item.split(",") if part.strip()]
+    with console.status("quantizing") as status:
+        manifest = quantize_export(export_dir, out, mode, block_size, names, progress=lambda msg: status.update(msg))
+    quant = manifest["quantization"]
+    before, after = quant["source_size_bytes"], quant["size_bytes"]
+    block = f", block {quant['block_size']}" if quant.get("block_size") else ""
+    kept = (f"; kept in full precision: {', '.join(quant['keep'])} ({len(quant['kept_weights'])} weights)"
+            if quant["kept_weights"] else "")
+    console.print(f"wrote {out}/ ({_format_bytes(after)}, {after / before:.2f}x of {_format_bytes(before)}): "
+                  f"{mode}{block}, {len(quant['quantized_weights'])} weights quantized{kept}")
+
+
 def track(items, description: str):
     """A rich progress bar over a list."""
     from rich.progress import track as rich_track
@@ -280,16 +423,18 @@ def bench(
 
 @command
 def demo(
-    prompt: str = typer.Option("def fibonacci(n):\n", help="Prompt text."),
+    prompt: str = typer.Option("import os\n\n\ndef ", help="Prompt text."),
     max_new_tokens: int = typer.Option(200, help="Bytes to generate."),
     out: Path = typer.Option(Path("sessa-demo"), "-o", "--out", help="Where the export is written."),
+    temperature: float = typer.Option(0.8, help="Sampling temperature (0 = greedy)."),
+    seed: int = typer.Option(0, help="Sampling seed."),
 ) -> None:
     """The whole pipeline on the bundled tiny model: export, validate, generate through ONNX Runtime."""
     import numpy as np
 
     from .checkpoint import load_checkpoint
     from .data import BUNDLED_MODEL, encode, heldout_bytes
-    from .generate import generate
+    from .generate import Sampling, generate
     from .onnx_export import export_onnx
     from .runtime import OrtRunner, TorchRunner
     from .tracer import trace
@@ -310,7 +455,8 @@ def demo(
     sys.stdout.write(prompt)
     figures = {}
     for runner in (candidate, reference):
-        result = generate(runner, prompt_ids, max_new_tokens, on_tokens=_stream if runner is candidate else None)
+        result = generate(runner, prompt_ids, max_new_tokens, Sampling(temperature, top_k=40, seed=seed),
+                          on_tokens=_stream if runner is candidate else None)
         if runner is candidate:
             sys.stdout.write("\n")
         figures[runner.name] = result

@@ -240,20 +240,40 @@ def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], Non
                 source: str | None = None) -> Path:
     """Write OUT/model.onnx and OUT/sessa_config.json; nothing is left at OUT on failure."""
     out = Path(out)
+    _check_replaceable(out)
     progress("building ONNX graph")
     model = build_onnx(graph)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
-    with atomic_directory(out) as tmp:
-        progress(f"saving {size / 2**20:.1f} MiB of weights")
-        external = "model.onnx.data" if size > EXTERNAL_DATA_LIMIT else None
-        ir.save(model, tmp / MODEL_NAME, external_data=external)
-        progress("checking with onnx.checker (full_check)")
-        try:
-            onnx.checker.check_model(str(tmp / MODEL_NAME), full_check=True)
-        except onnx.checker.ValidationError as exc:
-            raise SessaExportError(f"exported model failed onnx.checker: {exc}") from None
-        (tmp / CONFIG_NAME).write_text(json.dumps(export_manifest(graph, "onnx", {"opset": OPSET, "model_file": MODEL_NAME, "source": source}), indent=2) + "\n")
+    try:
+        with atomic_directory(out) as tmp:
+            _write(graph, model, tmp, size, progress, source)
+    except OSError as exc:  # unwritable place, full disk, a file where a directory should be
+        raise SessaExportError(f"cannot write {out}: {exc.strerror or exc}"
+                               f"{f' ({exc.filename})' if exc.filename else ''}; nothing was written") from None
     return out
+
+
+def _check_replaceable(out: Path) -> None:
+    """OUT is replaced as a whole: refuse anything but nothing, an empty directory or an earlier export."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or (out / CONFIG_NAME).is_file()):
+        return
+    raise SessaExportError(f"{out} exists and is not an export directory (no {CONFIG_NAME}); "
+                           "refusing to replace it: choose another -o or remove it first")
+
+
+def _write(graph: StepGraph, model: ir.Model, tmp: Path, size: int, progress: Callable[[str], None],
+           source: str | None) -> None:
+    progress(f"saving {size / 2**20:.1f} MiB of weights")
+    external = "model.onnx.data" if size > EXTERNAL_DATA_LIMIT else None
+    ir.save(model, tmp / MODEL_NAME, external_data=external)
+    progress("checking with onnx.checker (full_check)")
+    try:
+        onnx.checker.check_model(str(tmp / MODEL_NAME), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise SessaExportError(f"exported model failed onnx.checker: {exc}") from None
+    (tmp / CONFIG_NAME).write_text(json.dumps(export_manifest(graph, "onnx", {"opset": OPSET, "model_file": MODEL_NAME, "source": source}), indent=2) + "\n")
 
 
 def export_manifest(graph: StepGraph, backend: str, extra: dict) -> dict:

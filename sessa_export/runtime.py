@@ -99,7 +99,7 @@ class OrtRunner:
         if kind == "tokens" and (input_ids.ndim != 2 or input_ids.dtype.kind not in "iu"):
             raise SessaExportError(f"{self.input_name} must be integer token ids [batch, sequence], "
                                    f"got {input_ids.dtype} {list(input_ids.shape)}")
-        past = next(iter(state.values())).shape()[2] if state else 0
+        past = self._check_state(input_ids.shape[0], state)
         if self.max_len is not None and past + input_ids.shape[1] > self.max_len:
             raise SessaExportError(f"context of {past + input_ids.shape[1]} positions exceeds the model's "
                                    f"max_len={self.max_len}")
@@ -113,6 +113,32 @@ class OrtRunner:
         named = dict(zip(self.output_names, results))
         new_state = {layer["past"][f]: named[layer["present"][f]] for layer in self.layout for f in STATE_FIELDS}
         return named[self.manifest["outputs"][0]].numpy(), new_state
+
+    def _check_state(self, batch: int, state: dict) -> int:
+        """P, the positions the state holds; a clear error for a state that does not fit the model."""
+        if not isinstance(state, dict):
+            raise SessaExportError(f"the state must be a dict of past_key_values.* tensors, got {type(state).__name__}")
+        expected = [layer["past"][f] for layer in self.layout for f in STATE_FIELDS]
+        missing = [name for name in expected if name not in state]
+        unexpected = [name for name in state if name not in expected]
+        if missing or unexpected:
+            raise SessaExportError("the state does not fit the model: "
+                                   + "; ".join(f"{what}: {', '.join(names)}" for what, names in
+                                               (("missing", missing), ("unexpected", unexpected)) if names))
+        pasts = set()
+        for layer in self.layout:
+            for f in STATE_FIELDS:
+                name, value = layer["past"][f], state[layer["past"][f]]
+                shape = list(value.shape()) if callable(getattr(value, "shape", None)) else list(np.shape(value))
+                want = layer["shapes"][f]
+                if len(shape) != len(want) or any(w != "past" and (batch if w == "batch" else w) != got
+                                                  for w, got in zip(want, shape)):
+                    raise SessaExportError(f"state tensor {name} has shape {shape}, expected "
+                                           f"{[batch if w == 'batch' else w for w in want]} (P = past positions)")
+                pasts.add(shape[want.index("past")])
+        if len(pasts) > 1:
+            raise SessaExportError(f"the state tensors hold different numbers of past positions: {sorted(pasts)}")
+        return pasts.pop() if pasts else 0
 
     def state_arrays(self, state: dict) -> dict[str, np.ndarray]:
         return {name: value.numpy().astype(np.float32) for name, value in state.items()}
@@ -135,10 +161,14 @@ def open_runner(path: str | Path, threads: int | None = None):
     path = Path(path)
     if not path.exists():
         raise SessaExportError(f"not found: {path}")
-    if path.is_dir() and (path / MANIFEST_NAME).exists():
-        fmt = read_manifest(path)["format"]
+    if path.is_dir() and ((path / MANIFEST_NAME).exists() or not (path / "config.json").exists()):
+        fmt = read_manifest(path)["format"]  # not a checkpoint directory: a clear error when the manifest is missing
         if fmt == "onnx":
             return OrtRunner(path, threads)
+        if fmt == "tvm":
+            from .tvm_runtime import TvmRunner
+
+            return TvmRunner(path, threads)
         raise SessaExportError(f"{path}: unknown artifact format {fmt!r}")
     return TorchRunner(load_checkpoint(path))
 

@@ -113,6 +113,13 @@ def trace(model: nn.Module) -> StepGraph:
         raise SessaExportError(f"{type(model).__name__}.forward must take one input (tokens [B, T] or "
                                f"embeddings [B, T, D]); it takes: {names}")
     input_name = placeholders[0].target
+    # Name what mixes positions before anything else: a time convolution usually sits between
+    # transposes, and refusing the first `transpose` would hide the module that is at fault.
+    for n in graph.nodes:
+        module = modules.get(n.target) if n.op == "call_module" else None
+        if module is not None and module not in mixer_paths and isinstance(module, tuple(POSITION_MIXERS)):
+            why = next(why for kind, why in POSITION_MIXERS.items() if isinstance(module, kind))
+            raise _refuse(f"module `{n.target}` ({type(module).__name__})", f"is {why}")
 
     nodes: list[Node] = []
     mixers: list[SessaMixer] = []

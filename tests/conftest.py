@@ -1,0 +1,47 @@
+"""Shared test helpers. tests/ is importable (reference_recurrence, custom_models) from every test file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+
+def randomize_weights(module: torch.nn.Module, seed: int = 0, std: float = 0.15) -> torch.nn.Module:
+    """init_weights at `std` (so the feedback path matters), then random biases and norm affines too.
+
+    init_weights leaves biases at 0 and norm weights at 1 (and zeroes the weight of a LayerNorm it does not
+    recognise by name); random values there make a dropped bias or a wrong norm show up in parity tests.
+    """
+    from sessa_export.model import init_weights
+
+    init_weights(module, seed=seed, std=std)
+    gen = torch.Generator().manual_seed(seed + 7919)
+    norms = {f"{path}.weight" if path else "weight" for path, m in module.named_modules()
+             if isinstance(m, torch.nn.LayerNorm)}
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.dim() == 1:
+                noise = torch.randn(p.shape, generator=gen)
+                p.copy_(1.0 + 0.1 * noise if name in norms else std * noise)
+    return module
+
+
+@pytest.fixture(scope="session")
+def make_lm():
+    """Build a small random SessaLM: make_lm(seed=0, std=0.15, **config fields)."""
+    from sessa_export.config import SessaConfig
+    from sessa_export.model import SessaLM
+
+    def build(seed: int = 0, std: float = 0.15, **fields) -> SessaLM:
+        defaults = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4)
+        config = SessaConfig(**{**defaults, **fields})
+        return randomize_weights(SessaLM(config), seed=seed, std=std).eval()
+
+    return build
