@@ -154,7 +154,7 @@ def compile(  # noqa: A001 - the command is called `compile`
                                             "source checkpoint is compiled); with --model, the weights."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (replaced when it exists)."),
     target: str = typer.Option("cpu", "--target", help="cpu, cuda or metal."),
-    arch: Optional[str] = typer.Option(None, "--arch", help="CUDA arch (sm_80, sm_90, ...); default sm_80."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="CUDA arch: sm_80 (default) or sm_90."),
     host: Optional[str] = typer.Option(None, "--host", help="Host triple: cpu aarch64-linux-gnu (cross compile), "
                                        "metal arm64-apple-darwin (default) or arm64-apple-ios."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Compiled capacity in positions (default: "

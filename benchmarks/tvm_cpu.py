@@ -1,0 +1,143 @@
+"""TVM CPU against ONNX Runtime and the PyTorch reference, float32, for the 125M-class config.
+
+The model (vocab 32000, d_model 768, 12 layers, 12 heads, random weights) is compiled with
+`sessa_export.tvm_compile` (`--target cpu`, capacity 2048) and exported to ONNX; then, for each
+back end (TVM `TvmRunner`, ONNX Runtime `OrtRunner`, PyTorch `SessaLM.step`):
+- prefill tokens/s: one step over T = 1024 tokens from an empty state (median of --repeat runs);
+- decode ms/token at a context of 1024: prefill 1024 tokens, then one token per step (median over
+  --decode-steps steps, the context growing from 1024).
+
+The decode bound is the memory-bandwidth floor of one decode step: the bytes a step must read
+(every weight once - one row of the embedding table - plus the state it attends over: forward
+keys/values and feedback keys/states of 1024 positions in all layers) over the machine's read
+bandwidth, measured with numpy sums over a 1 GiB array, one slice per thread.
+
+Run: python benchmarks/tvm_cpu.py [--threads N] [--context 1024] [--skip-onnx] [--skip-torch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (DECODE_CONTEXT, DECODE_STEPS, PREFILL_TOKENS, config_125m,  # noqa: E402
+                    machine_description, print_table, set_threads)
+from onnx_runtime import ort_decode, ort_prefill  # noqa: E402  (runner-generic timing loops)
+from reference import bench_decode, bench_prefill  # noqa: E402
+
+from sessa_export.model import SessaLM, init_weights  # noqa: E402
+from sessa_export.tracer import trace  # noqa: E402
+
+
+def read_bandwidth(threads: int, gigabytes: float = 1.0, repeat: int = 5) -> tuple[float, float]:
+    """Bytes/s of numpy float32 sums over a `gigabytes` array (best of `repeat`): one thread over
+    the whole array, and `threads` threads each summing its own slice (numpy releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    array = np.ones(int(gigabytes * 2**30) // 4, dtype=np.float32)
+    array.sum()
+    single = array.nbytes / min(_timed(array.sum) for _ in range(repeat))
+    slices = np.array_split(array, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        parallel = array.nbytes / min(_timed(lambda: list(pool.map(np.sum, slices))) for _ in range(repeat))
+    return single, parallel
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def decode_bytes(model: SessaLM, context: int) -> int:
+    """Bytes one decode step at `context` must read: every weight once (one row of the embedding
+    table), plus the state of `context` positions (forward keys/values, feedback keys/states)."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.embed.weight
+    if not model.config.tie_embeddings:  # a tied table is read whole by the LM head anyway
+        weights -= (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
+    state = model.config.state_values_per_token() * context * 4
+    return weights + state
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="threads for all three (default: all cores)")
+    parser.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS)
+    parser.add_argument("--context", type=int, default=DECODE_CONTEXT)
+    parser.add_argument("--decode-steps", type=int, default=DECODE_STEPS)
+    parser.add_argument("--repeat", type=int, default=3, help="timed prefill runs (median reported)")
+    parser.add_argument("--capacity", type=int, default=2048, help="compiled TVM capacity")
+    parser.add_argument("--skip-onnx", action="store_true")
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--workdir", type=Path, default=None, help="keep the artifacts here (default: temp)")
+    args = parser.parse_args(argv)
+
+    threads = set_threads(args.threads)
+    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
+    print(f"machine: {machine_description()}; TVM threads {os.environ['TVM_NUM_THREADS']}", flush=True)
+    single, bandwidth = read_bandwidth(threads)
+    print(f"read bandwidth (numpy sum over 1 GiB): {single / 1e9:.1f} GB/s on one thread, "
+          f"{bandwidth / 1e9:.1f} GB/s on {threads} threads (the bound uses the latter)", flush=True)
+
+    model = init_weights(SessaLM(config_125m()), seed=0, std=0.02).eval()
+    graph = trace(model)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="sessa-bench-tvm-"))
+    vocab = model.config.vocab_size
+
+    from sessa_export.tvm_compile import CompileTarget, compile_graph
+    from sessa_export.tvm_runtime import TvmRunner
+
+    start = time.perf_counter()
+    compile_graph(graph, work / "tvm", CompileTarget("cpu"), max_len=args.capacity,
+                  progress=lambda msg: print(f"  tvm: {msg}", flush=True))
+    print(f"TVM compile: {time.perf_counter() - start:.1f} s", flush=True)
+    runners = [("TVM CPU", TvmRunner(work / "tvm", threads))]
+    ids = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref = model(ids).numpy()
+    got, _ = runners[0][1].step(ids.numpy(), runners[0][1].empty_state(1))
+    print(f"TVM parity on a 64-token prefill: max |logits - PyTorch| = {np.abs(got - ref).max():.2e}", flush=True)
+    if not args.skip_onnx:
+        from sessa_export.onnx_export import export_onnx
+        from sessa_export.runtime import OrtRunner
+
+        export_onnx(graph, work / "onnx")
+        runners.append(("ONNX Runtime", OrtRunner(work / "onnx", threads)))
+
+    rows, results = [], {}
+    for name, runner in runners:
+        prefill = ort_prefill(runner, vocab, args.prefill_tokens, args.repeat)
+        decode = float(np.median(ort_decode(runner, vocab, args.context, args.decode_steps)))
+        results[name] = (prefill, decode)
+        print(f"  {name}: prefill {args.prefill_tokens / prefill:,.0f} tokens/s, decode {decode * 1e3:.2f} ms/token",
+              flush=True)
+    if not args.skip_torch:
+        prefill = bench_prefill(model, args.prefill_tokens, args.repeat)
+        decode = float(np.median(bench_decode(model, args.context, args.decode_steps)))
+        results["PyTorch"] = (prefill, decode)
+        print(f"  PyTorch: prefill {args.prefill_tokens / prefill:,.0f} tokens/s, decode {decode * 1e3:.2f} ms/token",
+              flush=True)
+
+    moved = decode_bytes(model, args.context)
+    bound = moved / bandwidth
+    for name, (prefill, decode) in results.items():
+        rows.append((name, f"{args.prefill_tokens / prefill:,.0f}", f"{decode * 1e3:.2f}", f"{bound / decode:.0%}"))
+    rows.append(("decode bound (bytes / bandwidth)", "-", f"{bound * 1e3:.2f}", "100%"))
+    print_table(("back end", f"prefill tokens/s (T={args.prefill_tokens})",
+                 f"decode ms/token (context {args.context})", "of the bound"), rows,
+                title=f"125M-class Sessa LM, float32, {threads} threads; a decode step reads "
+                      f"{moved / 2**20:.0f} MiB ({bandwidth / 1e9:.1f} GB/s read bandwidth)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

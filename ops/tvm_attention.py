@@ -1,0 +1,277 @@
+"""TVM kernel for the forward attention of a Sessa mixer (spec §1 step 2), with its KV-cache append.
+
+For S new positions t = P + i, given q [B, S, H·d], k and v [B, S, Hkv·d] (before RoPE) and
+caches that already hold the P earlier positions::
+
+    key_cache[:, hk, P + i]   = rope(k[:, i, hk], t)          (interleaved pairs, θ = t·inv_freq)
+    value_cache[:, hk, P + i] = v[:, i, hk]
+    out[:, i, h]              = Σ_{j ≤ t} softmax_j(rope(q_h, t) · key_cache[:, h // G, j] / √d) · value_cache[:, h // G, j]
+
+with G = H / Hkv (grouped-query attention). θ is computed in float32 and cast to the activation
+dtype before cos/sin, as the reference does; scores, the softmax and the weighted sum are float32.
+The caches are written in place: from Relax the kernel is called with ``R.call_tir_inplace``::
+
+    key_cache, value_cache, out = R.call_tir_inplace(
+        gv, (q, k, v, inv_freq, key_cache, value_cache, R.prim_value(P)),
+        inplace_indices=[4, 5, -1], out_ty=[kc_type, vc_type, out_type])
+
+Two loop nests: the append (one pass over the new rows), then one task per (batch, row, head)
+that runs an online softmax (running max / running sum) over its j ≤ t keys, a tile of keys
+at a time: the tile's scores first (independent dot products), then one rescale of the
+accumulator per tile and one exp per key. On CPU the tasks
+are spread over threads (``T.parallel``) and the d-wide dot products and updates are written
+with explicit vector lanes so LLVM emits SIMD without fast-math; on GPU targets each task is a
+thread. The kernel is "scheduled" as written: it carries ``tirx.is_scheduled`` so dlight leaves it.
+
+The kernel checks ``P + S <= capacity`` before writing anything and fails with a message that
+says so (host-side assert, also on GPU targets): a context past the compiled capacity never
+writes out of bounds.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+NAME = "forward_attention"
+DTYPES = ("float32", "float16")
+CAPACITY_MESSAGE = "sessa: context exceeds the compiled capacity (past + new > capacity)"
+_NEG = -3.4028234663852886e38  # float32 lowest: the running max before any key
+GPU_THREADS = 64
+
+
+def inplace_indices() -> list[int]:
+    """Outputs of the kernel's call: key_cache (arg 4), value_cache (arg 5), a new `out`."""
+    return [4, 5, -1]
+
+
+def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope: bool,
+                             dtype: str = "float32", gpu: bool = False) -> tirx.PrimFunc:
+    """The append + attention PrimFunc for one head layout (symbolic batch, seq_len, capacity).
+
+    Signature: ``(q, k, v, inv_freq, key_cache, value_cache, past_len: int64, out)`` with
+    ``inv_freq [max(1, d/2)]`` float32 (ignored when ``rope`` is false).
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
+    if rope and head_dim % 2:
+        raise ValueError(f"RoPE needs an even head width, got {head_dim}")
+    H, Hkv, d = n_heads, n_kv_heads, head_dim
+    G = H // Hkv
+    half = max(1, d // 2)
+    scale = float(d) ** -0.5
+    lanes = 1 if gpu else next(n for n in (16, 8, 4, 2, 1) if d % n == 0)
+    tile = 4 if gpu else 16  # keys per online-softmax step
+    R = 4  # CPU: query rows of one head per task, sharing each key and value load
+    chunks = d // lanes
+    f32 = "float32"
+    scope = "local" if gpu else "global"
+    threads = GPU_THREADS
+
+    def rotate(x_even, x_odd, position, inv):
+        """(x'[2i], x'[2i+1]) for the pair at `position`, in the activation dtype."""
+        theta = T.Cast(dtype, T.Cast(f32, position) * inv)
+        c, s = T.cos(theta), T.sin(theta)
+        return x_even * c - x_odd * s, x_even * s + x_odd * c
+
+    @T.macro
+    def row_task(task, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len):
+        """Online softmax over keys j <= t for query row (b, i, h) = task, `tile` keys at a time."""
+        b = task // (seq_len * H)
+        k = task % (seq_len * H) // H
+        # rows alternate from both ends (0, S-1, 1, S-2, ...): row t has t + 1 keys, so every
+        # contiguous chunk of tasks (what a CPU thread gets) has about the same work
+        i = T.if_then_else(k % 2 == 0, k // 2, seq_len - 1 - k // 2)
+        h = task % H
+        qr = T.alloc_buffer((d,), f32, scope=scope)
+        acc = T.alloc_buffer((d,), f32, scope=scope)
+        part = T.alloc_buffer((tile, lanes), f32, scope=scope)
+        score = T.alloc_buffer((tile,), f32, scope=scope)
+        stat = T.alloc_buffer((2,), f32, scope=scope)  # running max, running sum
+        if rope:
+            for p in range(d // 2):
+                even, odd = rotate(q[b, i, h * d + 2 * p], q[b, i, h * d + 2 * p + 1], past_len + i, inv_freq[p])
+                qr[2 * p] = T.Cast(f32, even)
+                qr[2 * p + 1] = T.Cast(f32, odd)
+        else:
+            for dd in range(d):
+                qr[dd] = T.Cast(f32, q[b, i, h * d + dd])
+        for dd in range(d):
+            acc[dd] = T.float32(0)
+        stat[0] = T.float32(_NEG)
+        stat[1] = T.float32(0)
+        for jt in range(T.ceildiv(past_len + i + 1, tile)):
+            # scores of the tile (independent keys: their dot products overlap)
+            for jj in range(tile):
+                if jt * tile + jj <= past_len + i:
+                    for lane in T.vectorized(lanes):
+                        part[jj, lane] = T.float32(0)
+                    for c in range(chunks):
+                        for lane in T.vectorized(lanes):
+                            part[jj, lane] = part[jj, lane] + qr[c * lanes + lane] * T.Cast(
+                                f32, key_cache[b, h // G, jt * tile + jj, c * lanes + lane])
+                    total: T.float32 = T.float32(0)
+                    for lane in range(lanes):
+                        total = total + part[jj, lane]
+                    score[jj] = total * T.float32(scale)
+                else:
+                    score[jj] = T.float32(_NEG)
+            # one rescale per tile, one exp per key
+            new_max: T.float32 = stat[0]
+            for jj in range(tile):
+                new_max = T.max(new_max, score[jj])
+            rescale: T.float32 = T.exp(stat[0] - new_max)
+            stat[1] = stat[1] * rescale
+            for c in range(chunks):
+                for lane in T.vectorized(lanes):
+                    acc[c * lanes + lane] = acc[c * lanes + lane] * rescale
+            for jj in range(tile):
+                if jt * tile + jj <= past_len + i:
+                    weight: T.float32 = T.exp(score[jj] - new_max)
+                    stat[1] = stat[1] + weight
+                    for c in range(chunks):
+                        for lane in T.vectorized(lanes):
+                            acc[c * lanes + lane] = acc[c * lanes + lane] + weight * T.Cast(
+                                f32, value_cache[b, h // G, jt * tile + jj, c * lanes + lane])
+            stat[0] = new_max
+        for dd in range(d):
+            out[b, i, h * d + dd] = T.Cast(dtype, acc[dd] / stat[1])
+
+    @T.macro
+    def block_task(task, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len):
+        """CPU: rows R*rb .. R*rb+R-1 of head h share every key and value load (task = (b, rb, h))."""
+        blocks = T.ceildiv(seq_len, R)
+        b = task // (blocks * H)
+        k = task % (blocks * H) // H
+        rb = T.if_then_else(k % 2 == 0, k // 2, blocks - 1 - k // 2)  # balanced chunks, see row_task
+        h = task % H
+        last = T.min(R * rb + R, seq_len) - 1  # last row of the block
+        qr = T.alloc_buffer((R, d), f32)
+        acc = T.alloc_buffer((R, d), f32)
+        part = T.alloc_buffer((R, lanes), f32)
+        score = T.alloc_buffer((R, tile), f32)
+        stat = T.alloc_buffer((R, 2), f32)
+        for r in range(R):
+            if R * rb + r <= last:
+                if rope:
+                    for p in range(d // 2):
+                        even, odd = rotate(q[b, R * rb + r, h * d + 2 * p], q[b, R * rb + r, h * d + 2 * p + 1],
+                                           past_len + R * rb + r, inv_freq[p])
+                        qr[r, 2 * p] = T.Cast(f32, even)
+                        qr[r, 2 * p + 1] = T.Cast(f32, odd)
+                else:
+                    for dd in range(d):
+                        qr[r, dd] = T.Cast(f32, q[b, R * rb + r, h * d + dd])
+            else:  # a row past the end of the last block: computed on zeros, never written out
+                for dd in range(d):
+                    qr[r, dd] = T.float32(0)
+            for dd in range(d):
+                acc[r, dd] = T.float32(0)
+            stat[r, 0] = T.float32(_NEG)
+            stat[r, 1] = T.float32(0)
+        for jt in range(T.ceildiv(past_len + last + 1, tile)):
+            for jj in range(tile):
+                for r in T.unroll(R):
+                    for lane in T.vectorized(lanes):
+                        part[r, lane] = T.float32(0)
+                if jt * tile + jj <= past_len + last:
+                    for c in range(chunks):
+                        for r in T.unroll(R):
+                            for lane in T.vectorized(lanes):
+                                part[r, lane] = part[r, lane] + qr[r, c * lanes + lane] * T.Cast(
+                                    f32, key_cache[b, h // G, jt * tile + jj, c * lanes + lane])
+                for r in T.unroll(R):
+                    total: T.float32 = T.float32(0)
+                    for lane in range(lanes):
+                        total = total + part[r, lane]
+                    score[r, jj] = T.if_then_else(jt * tile + jj <= past_len + R * rb + r,
+                                                  total * T.float32(scale), T.float32(_NEG))
+            for r in range(R):
+                new_max: T.float32 = stat[r, 0]
+                for jj in range(tile):
+                    new_max = T.max(new_max, score[r, jj])
+                rescale: T.float32 = T.exp(stat[r, 0] - new_max)
+                stat[r, 1] = stat[r, 1] * rescale
+                for c in range(chunks):
+                    for lane in T.vectorized(lanes):
+                        acc[r, c * lanes + lane] = acc[r, c * lanes + lane] * rescale
+                for jj in range(tile):
+                    score[r, jj] = T.if_then_else(jt * tile + jj <= past_len + R * rb + r,
+                                                  T.exp(score[r, jj] - new_max), T.float32(0))
+                    stat[r, 1] = stat[r, 1] + score[r, jj]
+                stat[r, 0] = new_max
+            for jj in range(tile):
+                if jt * tile + jj <= past_len + last:
+                    for c in range(chunks):
+                        for r in T.unroll(R):
+                            for lane in T.vectorized(lanes):
+                                acc[r, c * lanes + lane] = acc[r, c * lanes + lane] + score[r, jj] * T.Cast(
+                                    f32, value_cache[b, h // G, jt * tile + jj, c * lanes + lane])
+        for r in range(R):
+            if R * rb + r <= last:
+                for dd in range(d):
+                    out[b, R * rb + r, h * d + dd] = T.Cast(dtype, acc[r, dd] / stat[r, 1])
+
+    @T.prim_func
+    def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, inv_freq_h: T.handle,
+               key_cache_h: T.handle, value_cache_h: T.handle, past_len: T.int64, out_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True})
+        batch = T.int64()
+        seq_len = T.int64()
+        capacity = T.int64()
+        q = T.match_buffer(q_h, (batch, seq_len, H * d), dtype)
+        k = T.match_buffer(k_h, (batch, seq_len, Hkv * d), dtype)
+        v = T.match_buffer(v_h, (batch, seq_len, Hkv * d), dtype)
+        inv_freq = T.match_buffer(inv_freq_h, (half,), f32)
+        key_cache = T.match_buffer(key_cache_h, (batch, Hkv, capacity, d), dtype)
+        value_cache = T.match_buffer(value_cache_h, (batch, Hkv, capacity, d), dtype)
+        out = T.match_buffer(out_h, (batch, seq_len, H * d), dtype)
+        assert past_len + seq_len <= capacity, CAPACITY_MESSAGE
+        # 1. append the new keys (rotated) and values to the caches
+        if gpu:
+            for bx in T.thread_binding(T.ceildiv(batch * seq_len * Hkv, threads), thread="blockIdx.x"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                    if bx * threads + tx < batch * seq_len * Hkv:
+                        b = (bx * threads + tx) // (seq_len * Hkv)
+                        i = (bx * threads + tx) % (seq_len * Hkv) // Hkv
+                        hk = (bx * threads + tx) % Hkv
+                        if rope:
+                            for p in range(d // 2):
+                                even, odd = rotate(k[b, i, hk * d + 2 * p], k[b, i, hk * d + 2 * p + 1],
+                                                   past_len + i, inv_freq[p])
+                                key_cache[b, hk, past_len + i, 2 * p] = even
+                                key_cache[b, hk, past_len + i, 2 * p + 1] = odd
+                        else:
+                            for dd in range(d):
+                                key_cache[b, hk, past_len + i, dd] = k[b, i, hk * d + dd]
+                        for dd in range(d):
+                            value_cache[b, hk, past_len + i, dd] = v[b, i, hk * d + dd]
+        else:
+            for bi in T.parallel(batch * seq_len):
+                for hk in range(Hkv):
+                    if rope:
+                        for p in range(d // 2):
+                            even, odd = rotate(k[bi // seq_len, bi % seq_len, hk * d + 2 * p],
+                                               k[bi // seq_len, bi % seq_len, hk * d + 2 * p + 1],
+                                               past_len + bi % seq_len, inv_freq[p])
+                            key_cache[bi // seq_len, hk, past_len + bi % seq_len, 2 * p] = even
+                            key_cache[bi // seq_len, hk, past_len + bi % seq_len, 2 * p + 1] = odd
+                    else:
+                        for dd in T.vectorized(d):
+                            key_cache[bi // seq_len, hk, past_len + bi % seq_len, dd] = k[bi // seq_len, bi % seq_len, hk * d + dd]
+                    for dd in T.vectorized(d):
+                        value_cache[bi // seq_len, hk, past_len + bi % seq_len, dd] = v[bi // seq_len, bi % seq_len, hk * d + dd]
+        # 2. one online-softmax task per (batch, row, head)
+        if gpu:
+            for bx in T.thread_binding(T.ceildiv(batch * seq_len * H, threads), thread="blockIdx.x"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                    if bx * threads + tx < batch * seq_len * H:
+                        row_task(bx * threads + tx, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len)
+        else:
+            for task in T.parallel(batch * T.ceildiv(seq_len, R) * H):
+                block_task(task, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len)
+
+    return kernel.with_attr("global_symbol", NAME)

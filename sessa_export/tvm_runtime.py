@@ -1,0 +1,137 @@
+"""Run a `sessa-export compile --target cpu` artifact from Python with the TVM runtime.
+
+`TvmRunner` has the runner interface of runtime.py (`empty_state`, `step`, `state_arrays`).
+Its state is a `TvmState`: the preallocated caches of every layer (capacity C rows each) and
+the number P of positions already in them. `step` hands the caches to the compiled `step`
+function, which writes rows P..P+S-1 in place, and returns a new TvmState over the *same*
+buffers with P + S: nothing is copied. Rows < P are never written, so an earlier state object
+stays valid as long as no two continuations are run from it (a fork needs `state.copy()`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import SessaExportError
+from .stepgraph import STATE_FIELDS, past_name
+
+
+@dataclass(frozen=True)
+class TvmState:
+    """Caches [key, value, feedback_key, feedback_state] per layer (TVM tensors) and P."""
+
+    caches: tuple
+    past: int
+    batch: int
+
+    def copy(self) -> "TvmState":
+        """An independent state (copies the buffers): for running two continuations."""
+        import tvm
+
+        return TvmState(tuple(tvm.runtime.tensor(c.numpy()) for c in self.caches), self.past, self.batch)
+
+
+class TvmRunner:
+    """A compiled TVM CPU library (model.so) loaded with the TVM runtime and the Relax VM."""
+
+    name = "tvm"
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        from .runtime import read_manifest
+
+        path = Path(path)
+        self.manifest = manifest = read_manifest(path)
+        if manifest.get("target") != "cpu":
+            raise SessaExportError(f"{path} was compiled for {manifest.get('target')!r}; the Python TVM runner "
+                                   "runs --target cpu artifacts")
+        if manifest.get("host"):
+            raise SessaExportError(f"{path} was cross-compiled for {manifest['host']}; run it on that machine")
+        library = path / manifest.get("library", "model.so")
+        if not library.is_file():
+            raise SessaExportError(f"{path}: {library.name} is missing; re-run `sessa-export compile`")
+        # TVM's default pool is half the cores (it assumes hyperthreads): use what this process may use.
+        threads = threads or int(os.environ.get("TVM_NUM_THREADS", 0)) or _available_cores()
+        os.environ["TVM_NUM_THREADS"] = str(threads)
+        import tvm
+        from tvm import relax
+
+        tvm.get_global_func("runtime.config_threadpool")(1, threads)
+        self.threads = threads
+
+        try:
+            self.library = tvm.runtime.load_module(str(library))
+            self.vm = relax.VirtualMachine(self.library, tvm.cpu())
+        except Exception as exc:  # TVM raises its own error types for broken or foreign libraries
+            raise SessaExportError(f"{library}: the TVM runtime cannot load it "
+                                   f"({str(exc).strip().splitlines()[-1]}); re-run `sessa-export compile`") from None
+        self._tvm = tvm
+        self._step = self.vm[manifest.get("entry", "step")]
+        self.capacity = int(manifest["capacity"])
+        self.max_len = self.capacity  # the longest context this library runs (<= the model's max_len)
+        self.layout = manifest["state"]
+        self.input_kind = manifest["input"]["kind"]
+        self.input_name = manifest["input"]["name"]
+        self.dtype = np.float32
+
+    def empty_state(self, batch: int) -> TvmState:
+        """Caches for `batch` sequences, capacity rows each, uninitialised: only rows < P are read."""
+        caches = []
+        for layer in self.layout:
+            for f in STATE_FIELDS:
+                shape = [batch if d == "batch" else self.capacity if d == "past" else d
+                         for d in layer["shapes"][f]]
+                caches.append(self._tvm.runtime.empty(shape, "float32", self._tvm.cpu()))
+        return TvmState(tuple(caches), 0, batch)
+
+    def step(self, input_ids: np.ndarray, state: TvmState) -> tuple[np.ndarray, TvmState]:
+        import tvm_ffi
+
+        input_ids = np.asarray(input_ids)
+        if self.input_kind == "tokens":
+            if input_ids.ndim != 2 or input_ids.dtype.kind not in "iu":
+                raise SessaExportError(f"{self.input_name} must be integer token ids [batch, sequence], "
+                                       f"got {input_ids.dtype} {list(input_ids.shape)}")
+            data = np.ascontiguousarray(input_ids, dtype=np.int64)
+            vocab = (self.manifest.get("config") or {}).get("vocab_size")
+            if vocab is not None and data.size and (data.min() < 0 or data.max() >= vocab):
+                raise SessaExportError(f"token ids must lie in [0, {vocab}), got {int(data.min())}..{int(data.max())}")
+        else:
+            data = np.ascontiguousarray(input_ids, dtype=self.dtype)
+        batch, new = data.shape[:2]
+        if batch != state.batch:
+            raise SessaExportError(f"the state holds batch {state.batch}, the input has batch {batch}")
+        if new < 1:
+            raise SessaExportError("a step needs at least one new position")
+        total = state.past + new
+        if total > self.capacity:
+            raise SessaExportError(f"context of {total} positions exceeds the compiled capacity of {self.capacity}; "
+                                   "re-run `sessa-export compile --max-len N` with a larger N")
+        logits = self._step(self._tvm.runtime.tensor(data), tvm_ffi.Shape([state.past]), *state.caches)
+        return logits.numpy(), TvmState(state.caches, total, batch)
+
+    def state_arrays(self, state: TvmState) -> dict[str, np.ndarray]:
+        """The first P positions of every cache, named past_key_values.{i}.{field}."""
+        arrays = {}
+        for index, cache in enumerate(state.caches):
+            layer, f = divmod(index, len(STATE_FIELDS))
+            try:
+                array = np.from_dlpack(cache)  # a view: copy the first P rows only
+            except (TypeError, BufferError, AttributeError):
+                array = cache.numpy()
+            rows = array[:, :, :state.past] if array.ndim == 4 else array[:, :state.past]
+            arrays[past_name(layer, STATE_FIELDS[f])] = np.array(rows, dtype=np.float32, copy=True)
+        return arrays
+
+
+def _available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+__all__ = ["TvmRunner", "TvmState"]

@@ -1,0 +1,412 @@
+"""The TVM back end (sessa_export.tvm_compile, tvm_runtime, `sessa-export compile`) against PyTorch.
+
+CPU: the compiled library, run through TvmRunner, matches the PyTorch reference (SessaLM.step) at the
+ONNX export's tolerance - max abs error <= 1e-4 on the logits and on every state tensor - for the same
+cases: a 256-token prefill then 256 decode steps (batch 2), and a prefill in uneven chunks checked
+against the full-sequence forward, on H = 1, GQA with an MLP and tied embeddings, and RoPE off.
+GPU targets are built here (no GPU needed) and their libraries inspected: CUDA device code for the
+asked arch, Metal objects for arm64 with the FeedbackAttention kernels in the shader source; the
+AArch64 cross build is an AArch64 ELF. Bad input exits 2 with one line and leaves nothing behind.
+
+TVM builds are slow on a small machine: every build is module-scoped and shared.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import randomize_weights
+from sessa_export.checkpoint import save_checkpoint
+from sessa_export.cli import app
+from sessa_export.errors import SessaExportError
+from sessa_export.runtime import TorchRunner, open_runner
+from sessa_export.tracer import trace
+from sessa_export.tvm_compile import CompileTarget, compile_graph
+from sessa_export.tvm_runtime import TvmRunner, TvmState
+
+ATOL = 1e-4
+CONFIGS = {
+    "H1": dict(n_heads=1, n_layers=2),
+    "GQA-mlp-tied": dict(n_heads=4, n_kv_heads=2, mlp_ratio=2.0, tie_embeddings=True),
+    "rope-off": dict(n_heads=2, n_layers=3, use_forward_rope=False),
+}
+CHUNKS = [1, 1, 70, 1, 130, 3, 1, 50]  # t = 0 alone, single tokens, chunks over several 16-row blocks
+CAPACITY = 520
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """1 torch thread, 1 TVM thread: on a shared 2-core machine more threads spin against each other."""
+    import tvm
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tvm.get_global_func("runtime.config_threadpool")(1, 1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, *names: str) -> str:
+    message = result.stderr
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+    assert "Traceback" not in result.output and "Traceback" not in message
+    assert message.startswith("error:"), message
+    for name in names:
+        assert name in message, f"{name!r} not in: {message}"
+    return message
+
+
+def max_abs(got: np.ndarray, ref: np.ndarray) -> float:
+    assert got.shape == ref.shape, f"shape {got.shape} != reference {ref.shape}"
+    assert np.isfinite(got).all(), "non-finite values in the TVM output"
+    return float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
+
+
+def assert_states_close(ref, ref_state, got, got_state, where: str) -> None:
+    ref_arrays, got_arrays = ref.state_arrays(ref_state), got.state_arrays(got_state)
+    assert set(got_arrays) == set(ref_arrays)
+    for name, want in ref_arrays.items():
+        err = max_abs(got_arrays[name], want)
+        assert err <= ATOL, f"{name} {where}: max abs error {err:.3g} > {ATOL}"
+
+
+def run_parity(model, out: Path, ids: np.ndarray, steps: list[int]) -> np.ndarray:
+    """Feed ids [B, T] to PyTorch and TVM in the same chunks; check every step; return TVM's logits."""
+    assert sum(steps) == ids.shape[1]
+    ref, got = TorchRunner(model), TvmRunner(out, threads=1)
+    ref_state, got_state = ref.empty_state(ids.shape[0]), got.empty_state(ids.shape[0])
+    logits, pos = [], 0
+    for index, size in enumerate(steps):
+        chunk = ids[:, pos:pos + size]
+        ref_logits, ref_state = ref.step(chunk, ref_state)
+        got_logits, got_state = got.step(chunk, got_state)
+        err = max_abs(got_logits, ref_logits)
+        assert err <= ATOL, f"logits at step {index} (positions {pos}..{pos + size - 1}): max abs error {err:.3g}"
+        logits.append(got_logits)
+        pos += size
+        if index == 0:
+            assert_states_close(ref, ref_state, got, got_state, f"after step 0 ({size} positions)")
+    assert_states_close(ref, ref_state, got, got_state, f"after all {len(steps)} steps")
+    return np.concatenate(logits, axis=1)
+
+
+# -- CPU parity ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cpu_builds(make_lm, tmp_path_factory):
+    """One CPU library per config (capacity 520), shared by the parity tests."""
+    root = tmp_path_factory.mktemp("tvm_cpu")
+    out = {}
+    for i, (name, fields) in enumerate(CONFIGS.items()):
+        model = make_lm(seed=10 + i, std=0.2, **fields)
+        out[name] = (model, compile_graph(trace(model), root / name, CompileTarget("cpu"), max_len=CAPACITY))
+    return out
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_parity_prefill_256_then_decode_256(cpu_builds, name):
+    model, out = cpu_builds[name]
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 512))  # batch 2
+    run_parity(model, out, ids, [256] + [1] * 256)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_parity_chunked_prefill_matches_full_forward(cpu_builds, name):
+    model, out = cpu_builds[name]
+    ids = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, sum(CHUNKS)))
+    chunked = run_parity(model, out, ids, CHUNKS)
+    with torch.inference_mode():
+        full = model(torch.from_numpy(ids)).numpy()
+    err = max_abs(chunked, full)
+    assert err <= ATOL, f"chunked TVM logits vs full-sequence forward: max abs error {err:.3g}"
+
+
+def test_manifest_and_library(cpu_builds):
+    _, out = cpu_builds["GQA-mlp-tied"]
+    manifest = json.loads((out / "sessa_config.json").read_text())
+    assert manifest["format"] == "tvm" and manifest["target"] == "cpu" and manifest["capacity"] == CAPACITY
+    assert manifest["library"] == "model.so" and manifest["entry"] == "step"
+    assert set(manifest["files"]) == {"model.so"}
+    import hashlib
+
+    assert manifest["files"]["model.so"] == hashlib.sha256((out / "model.so").read_bytes()).hexdigest()
+    assert len(manifest["calling_convention"]["arguments"]) == 2 + 4 * len(manifest["state"])
+    assert isinstance(open_runner(out), TvmRunner)
+
+
+def test_step_writes_the_caller_caches_in_place(cpu_builds):
+    """Decode never copies the state: step hands back the same buffers, writes rows P..P+S-1 only."""
+    model, out = cpu_builds["GQA-mlp-tied"]
+    runner = TvmRunner(out, threads=1)
+    state = runner.empty_state(1)
+    for cache in state.caches:  # NaN everywhere: a row the step did not write stays NaN
+        cache.copyfrom(np.full(cache.shape, np.nan, dtype=np.float32))
+    ids = np.random.default_rng(4).integers(0, model.config.vocab_size, (1, 12))
+    _, after = runner.step(ids[:, :10], state)
+    _, after = runner.step(ids[:, 10:11], after)
+    assert after.past == 11 and all(a is b for a, b in zip(after.caches, state.caches))
+    for index, cache in enumerate(after.caches):
+        array = cache.numpy()
+        rows = np.moveaxis(array, 2 if array.ndim == 4 else 1, 0)
+        assert np.isfinite(rows[:11]).all(), f"cache {index}: a written row holds NaN"
+        assert np.isnan(rows[11:]).all(), f"cache {index}: the step wrote past position P + S"
+    ref = TorchRunner(model)
+    ref_logits, _ = ref.step(ids[:, :11], ref.empty_state(1))
+    got_logits, _ = runner.step(ids[:, 11:12], after)  # continues from the in-place state
+    _, ref_state = ref.step(ids[:, :11], ref.empty_state(1))
+    want, _ = ref.step(ids[:, 11:12], ref_state)
+    assert max_abs(got_logits, want) <= ATOL
+
+
+def test_context_past_capacity_is_refused(cpu_builds):
+    model, out = cpu_builds["H1"]
+    runner = TvmRunner(out, threads=1)
+    state = runner.empty_state(1)
+    ids = np.zeros((1, CAPACITY), dtype=np.int64)
+    _, state = runner.step(ids, state)  # exactly the capacity: fine
+    with pytest.raises(SessaExportError, match="exceeds the compiled capacity of 520"):
+        runner.step(ids[:, :1], state)
+    # The library checks it too (a C++ host calling `step` directly cannot write out of bounds).
+    import tvm_ffi
+
+    with pytest.raises(Exception, match="capacity"):
+        runner._step(runner._tvm.runtime.tensor(ids[:, :2]), tvm_ffi.Shape([CAPACITY - 1]), *state.caches)
+
+
+# -- the CLI ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def byte_build(make_lm, tmp_path_factory):
+    """A byte-level model: its checkpoint, its ONNX export, and a TVM build of the export directory."""
+    root = tmp_path_factory.mktemp("tvm_cli")
+    model = make_lm(seed=31, std=0.2, vocab_size=256, n_heads=4, n_kv_heads=2)
+    checkpoint = save_checkpoint(model, root / "checkpoint")
+    assert cli("export", checkpoint, "-o", root / "onnx").exit_code == 0
+    result = cli("compile", root / "onnx", "--target", "cpu", "--max-len", 160, "-o", root / "tvm")
+    assert result.exit_code == 0, result.output
+    return model, checkpoint, root / "tvm"
+
+
+def test_compile_an_export_directory_then_validate_and_run(byte_build):
+    model, checkpoint, out = byte_build
+    manifest = json.loads((out / "sessa_config.json").read_text())
+    assert manifest["source"] == str(checkpoint.resolve()) and manifest["capacity"] == 160
+    result = cli("validate", out, "--prefill", 64, "--decode", 32)
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.output
+    result = cli("run", out, "--prompt", "def f(x):", "--max-new-tokens", 8)
+    assert result.exit_code == 0, result.output
+    # greedy TVM continuation == greedy PyTorch continuation (full-sequence forward)
+    ids = list(b"def f(x):")
+    for _ in range(8):
+        with torch.inference_mode():
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert result.stdout_bytes.rstrip(b"\n").endswith(bytes(ids[9:])), (result.stdout_bytes, bytes(ids[9:]))
+
+
+def test_run_past_capacity_is_a_clean_error(byte_build):
+    _, _, out = byte_build
+    result = cli("run", out, "--prompt", "x" * 150, "--max-new-tokens", 20)
+    assert_clean_error(result, "160")
+
+
+def test_custom_model_compiled_by_the_cli(tmp_path):
+    import custom_models
+
+    module = randomize_weights(custom_models.factory(), seed=21, std=0.2).eval()
+    weights = tmp_path / "custom.pt"
+    torch.save(module.state_dict(), weights)
+    result = cli("compile", weights, "--model", "custom_models:factory", "--max-len", 64, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    runner = TvmRunner(tmp_path / "out", threads=1)
+    ids = np.random.default_rng(5).integers(0, custom_models.VOCAB, (2, 40))
+    state, pieces = runner.empty_state(2), []
+    for start, stop in [(0, 25), (25, 26), (26, 33)] + [(t, t + 1) for t in range(33, 40)]:
+        logits, state = runner.step(ids[:, start:stop], state)
+        pieces.append(logits)
+    with torch.inference_mode():
+        want = module(torch.from_numpy(ids)).numpy()
+    assert max_abs(np.concatenate(pieces, axis=1), want) <= ATOL
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_checkpoint(make_lm, tmp_path_factory):
+    return save_checkpoint(make_lm(seed=3, max_len=64), tmp_path_factory.mktemp("tvm_bad") / "ckpt")
+
+
+@pytest.mark.parametrize("args, names", [
+    (["--target", "vulkan"], ["vulkan", "cpu, cuda, metal"]),
+    (["--target", "cuda", "--arch", "sm_42"], ["sm_42", "sm_80"]),
+    (["--target", "cpu", "--arch", "sm_80"], ["--arch", "cuda"]),
+    (["--target", "metal", "--host", "aarch64-linux-gnu"], ["aarch64-linux-gnu", "arm64-apple-ios"]),
+    (["--target", "cuda", "--host", "aarch64-linux-gnu"], ["--host", "cuda"]),
+    (["--host", "riscv64-linux-gnu"], ["riscv64-linux-gnu", "aarch64-linux-gnu"]),
+    (["--max-len", "65"], ["65", "max_len=64"]),
+])
+def test_bad_target_arch_host_or_capacity(small_checkpoint, tmp_path, args, names):
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    assert_clean_error(cli("compile", small_checkpoint, *args, "-o", parent / "out"), *names)
+    assert list(parent.iterdir()) == [], "a refused compile must leave nothing behind"
+
+
+def test_refused_model_leaves_nothing(tmp_path):
+    import custom_models
+
+    module = randomize_weights(custom_models.conv_factory(), seed=23, std=0.2).eval()
+    weights = tmp_path / "conv.pt"
+    torch.save(module.state_dict(), weights)
+    parent = tmp_path / "outputs"
+    parent.mkdir()
+    result = cli("compile", weights, "--model", "custom_models:conv_factory", "-o", parent / "out")
+    assert_clean_error(result, "`conv`", "Conv1d")
+    assert list(parent.iterdir()) == []
+
+
+# -- cross targets: built here, inspected ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cross_model(make_lm):
+    return make_lm(seed=7, std=0.2, n_heads=4, n_kv_heads=2, mlp_ratio=1.0)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="needs g++-aarch64-linux-gnu")
+def test_aarch64_cross_compile_is_an_aarch64_elf(cross_model, tmp_path):
+    out = compile_graph(trace(cross_model), tmp_path / "arm", CompileTarget("cpu", host="aarch64-linux-gnu"),
+                        max_len=64)
+    header = (out / "model.so").read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and header[4] == 2  # 64-bit
+    assert struct.unpack_from("<H", header, 18)[0] == 183  # e_machine EM_AARCH64
+    manifest = json.loads((out / "sessa_config.json").read_text())
+    assert manifest["host"] == "aarch64-linux-gnu" and manifest["triple"] == "aarch64-linux-gnu"
+    with pytest.raises(SessaExportError, match="aarch64"):
+        TvmRunner(out)
+
+
+def _fatbins(data: bytes) -> list[bytes]:
+    """Fat binaries embedded in `data` (magic 0xBA55ED50, u16 version, u16 header size, u64 body size)."""
+    found, at = [], data.find(b"\x50\xed\x55\xba")
+    while at >= 0:
+        header_size, body_size = struct.unpack_from("<HQ", data, at + 6)
+        found.append(data[at:at + header_size + body_size])
+        at = data.find(b"\x50\xed\x55\xba", at + 4)
+    return found
+
+
+def _fatbin_entries(fatbin: bytes) -> list[tuple[int, int, bytes]]:
+    """(kind, sm arch, payload) of each entry: kind 1 is PTX, kind 2 an ELF cubin."""
+    header_size, body_size = struct.unpack_from("<HQ", fatbin, 6)
+    entries, at = [], header_size
+    while at < header_size + body_size:
+        kind, _, entry_header, size = struct.unpack_from("<HHIQ", fatbin, at)
+        arch = struct.unpack_from("<I", fatbin, at + 28)[0]
+        entries.append((kind, arch, fatbin[at + entry_header:at + entry_header + size]))
+        at += entry_header + size
+    return entries
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_cuda_library_holds_device_code_for_the_arch(cross_model, tmp_path):
+    out = compile_graph(trace(cross_model), tmp_path / "cuda", CompileTarget("cuda", arch="sm_90"), max_len=64)
+    fatbins = _fatbins((out / "model.so").read_bytes())
+    assert len(fatbins) == 1, "expected one fatbin in model.so"
+    entries = _fatbin_entries(fatbins[0])
+    cubins = [payload for kind, arch, payload in entries if kind == 2 and arch == 90]
+    assert cubins, f"no sm_90 cubin in the fatbin: {[(k, a) for k, a, _ in entries]}"
+    assert cubins[0][:4] == b"\x7fELF" and struct.unpack_from("<H", cubins[0], 18)[0] == 190  # EM_CUDA
+    assert any(kind == 1 and arch == 90 for kind, arch, _ in entries), "no compute_90 PTX for newer GPUs"
+    source = (out / "model.cu").read_text()
+    assert "feedback_attention" in source and "forward_attention" in source
+    manifest = json.loads((out / "sessa_config.json").read_text())
+    assert manifest["target"] == "cuda" and manifest["arch"] == "sm_90"
+    # the CUDA module in the library's import blob carries the fatbin (format "fatbin"), not source to JIT
+    library = (out / "model.so").read_bytes()
+    assert b"\x04\0\0\0\0\0\0\0cuda" in library and struct.pack("<Q", 6) + b"fatbin" in library
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_cuda_parity_on_a_gpu(cross_model, tmp_path):
+    import tvm
+
+    if not tvm.cuda(0).exist:
+        pytest.skip("no CUDA GPU")
+    from tvm import relax
+    import tvm_ffi
+
+    out = compile_graph(trace(cross_model), tmp_path / "cuda", CompileTarget("cuda", arch=_local_arch()), max_len=64)
+    manifest = json.loads((out / "sessa_config.json").read_text())
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out / "model.so")), tvm.cuda(0))
+    dev = tvm.cuda(0)
+    caches = []
+    for layer in manifest["state"]:
+        for f in ("key", "value", "feedback_key", "feedback_state"):
+            shape = [2 if d == "batch" else 64 if d == "past" else d for d in layer["shapes"][f]]
+            caches.append(tvm.runtime.empty(shape, "float32", dev))
+    ids = np.random.default_rng(6).integers(0, cross_model.config.vocab_size, (2, 40))
+    ref = TorchRunner(cross_model)
+    state, pos = ref.empty_state(2), 0
+    for size in (20, 1, 1, 7, 11):
+        want, state = ref.step(ids[:, pos:pos + size], state)
+        got = vm["step"](tvm.runtime.tensor(ids[:, pos:pos + size], dev), tvm_ffi.Shape([pos]), *caches).numpy()
+        assert max_abs(got, want) <= ATOL
+        pos += size
+
+
+def _local_arch() -> str:
+    import tvm
+
+    return "sm_" + tvm.cuda(0).compute_version.replace(".", "")
+
+
+MACHO_MAGIC_64 = 0xFEEDFACF
+CPU_TYPE_ARM64 = 0x0100000C
+
+
+def _archive_members(path: Path) -> dict[str, bytes]:
+    """Members of a `model.a` (ar, GNU or BSD names) or `model.tar`."""
+    if path.suffix == ".tar":
+        with tarfile.open(path) as archive:
+            return {m.name: archive.extractfile(m).read() for m in archive.getmembers() if m.isfile()}
+    data, members, at = path.read_bytes(), {}, 8
+    assert data[:8] == b"!<arch>\n"
+    while at + 60 <= len(data):
+        name, size = data[at:at + 16].decode().strip(), int(data[at + 48:at + 58].decode().strip())
+        body = data[at + 60:at + 60 + size]
+        if name.startswith("#1/"):  # BSD long name: the name is the first bytes of the body
+            length = int(name[3:])
+            name, body = body[:length].rstrip(b"\0").decode(), body[length:]
+        members[name] = body
+        at += 60 + size + (size % 2)
+    return members
+
+
+def test_metal_archive_holds_arm64_macho_objects_and_the_kernels(cross_model, tmp_path):
+    out = compile_graph(trace(cross_model), tmp_path / "metal", CompileTarget("metal"), max_len=64)
+    manifest = json.loads((out / "sessa_config.json").read_text())
+    library = out / manifest["library"]
+    objects = {name: body for name, body in _archive_members(library).items() if name.endswith(".o")}
+    assert objects, f"no objects in {library.name}"
+    for name, body in objects.items():
+        magic, cputype = struct.unpack_from("<II", body, 0)
+        assert magic == MACHO_MAGIC_64, f"{name}: not a 64-bit Mach-O object"
+        assert cputype == CPU_TYPE_ARM64, f"{name}: cputype {cputype:#x} is not ARM64"
+    shader = (out / "model.metal").read_text()
+    assert "kernel void" in shader and "feedback_attention" in shader and "forward_attention" in shader
+    # the shader source travels inside the library too (TVM compiles it when the library is loaded)
+    assert any(b"feedback_attention" in body and b"kernel void" in body for body in objects.values())
