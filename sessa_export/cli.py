@@ -271,10 +271,11 @@ def validate(
     bundled held-out text, and a prefill in random uneven chunks.
 
     A quantized export (`sessa-export quantize`) is held to quality thresholds instead: both models
-    read --bytes of the held-out text (or --text), cut into sequences of --window bytes, each
-    prefilled in chunks of --chunk tokens with the state carried, and the report gives top-1 agreement with the float32 reference, mean and max KL
-    of the next-token distributions, bits per byte of both and their difference, the logits error
-    and the size on disk of both. Exit 1 when the mode's threshold fails -
+    read --bytes of the held-out text (or --text) as sequences of --window bytes spread evenly over
+    the text, each prefilled in chunks of --chunk tokens with the state carried. The report gives
+    top-1 agreement with the float32 reference, mean and max KL of the next-token distributions,
+    bits per byte of both and their difference, the logits error and the size on disk of both.
+    Exit 1 when the mode's threshold fails -
     int8: top-1 agreement >= 99% and mean KL <= 0.01 nats;
     int4: top-1 agreement >= 95% and bits per byte at most 3% above float32;
     fp16: max |logits error| <= 1e-2 x max |reference logits|.
@@ -425,11 +426,13 @@ def bench(
 def demo(
     prompt: str = typer.Option("import os\n\n\ndef ", help="Prompt text."),
     max_new_tokens: int = typer.Option(200, help="Bytes to generate."),
-    out: Path = typer.Option(Path("sessa-demo"), "-o", "--out", help="Where the export is written."),
+    out: Path = typer.Option(Path("sessa-demo"), "-o", "--out", help="Where the artifacts are written "
+                             "(OUT/onnx, OUT/tvm-cpu)."),
     temperature: float = typer.Option(0.8, help="Sampling temperature (0 = greedy)."),
     seed: int = typer.Option(0, help="Sampling seed."),
 ) -> None:
-    """The whole pipeline on the bundled tiny model: export, validate, generate through ONNX Runtime."""
+    """The whole pipeline on the bundled tiny model: export to ONNX and compile with TVM for this CPU,
+    validate both against PyTorch, and generate through each."""
     import numpy as np
 
     from .checkpoint import load_checkpoint
@@ -438,32 +441,36 @@ def demo(
     from .onnx_export import export_onnx
     from .runtime import OrtRunner, TorchRunner
     from .tracer import trace
+    from .tvm_compile import CompileTarget, compile_graph
+    from .tvm_runtime import TvmRunner
     from .validate import FP32, cases, run_case
 
     model = load_checkpoint(BUNDLED_MODEL)
-    console.print(f"[bold]1. model[/bold] {BUNDLED_MODEL} ({model.num_parameters():,} parameters)")
-    with console.status("exporting"):
-        export_onnx(trace(model), out, source=str(BUNDLED_MODEL))
-    console.print(f"[bold]2. export[/bold] {out}/model.onnx")
-    reference, candidate = TorchRunner(model), OrtRunner(out)
-    reports = [run_case(name, reference, candidate, ids, steps, FP32)
-               for name, ids, steps in track(cases(256, 128, 64, heldout_bytes(), 0, model.config.max_len),
-                                             "validating")]
-    _print_report(reports, FP32)
-    console.print("[bold]3. generate[/bold] through ONNX Runtime:")
+    console.print(f"[bold]model[/bold] {BUNDLED_MODEL} ({model.num_parameters():,} parameters)")
+    graph = trace(model)
+    with console.status("exporting to ONNX") as status:
+        export_onnx(graph, out / "onnx", source=str(BUNDLED_MODEL))
+        status.update("compiling with TVM for this CPU")
+        compile_graph(graph, out / "tvm-cpu", CompileTarget("cpu"), 1024, source=str(BUNDLED_MODEL))
+    reference = TorchRunner(model)
     prompt_ids = np.array([encode(prompt)], dtype=np.int64)
-    sys.stdout.write(prompt)
-    figures = {}
-    for runner in (candidate, reference):
-        result = generate(runner, prompt_ids, max_new_tokens, Sampling(temperature, top_k=40, seed=seed),
-                          on_tokens=_stream if runner is candidate else None)
-        if runner is candidate:
-            sys.stdout.write("\n")
-        figures[runner.name] = result
+    sampling = Sampling(temperature, top_k=40, seed=seed)
+    ok, figures = True, {}
+    for runner, path in ((OrtRunner(out / "onnx"), out / "onnx"), (TvmRunner(out / "tvm-cpu"), out / "tvm-cpu")):
+        console.rule(f"[bold]{runner.name}[/bold]: {path}")
+        reports = [run_case(name, reference, runner, ids, steps, FP32)
+                   for name, ids, steps in track(cases(256, 128, 64, heldout_bytes(), 0, 1024), "validating")]
+        _print_report(reports, FP32)
+        ok = ok and all(r.ok for r in reports)
+        sys.stdout.write(prompt)
+        figures[runner.name] = generate(runner, prompt_ids, max_new_tokens, sampling, on_tokens=_stream)
+        sys.stdout.write("\n")
+    figures[reference.name] = generate(reference, prompt_ids, max_new_tokens, sampling)
+    console.rule("[bold]speed[/bold] (sampling the same tokens on each)")
     for name, r in figures.items():
-        console.print(f"{name}: prefill {r.prompt_tokens} tokens {r.prefill_s * 1e3:.1f} ms, "
-                      f"decode {r.decode_tokens_per_s:.0f} tokens/s")
-    if not all(r.ok for r in reports):
+        console.print(f"{name:12} prefill {r.prompt_tokens} tokens {r.prefill_s * 1e3:6.1f} ms, "
+                      f"decode {r.decode_tokens_per_s:6.0f} tokens/s")
+    if not ok:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
