@@ -30,7 +30,6 @@ writes out of bounds.
 
 from __future__ import annotations
 
-import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 

@@ -215,7 +215,7 @@ def run(
     """Generate from a prompt, streaming the output: prefill, then decode with the state."""
     import numpy as np
 
-    from .data import decode, encode
+    from .data import encode
     from .generate import Sampling, generate
     from .runtime import open_runner
 

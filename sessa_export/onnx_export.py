@@ -23,7 +23,7 @@ from .checkpoint import atomic_directory
 from .errors import SessaExportError
 from .model import SessaMixer
 from .ops import feedback_attention as fa_op
-from .stepgraph import BINARY, STATE_FIELDS, Node, StepGraph, past_name, present_name
+from .stepgraph import BINARY, STATE_FIELDS, Node, StepGraph, layer_norm_affine, past_name, present_name
 
 OPSET = 23
 IR_VERSION = 10
@@ -150,9 +150,7 @@ class _Builder:
         if node.op == "linear":
             return self.linear(args[0], node.module, node.path)
         if node.op == "layer_norm":
-            m = node.module
-            weight = m.weight if m.weight is not None else torch.ones(m.normalized_shape)
-            bias = m.bias if m.bias is not None else torch.zeros(m.normalized_shape)
+            weight, bias = layer_norm_affine(node.module)
             return self.op("LayerNormalization", [args[0], self.const(weight, f"{node.path}.weight"),
                                                   self.const(bias, f"{node.path}.bias")],
                            axis=-1, epsilon=float(node.attrs["eps"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import nn
 
 from .config import SessaConfig
@@ -29,6 +30,13 @@ def past_name(layer: int, field_name: str) -> str:
 
 def present_name(layer: int, field_name: str) -> str:
     return f"present.{layer}.{field_name}"
+
+
+def layer_norm_affine(module: nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """A LayerNorm's weight and bias; ones and zeros when it has none (elementwise_affine=False)."""
+    weight = module.weight if module.weight is not None else torch.ones(module.normalized_shape)
+    bias = module.bias if module.bias is not None else torch.zeros(module.normalized_shape)
+    return weight, bias
 
 
 @dataclass(frozen=True)

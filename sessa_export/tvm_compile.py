@@ -43,7 +43,7 @@ import torch
 from .checkpoint import atomic_directory
 from .errors import SessaExportError
 from .model import SessaMixer
-from .stepgraph import BINARY, STATE_FIELDS, Node, StepGraph
+from .stepgraph import BINARY, STATE_FIELDS, Node, StepGraph, layer_norm_affine
 
 CONFIG_NAME = "sessa_config.json"
 ENTRY = "step"
@@ -254,9 +254,7 @@ class _Builder:
         if node.op == "linear":
             return self.linear(args[0], node.module, node.path)
         if node.op == "layer_norm":
-            m = node.module
-            weight = m.weight if m.weight is not None else torch.ones(m.normalized_shape)
-            bias = m.bias if m.bias is not None else torch.zeros(m.normalized_shape)
+            weight, bias = layer_norm_affine(node.module)
             return self.emit(op.nn.layer_norm(args[0], self.const(weight, f"{node.path}.weight"),
                                               self.const(bias, f"{node.path}.bias"), axes=[-1],
                                               epsilon=float(node.attrs["eps"])))
@@ -403,7 +401,6 @@ def lower(mod, target: CompileTarget):
     vectorised matmuls) to the default LLVM pipeline.
     """
     import tvm
-    from tvm import relax
 
     tvm_target = target.tvm_target()
     pipeline = gpu_pipeline(tvm_target) if target.gpu else cpu_pipeline(tvm_target)
@@ -442,7 +439,6 @@ def gpu_pipeline(tvm_target):
 def cpu_pipeline(tvm_target):
     """The default Relax CPU pipeline with `CpuMatmul` scheduling the (fused) matmuls."""
     import tvm
-    from tvm import relax
     from tvm.s_tir import dlight as dl
 
     from tvm.relax.backend.cpu_generic import pipeline as backend
@@ -638,8 +634,6 @@ def _export_cuda(executable, path: Path, target: CompileTarget, workspace: Path)
     through a Python callback; a C++ deployment has no Python, so the source is compiled here
     and the library's import blob is rewritten to carry the fatbin (format "fatbin").
     """
-    import tvm
-
     if shutil.which("nvcc") is None:
         raise SessaExportError("--target cuda needs nvcc (the CUDA toolkit) on PATH")
     devices = _device_modules(executable, "cuda")

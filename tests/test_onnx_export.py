@@ -21,9 +21,9 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
-from typer.testing import CliRunner
 
 from conftest import TESTS_DIR, randomize_weights
+from parity import ATOL, CHUNKS, CONFIGS, assert_clean_error, cli, max_abs, run_parity
 from sessa_export.checkpoint import load_checkpoint, save_checkpoint
 from sessa_export.cli import app
 from sessa_export.data import BUNDLED_MODEL, heldout_bytes
@@ -31,22 +31,9 @@ from sessa_export.errors import SessaExportError
 from sessa_export.model import feedback_attention
 from sessa_export.onnx_export import export_onnx
 from sessa_export.ops import feedback_attention as fa_op
-from sessa_export.runtime import OrtRunner, TorchRunner
+from sessa_export.runtime import OrtRunner
 from sessa_export.stepgraph import STATE_FIELDS
 from sessa_export.tracer import trace
-
-ATOL = 1e-4  # the issue's fp32 bar: max |ORT - PyTorch| on logits and on every state tensor
-
-# Small random models covering the cases the export must get right.
-CONFIGS = {
-    "H1": dict(n_heads=1, n_layers=2),
-    "GQA-mlp-tied": dict(n_heads=4, n_kv_heads=2, mlp_ratio=2.0, tie_embeddings=True),
-    "rope-off": dict(n_heads=2, n_layers=3, use_forward_rope=False),
-}
-# Uneven chunks: t = 0 alone (P = 0, S = 1), single tokens, and chunks over one and two 64-row blocks
-# of the ONNX function's triangular solve (70 > 64, 130 > 128).
-CHUNKS = [1, 1, 70, 1, 130, 3, 1, 50]
-
 
 @pytest.fixture(autouse=True, scope="module")
 def one_torch_thread():
@@ -63,60 +50,9 @@ def export_model(model: torch.nn.Module, out: Path) -> Path:
     return export_onnx(trace(model), out)
 
 
-def max_abs(got: np.ndarray, ref: np.ndarray) -> float:
-    assert got.shape == ref.shape, f"shape {got.shape} != reference {ref.shape}"
-    assert np.isfinite(got).all(), "non-finite values in the ONNX Runtime output"
-    return float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
-
-
-def assert_states_close(ref: TorchRunner, ref_state, got: OrtRunner, got_state, where: str) -> None:
-    ref_arrays, got_arrays = ref.state_arrays(ref_state), got.state_arrays(got_state)
-    assert set(got_arrays) == set(ref_arrays)
-    for name, want in ref_arrays.items():
-        err = max_abs(got_arrays[name], want)
-        assert err <= ATOL, f"{name} {where}: max abs error {err:.3g} > {ATOL}"
-
-
-def run_parity(model, out: Path, ids: np.ndarray, steps: list[int]) -> np.ndarray:
-    """Feed ids [B, T] to PyTorch (SessaLM.step) and ORT in the same chunks; check every step; ORT logits."""
-    assert sum(steps) == ids.shape[1]
-    ref, got = TorchRunner(model), OrtRunner(out, threads=1)
-    ref_state, got_state = ref.empty_state(ids.shape[0]), got.empty_state(ids.shape[0])
-    logits, pos = [], 0
-    for index, size in enumerate(steps):
-        chunk = ids[:, pos:pos + size]
-        ref_logits, ref_state = ref.step(chunk, ref_state)
-        got_logits, got_state = got.step(chunk, got_state)
-        err = max_abs(got_logits, ref_logits)
-        assert err <= ATOL, f"logits at step {index} (positions {pos}..{pos + size - 1}): max abs error {err:.3g}"
-        logits.append(got_logits)
-        pos += size
-        if index == 0:
-            assert_states_close(ref, ref_state, got, got_state, f"after step 0 ({size} positions)")
-    # The state only grows by concatenation: comparing all of it at the end covers every row of every step.
-    assert_states_close(ref, ref_state, got, got_state, f"after all {len(steps)} steps")
-    return np.concatenate(logits, axis=1)
-
-
 def forward_logits(model, ids: np.ndarray) -> np.ndarray:
     with torch.inference_mode():
         return model(torch.from_numpy(ids)).float().numpy()
-
-
-def cli(*args) -> "object":
-    """Run the CLI in-process; stdout and stderr are kept apart."""
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_clean_error(result, *names: str) -> str:
-    """Exit code 2, a one-line message naming each of `names`, no traceback."""
-    message = result.stderr
-    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
-    assert "Traceback" not in result.output and "Traceback" not in message
-    assert message.startswith("error:"), message
-    for name in names:
-        assert name in message, f"{name!r} not in: {message}"
-    return message
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -200,14 +136,14 @@ def random_exports(make_lm, tmp_path_factory):
 def test_parity_prefill_256_then_decode_256(random_exports, name):
     model, out = random_exports[name]
     ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 512))  # batch 2
-    run_parity(model, out, ids, [256] + [1] * 256)
+    run_parity(model, OrtRunner(out, threads=1), ids, [256] + [1] * 256)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_parity_chunked_prefill_matches_full_forward(random_exports, name):
     model, out = random_exports[name]
     ids = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, sum(CHUNKS)))
-    chunked = run_parity(model, out, ids, CHUNKS)
+    chunked = run_parity(model, OrtRunner(out, threads=1), ids, CHUNKS)
     err = max_abs(chunked, forward_logits(model, ids))  # chunking must not change the result
     assert err <= ATOL, f"chunked ORT logits vs full-sequence forward: max abs error {err:.3g}"
 
@@ -243,14 +179,14 @@ def test_bundled_model_parity_prefill_256_decode_256(bundled):
     model, out = bundled
     text = np.frombuffer(heldout_bytes(), dtype=np.uint8).astype(np.int64)
     ids = np.stack([text[1000:1512], text[20000:20512]])  # batch 2 of held-out text
-    run_parity(model, out, ids, [256] + [1] * 256)
+    run_parity(model, OrtRunner(out, threads=1), ids, [256] + [1] * 256)
 
 
 def test_bundled_model_chunked_prefill(bundled):
     model, out = bundled
     text = np.frombuffer(heldout_bytes(), dtype=np.uint8).astype(np.int64)
     ids = text[None, 5000:5000 + sum(CHUNKS)]
-    chunked = run_parity(model, out, ids, CHUNKS)
+    chunked = run_parity(model, OrtRunner(out, threads=1), ids, CHUNKS)
     assert max_abs(chunked, forward_logits(model, ids)) <= ATOL
 
 

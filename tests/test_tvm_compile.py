@@ -16,31 +16,22 @@ from __future__ import annotations
 import json
 import shutil
 import struct
-import subprocess
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from conftest import randomize_weights
+from parity import ATOL, CHUNKS, CONFIGS, assert_clean_error, cli, max_abs, run_parity
 from sessa_export.checkpoint import save_checkpoint
-from sessa_export.cli import app
 from sessa_export.errors import SessaExportError
 from sessa_export.runtime import TorchRunner, open_runner
 from sessa_export.tracer import trace
 from sessa_export.tvm_compile import CompileTarget, compile_graph
-from sessa_export.tvm_runtime import TvmRunner, TvmState
+from sessa_export.tvm_runtime import TvmRunner
 
-ATOL = 1e-4
-CONFIGS = {
-    "H1": dict(n_heads=1, n_layers=2),
-    "GQA-mlp-tied": dict(n_heads=4, n_kv_heads=2, mlp_ratio=2.0, tie_embeddings=True),
-    "rope-off": dict(n_heads=2, n_layers=3, use_forward_rope=False),
-}
-CHUNKS = [1, 1, 70, 1, 130, 3, 1, 50]  # t = 0 alone, single tokens, chunks over several 16-row blocks
 CAPACITY = 520
 
 
@@ -55,56 +46,6 @@ def one_thread():
     yield
     torch.set_num_threads(before)
 
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def assert_clean_error(result, *names: str) -> str:
-    message = result.stderr
-    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
-    assert "Traceback" not in result.output and "Traceback" not in message
-    assert message.startswith("error:"), message
-    for name in names:
-        assert name in message, f"{name!r} not in: {message}"
-    return message
-
-
-def max_abs(got: np.ndarray, ref: np.ndarray) -> float:
-    assert got.shape == ref.shape, f"shape {got.shape} != reference {ref.shape}"
-    assert np.isfinite(got).all(), "non-finite values in the TVM output"
-    return float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
-
-
-def assert_states_close(ref, ref_state, got, got_state, where: str) -> None:
-    ref_arrays, got_arrays = ref.state_arrays(ref_state), got.state_arrays(got_state)
-    assert set(got_arrays) == set(ref_arrays)
-    for name, want in ref_arrays.items():
-        err = max_abs(got_arrays[name], want)
-        assert err <= ATOL, f"{name} {where}: max abs error {err:.3g} > {ATOL}"
-
-
-def run_parity(model, out: Path, ids: np.ndarray, steps: list[int]) -> np.ndarray:
-    """Feed ids [B, T] to PyTorch and TVM in the same chunks; check every step; return TVM's logits."""
-    assert sum(steps) == ids.shape[1]
-    ref, got = TorchRunner(model), TvmRunner(out, threads=1)
-    ref_state, got_state = ref.empty_state(ids.shape[0]), got.empty_state(ids.shape[0])
-    logits, pos = [], 0
-    for index, size in enumerate(steps):
-        chunk = ids[:, pos:pos + size]
-        ref_logits, ref_state = ref.step(chunk, ref_state)
-        got_logits, got_state = got.step(chunk, got_state)
-        err = max_abs(got_logits, ref_logits)
-        assert err <= ATOL, f"logits at step {index} (positions {pos}..{pos + size - 1}): max abs error {err:.3g}"
-        logits.append(got_logits)
-        pos += size
-        if index == 0:
-            assert_states_close(ref, ref_state, got, got_state, f"after step 0 ({size} positions)")
-    assert_states_close(ref, ref_state, got, got_state, f"after all {len(steps)} steps")
-    return np.concatenate(logits, axis=1)
-
-
-# -- CPU parity ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def cpu_builds(make_lm, tmp_path_factory):
@@ -121,14 +62,14 @@ def cpu_builds(make_lm, tmp_path_factory):
 def test_parity_prefill_256_then_decode_256(cpu_builds, name):
     model, out = cpu_builds[name]
     ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 512))  # batch 2
-    run_parity(model, out, ids, [256] + [1] * 256)
+    run_parity(model, TvmRunner(out, threads=1), ids, [256] + [1] * 256)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_parity_chunked_prefill_matches_full_forward(cpu_builds, name):
     model, out = cpu_builds[name]
     ids = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, sum(CHUNKS)))
-    chunked = run_parity(model, out, ids, CHUNKS)
+    chunked = run_parity(model, TvmRunner(out, threads=1), ids, CHUNKS)
     with torch.inference_mode():
         full = model(torch.from_numpy(ids)).numpy()
     err = max_abs(chunked, full)

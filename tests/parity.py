@@ -1,0 +1,72 @@
+"""Helpers shared by the back-end test files: step-by-step parity with PyTorch and CLI error checks."""
+
+from __future__ import annotations
+
+import numpy as np
+from typer.testing import CliRunner
+
+from sessa_export.cli import app
+from sessa_export.runtime import TorchRunner
+
+ATOL = 1e-4  # the issues' fp32 bar: max |back end - PyTorch| on logits and on every state tensor
+
+# Small random models covering the cases every back end must get right.
+CONFIGS = {
+    "H1": dict(n_heads=1, n_layers=2),
+    "GQA-mlp-tied": dict(n_heads=4, n_kv_heads=2, mlp_ratio=2.0, tie_embeddings=True),
+    "rope-off": dict(n_heads=2, n_layers=3, use_forward_rope=False),
+}
+# Uneven chunks: t = 0 alone (P = 0, S = 1), single tokens, and chunks over one and two 64-row blocks
+# of the ONNX function's triangular solve (70 > 64, 130 > 128) and several of the TVM kernels' blocks.
+CHUNKS = [1, 1, 70, 1, 130, 3, 1, 50]
+
+
+def max_abs(got: np.ndarray, ref: np.ndarray) -> float:
+    assert got.shape == ref.shape, f"shape {got.shape} != reference {ref.shape}"
+    assert np.isfinite(got).all(), "non-finite values in the back end's output"
+    return float(np.max(np.abs(got.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
+
+
+def assert_states_close(ref, ref_state, got, got_state, where: str) -> None:
+    ref_arrays, got_arrays = ref.state_arrays(ref_state), got.state_arrays(got_state)
+    assert set(got_arrays) == set(ref_arrays)
+    for name, want in ref_arrays.items():
+        err = max_abs(got_arrays[name], want)
+        assert err <= ATOL, f"{name} {where}: max abs error {err:.3g} > {ATOL}"
+
+
+def run_parity(model, got, ids: np.ndarray, steps: list[int]) -> np.ndarray:
+    """Feed ids [B, T] to PyTorch (SessaLM.step) and runner `got` in the same chunks; check every step."""
+    assert sum(steps) == ids.shape[1]
+    ref = TorchRunner(model)
+    ref_state, got_state = ref.empty_state(ids.shape[0]), got.empty_state(ids.shape[0])
+    logits, pos = [], 0
+    for index, size in enumerate(steps):
+        chunk = ids[:, pos:pos + size]
+        ref_logits, ref_state = ref.step(chunk, ref_state)
+        got_logits, got_state = got.step(chunk, got_state)
+        err = max_abs(got_logits, ref_logits)
+        assert err <= ATOL, f"logits at step {index} (positions {pos}..{pos + size - 1}): max abs error {err:.3g}"
+        logits.append(got_logits)
+        pos += size
+        if index == 0:
+            assert_states_close(ref, ref_state, got, got_state, f"after step 0 ({size} positions)")
+    # Comparing the whole state at the end covers every row written by every step.
+    assert_states_close(ref, ref_state, got, got_state, f"after all {len(steps)} steps")
+    return np.concatenate(logits, axis=1)
+
+
+def cli(*args):
+    """Run the CLI in-process; stdout and stderr are kept apart."""
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def assert_clean_error(result, *names: str) -> str:
+    """Exit code 2, a one-line message naming each of `names`, no traceback."""
+    message = result.stderr
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}\n{result.exception!r}"
+    assert "Traceback" not in result.output and "Traceback" not in message
+    assert message.startswith("error:"), message
+    for name in names:
+        assert name in message, f"{name!r} not in: {message}"
+    return message

@@ -1,0 +1,291 @@
+"""`sessa-export quantize` (int8, int4, fp16) and the quality report of `validate` on quantized exports.
+
+Quality is measured as `validate` does (sessa_export/quality.py) on the bundled model
+(sessa_export/assets/tiny): 16384 bytes of the held-out text as 64 windows of 256 bytes spread over
+the whole text, each prefilled in chunks of 128 with the state carried, against the float32 ONNX export of the same
+checkpoint (which matches PyTorch to 1e-4, test_onnx_export.py); one CLI test runs the real
+`validate --checkpoint` path against PyTorch. Sizes are those of the linear and embedding weights'
+initializers (with their scales and zero points) against the float32 ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import randomize_weights
+from sessa_export import quality
+from sessa_export.checkpoint import load_checkpoint, save_checkpoint
+from sessa_export.cli import app
+from sessa_export.config import SessaConfig
+from sessa_export.data import BUNDLED_MODEL, heldout_bytes
+from sessa_export.errors import SessaExportError
+from sessa_export.model import SessaLM
+from sessa_export.onnx_export import export_onnx
+from sessa_export.ops import feedback_attention as fa_op
+from sessa_export.quantize import export_size, find_weights, linear_weight_bytes, quantize_export
+from sessa_export.runtime import OrtRunner
+from sessa_export.tracer import trace
+
+MODES = ("int8", "int4", "fp16")
+BUNDLED = (BUNDLED_MODEL / "model.safetensors").is_file()
+# Weight bytes (with scales and zero points) against float32: int8 (block 32) is ~0.29, int4 ~0.16,
+# fp16 0.5; nothing quantized would be 1.0.
+MAX_WEIGHT_RATIO = {"int8": 0.35, "int4": 0.25, "fp16": 0.55}
+MIN_WEIGHT_RATIO = {"int8": 0.2, "int4": 0.1, "fp16": 0.45}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def cli(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The bundled model, or (before it exists) a small random one shaped like it."""
+    if BUNDLED:
+        return BUNDLED_MODEL
+    config = SessaConfig(vocab_size=256, d_model=160, n_layers=2, n_heads=4, n_kv_heads=2, mlp_ratio=3.0,
+                         tie_embeddings=True)
+    model = randomize_weights(SessaLM(config), seed=0, std=0.05).eval()
+    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "random")
+
+
+@pytest.fixture(scope="module")
+def fp32_export(checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fp32") / "export"
+    return export_onnx(trace(load_checkpoint(checkpoint)), out, source=str(Path(checkpoint).resolve()))
+
+
+@pytest.fixture(scope="module")
+def quantized(fp32_export, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("quantized")
+    for mode in MODES:
+        quantize_export(fp32_export, root / mode, mode)
+    return {mode: root / mode for mode in MODES}
+
+
+@pytest.fixture(scope="module")
+def text_ids() -> np.ndarray:
+    return quality.text_ids(heldout_bytes(), quality.DEFAULT_BYTES, 256, quality.DEFAULT_WINDOW)
+
+
+@pytest.fixture(scope="module")
+def reference_logits(fp32_export, text_ids) -> np.ndarray:
+    return quality.run_logits(OrtRunner(fp32_export, threads=1), text_ids, quality.DEFAULT_CHUNK)
+
+
+def model_of(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path / "model.onnx"))
+
+
+def manifest_of(path: Path) -> dict:
+    return json.loads((path / "sessa_config.json").read_text())
+
+
+# -- what each mode writes -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", MODES)
+def test_weights_shrink(mode, fp32_export, quantized):
+    ratio = linear_weight_bytes(quantized[mode]) / linear_weight_bytes(fp32_export)
+    assert MIN_WEIGHT_RATIO[mode] <= ratio <= MAX_WEIGHT_RATIO[mode], f"{mode}: weights are {ratio:.3f}x of fp32"
+    file_ratio = export_size(quantized[mode]) / export_size(fp32_export)
+    assert file_ratio <= MAX_WEIGHT_RATIO[mode] + 0.05, f"{mode}: model file is {file_ratio:.3f}x of fp32"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_feedback_attention_survives_and_checker_passes(mode, fp32_export, quantized):
+    path = quantized[mode]
+    onnx.checker.check_model(str(path / "model.onnx"), full_check=True)
+    model = model_of(path)
+    n_layers = manifest_of(fp32_export)["config"]["n_layers"]
+    fa_nodes = [n for n in model.graph.node if n.domain == fa_op.DOMAIN and n.op_type == fa_op.OP_TYPE]
+    assert len(fa_nodes) == n_layers
+    assert [(f.domain, f.name) for f in model.functions] == [(fa_op.DOMAIN, fa_op.OP_TYPE)]
+    assert any(o.domain == fa_op.DOMAIN and o.version == fa_op.VERSION for o in model.opset_import)
+    ops = Counter(n.op_type for n in model.graph.node)
+    expected = {"int8": "MatMulNBits", "int4": "MatMulNBits", "fp16": "MatMul"}[mode]
+    assert ops[expected] >= 1
+    if mode != "fp16":
+        assert ops["GatherBlockQuantized"] == 1 and ops["Gather"] == 0
+        bits = {a.name: a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute}["bits"]
+        assert bits == {"int8": 8, "int4": 4}[mode]
+    if mode != "fp16":
+        assert ops["MatMul"] == 0, f"{mode}: {ops['MatMul']} float MatMul left (every linear layer is quantized)"
+    left = {w.module.rsplit(".", 1)[-1] for w in find_weights(model)}  # float32 weights still in the model
+    assert left == ({"gamma_ctx"} if mode == "fp16" else set()), left  # fp16 keeps the gain path in float32
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_manifest_records_mode_and_source(mode, fp32_export, quantized):
+    manifest, source = manifest_of(quantized[mode]), manifest_of(fp32_export)
+    quant = manifest["quantization"]
+    assert quant["mode"] == mode
+    assert quant["block_size"] == (None if mode == "fp16" else 32)
+    assert quant["keep"] == [] and quant["kept_weights"] == []
+    assert quant["source_sha256"] == hashlib.sha256((fp32_export / "model.onnx").read_bytes()).hexdigest()
+    assert quant["source_size_bytes"] == export_size(fp32_export)
+    assert quant["size_bytes"] == export_size(quantized[mode])
+    assert manifest["weights_sha256"] == source["weights_sha256"]
+    assert manifest["dtype"] == ("float16" if mode == "fp16" else "float32")
+    assert not list(quantized[mode].parent.glob(f".{mode}.*")), "temporary directory left behind"
+
+
+def test_fp16_types_and_float32_islands(quantized):
+    """State and logits are float16; the softmaxes, LayerNorms and RoPE angles run in float32."""
+    model = model_of(quantized["fp16"])
+    F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    for value in [*model.graph.input[1:], *model.graph.output]:
+        assert value.type.tensor_type.elem_type == F16, value.name
+    produced = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type in ("Attention", "LayerNormalization"):
+            source = produced.get(node.input[0])
+            assert source is not None and source.op_type == "Cast" and \
+                next(a.i for a in source.attribute if a.name == "to") == F32, node.name
+    inits = {i.name: i.data_type for i in model.graph.initializer}
+    assert all(t == F32 for n, t in inits.items() if n.startswith("rope_inv_freq"))
+    assert inits.get("lm_head.weight", inits.get("lm_head.weight_fp16")) == F16
+    runner = OrtRunner(quantized["fp16"], threads=1)
+    state = runner.empty_state(1)
+    assert all(v.numpy().dtype == np.float16 for v in state.values())
+    logits, state = runner.step(np.array([[1, 2, 3]]), state)
+    assert all(v.numpy().dtype == np.float16 for v in state.values())
+
+
+# -- quality --------------------------------------------------------------------------------------------------
+
+def quality_report(mode, quantized, text_ids, reference_logits) -> quality.QualityReport:
+    logits = quality.run_logits(OrtRunner(quantized[mode], threads=1), text_ids, quality.DEFAULT_CHUNK)
+    return quality.compare(mode, reference_logits, logits, text_ids, quality.DEFAULT_CHUNK)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quality_thresholds(mode, quantized, text_ids, reference_logits):
+    if mode != "fp16" and not BUNDLED:
+        pytest.skip("top-1 agreement is only meaningful on the trained bundled model (assets/tiny)")
+    report = quality_report(mode, quantized, text_ids, reference_logits)
+    assert report.ok, json.dumps(report.to_dict(), indent=1)
+    assert report.positions == quality.DEFAULT_BYTES and report.windows == 64
+    if BUNDLED:
+        assert report.bpb_reference < 6.0, "the bundled model should predict its held-out text (uniform: 8)"
+        assert abs(report.bpb_diff) < 0.01 * report.bpb_reference
+
+
+def test_int4_bits_per_byte_within_3_percent(quantized, text_ids, reference_logits):
+    """Meaningful on any model, trained or not (the top-1 bar needs the trained one)."""
+    report = quality_report("int4", quantized, text_ids, reference_logits)
+    assert report.bpb_increase <= 0.03, json.dumps(report.to_dict(), indent=1)
+    assert report.kl_mean < 0.05
+
+
+def test_quality_metrics_on_known_inputs():
+    """compare() on hand-made logits: identical logits are perfect, a flipped argmax is counted."""
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 256, (1, 64))
+    ref = rng.standard_normal((64, 256)).astype(np.float32) * 3
+    same = quality.compare("int8", ref, ref.copy(), ids, 16)
+    assert same.top1_agreement == 1.0 and same.kl_max < 1e-12 and same.logits_error == 0 and same.ok
+    assert same.bpb_diff == 0
+    bad = ref.copy()
+    bad[:8] = -bad[:8]  # 8 of 64 rows disagree
+    worse = quality.compare("int8", ref, bad, ids, 16)
+    assert worse.top1_agreement == pytest.approx(56 / 64) and worse.kl_mean > 0.01 and not worse.ok
+    assert [c.ok for c in worse.checks] == [False, False]
+
+
+def test_keep_leaves_named_layers_in_float32(fp32_export, tmp_path):
+    out = tmp_path / "int4-keep"
+    result = cli("quantize", fp32_export, "--mode", "int4", "--keep", "lm_head", "--keep", "embed,layers.0",
+                 "-o", out)
+    assert result.exit_code == 0, result.output
+    model = model_of(out)
+    floats = {w.name for w in find_weights(model)}
+    kept = manifest_of(out)["quantization"]["kept_weights"]
+    assert "lm_head.weight" in kept and "embed.weight" in kept
+    assert any(k.startswith("layers.0.") for k in kept) and not any(k.startswith("layers.1.") for k in kept)
+    assert floats == set(kept)
+    assert manifest_of(out)["quantization"]["keep"] == ["lm_head", "embed", "layers.0"]
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and not any(n.input[1].startswith(("layers.0.", "lm_head")) for n in nbits)
+
+
+# -- the command line -------------------------------------------------------------------------------------------
+
+def test_cli_quantize_then_validate(checkpoint, fp32_export, tmp_path):
+    out = tmp_path / "int8"
+    result = cli("quantize", fp32_export, "--mode", "int8", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "int8" in result.stdout and "wrote" in result.stdout
+    report = tmp_path / "report.json"
+    result = cli("validate", out, "--checkpoint", checkpoint, "--json", report)
+    data = json.loads(report.read_text())
+    assert data["mode"] == "int8" and data["positions"] == 16384 and data["windows"] == 64
+    for key in ("top1_agreement", "kl_mean", "kl_max", "bpb_reference", "bpb_quantized", "bpb_diff",
+                "size_reference", "size_quantized"):
+        assert key in data
+    for label in ("top-1 agreement", "KL mean", "KL max", "bits/byte float32", "bits/byte int8", "size on disk"):
+        assert label in result.stdout
+    assert result.exit_code == (0 if data["ok"] else 1), result.output
+    if BUNDLED:
+        assert result.exit_code == 0, result.output
+
+
+def test_validate_exits_1_when_a_threshold_fails(checkpoint, quantized, monkeypatch):
+    monkeypatch.setitem(quality.THRESHOLDS, "fp16", [("logits_error", "<=", 0.0)])
+    result = cli("validate", quantized["fp16"], "--checkpoint", checkpoint, "--bytes", 256)
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.stdout
+
+
+def assert_clean_error(result, out: Path, *words: str) -> None:
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}"
+    assert result.stderr.startswith("error:") and "Traceback" not in result.output
+    for word in words:
+        assert word in result.stderr, f"{word!r} not in {result.stderr}"
+    assert not out.exists(), f"{out} was written"
+    assert not list(out.parent.glob(f".{out.name}.*")), "temporary directory left behind"
+
+
+def _not_dividing(fp32_export) -> int:
+    widths = {w.input_width for w in find_weights(model_of(fp32_export))}
+    return next(b for b in (16, 32, 64, 128, 256) if any(w % b for w in widths))
+
+
+def test_bad_inputs_exit_2_and_write_nothing(fp32_export, quantized, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    assert_clean_error(cli("quantize", fp32_export, "--mode", "int3", "-o", out), out, "unknown mode", "int3")
+    assert_clean_error(cli("quantize", quantized["int8"], "--mode", "int4", "-o", out), out,
+                       "already quantized", "int8")
+    block = _not_dividing(fp32_export)
+    result = cli("quantize", fp32_export, "--mode", "int4", "--block-size", block, "-o", out)
+    assert_clean_error(result, out, f"--block-size {block} does not divide", "input width", ".weight")
+    assert_clean_error(cli("quantize", fp32_export, "--mode", "int4", "--block-size", 24, "-o", out), out,
+                       "power of 2")
+    assert_clean_error(cli("quantize", fp32_export, "--mode", "fp16", "--block-size", 32, "-o", out), out,
+                       "int4 and int8 only")
+    assert_clean_error(cli("quantize", checkpoint, "--mode", "int8", "-o", out), out, "not an export")
+    assert_clean_error(cli("quantize", tmp_path / "missing", "--mode", "int8", "-o", out), out, "not found")
+    assert_clean_error(cli("quantize", fp32_export, "--mode", "int8", "--keep", "layers.99", "-o", out), out,
+                       "layers.99", "matches no")
+
+
+def test_api_refuses_fp16_source(quantized, tmp_path):
+    with pytest.raises(SessaExportError, match="already quantized"):
+        quantize_export(quantized["fp16"], tmp_path / "x", "int8")
+    assert not (tmp_path / "x").exists()
