@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DECODE_CONTEXT, DECODE_STEPS, PREFILL_TOKENS, config_125m,  # noqa: E402
+from common import (DECODE_CONTEXT, DECODE_STEPS, PREFILL_TOKENS,  # noqa: E402
                     machine_description, print_table, set_threads, time_callable)
-from reference import bench_decode, bench_prefill, load_bundled  # noqa: E402
+from reference import bench_decode, bench_prefill, benchmark_models  # noqa: E402
 
-from sessa_export.model import SessaLM, init_weights  # noqa: E402
+from sessa_export.model import SessaLM  # noqa: E402
 from sessa_export.onnx_export import export_onnx  # noqa: E402
 from sessa_export.runtime import OrtRunner  # noqa: E402
 from sessa_export.tracer import trace  # noqa: E402
@@ -206,20 +206,11 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     print(f"load average (1/5/15 min) at start: {load}", flush=True)
 
-    models: list[tuple[str, SessaLM]] = []
-    if args.only in (None, "bundled"):
-        model, where = load_bundled()
-        if model is None:
-            print(where, flush=True)
-        else:
-            models.append(("bundled", model.eval()))
-            print(f"bundled: {where}", flush=True)
+    models = benchmark_models(args.only)
     for path in args.checkpoint:
         from sessa_export.checkpoint import load_checkpoint
 
         models.append((f"{path.name}", load_checkpoint(path).eval()))
-    if args.only in (None, "125m"):
-        models.append(("125M random", init_weights(SessaLM(config_125m()), seed=0, std=0.02).eval()))
 
     rows, notes = [], []
     with tempfile.TemporaryDirectory(prefix="sessa_bench_") as tmp:

@@ -63,6 +63,20 @@ def load_bundled() -> tuple[SessaLM | None, str]:
     return load_checkpoint(BUNDLED_MODEL), str(BUNDLED_MODEL)
 
 
+def benchmark_models(only: str | None) -> list[tuple[str, SessaLM]]:
+    """The bundled model (when present) and the 125M-class random model, as `--only` selects."""
+    models: list[tuple[str, SessaLM]] = []
+    if only in (None, "bundled"):
+        model, where = load_bundled()
+        print(f"bundled: {where}" if model is not None else where, flush=True)
+        if model is not None:
+            models.append(("bundled", model.eval()))
+    if only in (None, "125m"):
+        torch.manual_seed(0)
+        models.append(("125M random", init_weights(SessaLM(config_125m()), seed=0, std=0.02).eval()))
+    return models
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all available cores)")
@@ -76,17 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     set_threads(args.threads)
     print(f"machine: {machine_description()}", flush=True)
 
-    models: list[tuple[str, SessaLM]] = []
-    if args.only in (None, "bundled"):
-        model, where = load_bundled()
-        if model is None:
-            print(where, flush=True)
-        else:
-            models.append(("bundled", model))
-            print(f"bundled: {where}", flush=True)
-    if args.only in (None, "125m"):
-        torch.manual_seed(0)
-        models.append(("125M random", init_weights(SessaLM(config_125m()), seed=0, std=0.02).eval()))
+    models = benchmark_models(args.only)
 
     rows = []
     for name, model in models:

@@ -45,3 +45,12 @@ def make_lm():
         return randomize_weights(SessaLM(config), seed=seed, std=std).eval()
 
     return build
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """1 intra-op thread: on a shared 2-core machine more threads spin against each other (10-100x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -35,13 +35,7 @@ from sessa_export.runtime import OrtRunner
 from sessa_export.stepgraph import STATE_FIELDS
 from sessa_export.tracer import trace
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """1 intra-op thread: on a shared 2-core machine more threads spin against each other (10-100x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # -- helpers -------------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from conftest import randomize_weights
@@ -43,12 +42,7 @@ MAX_WEIGHT_RATIO = {"int8": 0.35, "int4": 0.25, "fp16": 0.55}
 MIN_WEIGHT_RATIO = {"int8": 0.2, "int4": 0.1, "fp16": 0.45}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cli(*args):
