@@ -16,10 +16,9 @@ from torch import nn
 from .config import SessaConfig
 from .model import SessaMixer
 
-# Position-wise ops a back end must lower, besides "mixer".
+# Position-wise ops a back end lowers besides embedding, linear, layer_norm, split, getitem and mixer.
 UNARY = ("gelu", "relu", "silu", "tanh", "sigmoid", "identity")
 BINARY = ("add", "sub", "mul", "div")
-OPS = ("embedding", "linear", "layer_norm", "split", "getitem", "mixer") + UNARY + BINARY
 
 STATE_FIELDS = ("key", "value", "feedback_key", "feedback_state")
 

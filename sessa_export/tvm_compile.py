@@ -44,14 +44,16 @@ from .checkpoint import atomic_directory
 from .errors import SessaExportError
 from .model import SessaMixer
 from .stepgraph import BINARY, STATE_FIELDS, Node, StepGraph, layer_norm_affine
+from .targets import AARCH64_LINUX, ARCHS
 
 CONFIG_NAME = "sessa_config.json"
 ENTRY = "step"
 DEFAULT_CAPACITY = 2048
 TARGETS = ("cpu", "cuda", "metal")
-CUDA_ARCHS = ("sm_80", "sm_90")  # the archs targets/cuda.py tiles the FeedbackAttention kernels for
-HOSTS = {"aarch64-linux-gnu": "aarch64-linux-gnu-g++"}
+HOSTS = {AARCH64_LINUX: f"{AARCH64_LINUX}-g++"}
 METAL_HOSTS = ("arm64-apple-darwin", "arm64-apple-ios")
+QUANTIZATIONS = ("q8", "q4")  # --quantization: int8 / packed int4 linear weights, one scale per group
+GROUP_SIZE = 32  # inputs per quantization group (along the input dim)
 
 
 # -- targets -------------------------------------------------------------------------------------
@@ -71,9 +73,9 @@ class CompileTarget:
         if self.name not in TARGETS:
             raise SessaExportError(f"unknown target {self.name!r}; choose one of {', '.join(TARGETS)}")
         if self.name == "cuda":
-            arch = self.arch or CUDA_ARCHS[0]
-            if arch not in CUDA_ARCHS:
-                raise SessaExportError(f"unknown CUDA arch {arch!r}; choose one of {', '.join(CUDA_ARCHS)}")
+            arch = self.arch or ARCHS[0]
+            if arch not in ARCHS:
+                raise SessaExportError(f"unknown CUDA arch {arch!r}; choose one of {', '.join(ARCHS)}")
             object.__setattr__(self, "arch", arch)
         elif self.arch is not None:
             raise SessaExportError(f"--arch is for --target cuda, not {self.name}")
@@ -140,10 +142,14 @@ def _llvm_ar() -> str | None:
 class _Builder:
     """Emits Relax bindings for one StepGraph on a BlockBuilder: one method per op."""
 
-    def __init__(self, graph: StepGraph, capacity: int, target: CompileTarget, dtype: str = "float32") -> None:
+    def __init__(self, graph: StepGraph, capacity: int, target: CompileTarget, dtype: str = "float32",
+                 quantization: str | None = None) -> None:
         from tvm import relax, tirx
 
         self.graph, self.capacity, self.target, self.dtype = graph, capacity, target, dtype
+        self.quantization = check_quantization(quantization, target)
+        self.quantized: dict[str, tuple[int, int]] = {}  # path -> (in, out) of each quantized weight
+        self.kept: list[str] = []  # linear layers left in float32 (LM head, widths not a group multiple)
         self.rx, self.tirx = relax, tirx
         self.bb = relax.BlockBuilder()
         self.decode = False
@@ -170,13 +176,38 @@ class _Builder:
     def tensor_type(self, shape, dtype: str | None = None):
         return self.rx.TensorType(list(shape), dtype or self.dtype)
 
-    def linear(self, x, module: torch.nn.Linear, path: str):
-        """x @ W^T + b with W stored transposed ([in, out])."""
+    def linear(self, x, module: torch.nn.Linear, path: str, head: bool = False):
+        """x @ W^T + b with W stored transposed ([in, out]); group-quantized under --quantization."""
         op = self.rx.op
+        if self.quantization is not None:
+            if not head and module.in_features % GROUP_SIZE == 0 and module.out_features >= 16:
+                return self.quantized_linear(x, module, path)
+            if path not in self.kept:
+                self.kept.append(path)
         y = self.emit(op.matmul(x, self.const(module.weight.T, f"{path}.weight")))
         if module.bias is not None:
             y = self.emit(op.add(y, self.const(module.bias, f"{path}.bias")))
         return y
+
+    def quantized_linear(self, x, module: torch.nn.Linear, path: str):
+        """x @ W^T + b through ops/tvm_dequant_matmul.py: int8 / packed int4 weight [in, out] and a
+        float32 scale per group of GROUP_SIZE inputs, dequantized inside the matmul kernel."""
+        from .ops import tvm_dequant_matmul as dq
+
+        K, N, mode, bias, decode = module.in_features, module.out_features, self.quantization, \
+            module.bias is not None, self.decode
+        if f"{path}.weight.q" not in self.consts:
+            q, scales = dq.quantize(module.weight.detach().cpu().float().numpy(), mode, GROUP_SIZE)
+            self.consts[f"{path}.weight.q"] = self.rx.const(q)
+            self.consts[f"{path}.weight.scales"] = self.rx.const(scales)
+            self.quantized[path] = (K, N)
+        gv = self.kernel(("dequant_matmul", K, N, mode, bias, decode), lambda: (
+            f"dequant_matmul_{mode}_k{K}_n{N}" + ("_bias" if bias else "") + ("_decode" if decode else ""),
+            dq.dequant_matmul_kernel(K, N, mode, bias, GROUP_SIZE, decode)))
+        args = [x, self.consts[f"{path}.weight.q"], self.consts[f"{path}.weight.scales"]]
+        if bias:
+            args.append(self.const(module.bias, f"{path}.bias"))
+        return self.emit(self.rx.op.call_tir(gv, args, self.tensor_type([self.batch, self.seq, N])))
 
     def kernel(self, key: tuple, build: Callable):
         """Add a PrimFunc once per distinct shape key; returns its GlobalVar."""
@@ -251,8 +282,8 @@ class _Builder:
             # "clip" keeps an out-of-range id inside the table (runners check ids; C++ hosts may not)
             return self.emit(op.take(self.const(node.module.weight, f"{node.path}.weight"), args[0], axis=0,
                                      mode="clip"))
-        if node.op == "linear":
-            return self.linear(args[0], node.module, node.path)
+        if node.op == "linear":  # the LM head (a graph output) stays float32
+            return self.linear(args[0], node.module, node.path, head=node.output in self.graph.outputs.values())
         if node.op == "layer_norm":
             weight, bias = layer_norm_affine(node.module)
             return self.emit(op.nn.layer_norm(args[0], self.const(weight, f"{node.path}.weight"),
@@ -386,9 +417,23 @@ def feedback_kernels(target: CompileTarget, d_model: int, dtype: str = "float32"
     return {name: func.with_attr("tirx.is_scheduled", True) for name, func in kernels.items()}
 
 
-def build_module(graph: StepGraph, capacity: int, target: CompileTarget | None = None):
+def check_quantization(quantization: str | None, target: CompileTarget | None = None) -> str | None:
+    """None for float32 weights, else one of QUANTIZATIONS (q8, q4), supported for --target cpu."""
+    if quantization in (None, "none"):
+        return None
+    if quantization not in QUANTIZATIONS:
+        raise SessaExportError(f"unknown --quantization {quantization!r}; choose one of none, "
+                               f"{', '.join(QUANTIZATIONS)}")
+    if target is not None and target.name != "cpu":
+        raise SessaExportError(f"--quantization {quantization} is supported for --target cpu only, "
+                               f"not {target.name}")
+    return quantization
+
+
+def build_module(graph: StepGraph, capacity: int, target: CompileTarget | None = None,
+                 quantization: str | None = None):
     """The step graph as a Relax IRModule (not yet lowered)."""
-    return _Builder(graph, capacity, target or CompileTarget()).build()
+    return _Builder(graph, capacity, target or CompileTarget(), quantization=quantization).build()
 
 
 # -- lowering and export -------------------------------------------------------------------------
@@ -492,6 +537,13 @@ def _cpu_rules():
                 return None
             sch = s_tir.Schedule(func)
             blocks = sch.get_child_blocks(sch.get_sblock("root"))
+            # Weight decode blocks of ops/tvm_dequant_matmul.py (named "dequantize*") lead the
+            # function: they are inlined into the matmul (after the row padding, which needs the
+            # matmul to be a plain einsum), so no float weight is ever written.
+            decoded = [sch.get(b).name_hint for b in blocks if sch.get(b).name_hint.startswith("dequantize")]
+            if decoded and [sch.get(b).name_hint for b in blocks[:len(decoded)]] != decoded:
+                return None
+            blocks = blocks[len(decoded):]
             if not blocks or not spatial_reduce(sch, blocks[0]):
                 return None
             if any(any(iv.iter_type != 0 for iv in sch.get(b).iter_vars) for b in blocks[1:]):
@@ -507,6 +559,8 @@ def _cpu_rules():
             *outer, row = rows
             extent = sch.get(row).extent
             if isinstance(extent, tirx.IntImm) and int(extent) == 1:
+                for name in decoded:
+                    sch.compute_inline(sch.get_sblock(name))
                 width = gemv_width(columns)
                 col_o, col_i = sch.split(col, [None, width])
                 sch.reorder(*outer, row, col_o, red, col_i)
@@ -522,6 +576,9 @@ def _cpu_rules():
                 blocks = sch.get_child_blocks(sch.get_sblock("root"))
                 at = [sch.get(b).name_hint for b in blocks].index(name)
                 producers, epilogues = blocks[:at], blocks[at + 1:]
+                producers = [b for b in producers if sch.get(b).name_hint not in decoded]
+                for name in decoded:
+                    sch.compute_inline(sch.get_sblock(name))
                 for block in producers:
                     loops = sch.get_loops(block)
                     sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
@@ -760,17 +817,24 @@ def resolve_capacity(graph: StepGraph, max_len: int | None) -> int:
 
 def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | None = None,
                   max_len: int | None = None, progress: Callable[[str], None] = lambda _: None,
-                  source: str | None = None) -> Path:
-    """Compile `graph` for `target` into OUT/ (library + sessa_config.json); nothing left on failure."""
+                  source: str | None = None, quantization: str | None = None) -> Path:
+    """Compile `graph` for `target` into OUT/ (library + sessa_config.json); nothing left on failure.
+
+    `quantization` "q8" / "q4" stores the linear layers' weights (all but the LM head) as int8 /
+    packed int4 with a float32 scale per GROUP_SIZE inputs, dequantized inside the matmul kernels.
+    """
     from . import __version__
     from .onnx_export import export_manifest
 
     target = target or CompileTarget()
+    quantization = check_quantization(quantization, target)
     out = Path(out)
     capacity = resolve_capacity(graph, max_len)
     started = time.perf_counter()
-    progress(f"building the Relax module (capacity {capacity})")
-    mod = build_module(graph, capacity, target)
+    progress(f"building the Relax module (capacity {capacity}"
+             + (f", {quantization} weights)" if quantization else ")"))
+    builder = _Builder(graph, capacity, target, quantization=quantization)
+    mod = builder.build()
     progress(f"compiling for {target.describe()}")
     try:
         executable = lower(mod, target)
@@ -800,6 +864,15 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
             "compile_seconds": round(time.perf_counter() - started, 2),
             "source": source,
         })
+        if quantization is not None:
+            values = sum(k * n for k, n in builder.quantized.values())
+            manifest["quantization"] = {
+                "mode": quantization, "group_size": GROUP_SIZE, "bits": 8 if quantization == "q8" else 4,
+                "symmetric": True, "packed": quantization == "q4",
+                "quantized_weights": sorted(builder.quantized), "kept": builder.kept,
+                "float_weight_bytes": 4 * values,
+                "quantized_weight_bytes": values // (1 if quantization == "q8" else 2) + 4 * values // GROUP_SIZE,
+            }
         (tmp / CONFIG_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 

@@ -16,7 +16,6 @@ from tvm.target.codegen import llvm_get_system_cpu, llvm_get_system_triple, llvm
 
 from sessa_export.ops.tvm_kernels import DECODE, PREFILL, FeedbackTiling, feedback_attention_kernels
 
-AARCH64_LINUX = "aarch64-linux-gnu"
 
 
 def target(triple: str | None = None) -> Target:

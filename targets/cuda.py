@@ -27,7 +27,6 @@ from sessa_export.ops.tvm_kernels import (
 from sessa_export.targets.cpu import has_block
 from sessa_export.targets.cpu import target as host_target
 
-ARCHS = ("sm_80", "sm_90")
 THREADS = 256
 KEY_TILE_BYTES = 16 * 1024  # shared memory for the key tile (48 KiB per block without opt-in)
 
