@@ -163,19 +163,28 @@ def compile(  # noqa: A001 - the command is called `compile`
     config: Optional[Path] = typer.Option(None, "--config", help="config.json for a bare state_dict."),
     model: Optional[str] = typer.Option(None, "--model", help="package.module:factory building an nn.Module "
                                         "whose positions meet only in Sessa mixers."),
+    quantization: str = typer.Option("none", "--quantization", help="none, q8 or q4 (--target cpu): the "
+                                     "linear layers' weights (not the LM head) as int8 / packed int4 with a "
+                                     "float32 scale per 32 inputs, dequantized inside the matmul kernels."),
 ) -> None:
-    """Compile with TVM into OUT/ (library + sessa_config.json): one `step` for prefill, chunks and decode."""
+    """Compile with TVM into OUT/ (library + sessa_config.json): one `step` for prefill, chunks and decode.
+
+    With --quantization q8|q4 check the result with `sessa-export validate OUT` (quality thresholds:
+    q8 as int8, q4 as int4).
+    """
     from .tracer import trace
-    from .tvm_compile import CompileTarget, compile_graph
+    from .tvm_compile import CompileTarget, check_quantization, compile_graph
 
     compile_target = CompileTarget(target, arch, host)  # checks target/arch/host before any work
+    quantization = check_quantization(quantization, compile_target)
     checkpoint = _compile_source(source) if source is not None and model is None else source
     with console.status("loading model") as status:
         loaded = _load_model(checkpoint, config, model)
         status.update("tracing")
         graph = trace(loaded)
         compile_graph(graph, out, compile_target, max_len, progress=lambda msg: status.update(msg),
-                      source=str(checkpoint.resolve()) if checkpoint and model is None else None)
+                      source=str(checkpoint.resolve()) if checkpoint and model is None else None,
+                      quantization=quantization)
     from .runtime import read_manifest
 
     manifest = read_manifest(out)
@@ -341,6 +350,9 @@ def _read_text(path: Path) -> bytes:
     return path.read_bytes()
 
 
+TVM_QUALITY_MODES = {"q8": "int8", "q4": "int4"}  # compile --quantization -> quality.THRESHOLDS mode
+
+
 def _validate_quantized(artifact: Path, manifest: dict, reference, candidate, text: bytes, eval_bytes: int,
                         window: int, chunk: int, json_out: Optional[Path]) -> None:
     """Quality of a quantized export against the float32 reference; exit 1 when the mode's threshold fails."""
@@ -351,10 +363,20 @@ def _validate_quantized(artifact: Path, manifest: dict, reference, candidate, te
 
     quant = manifest["quantization"]
     mode = quant.get("mode") if isinstance(quant, dict) else None
+    size_reference, size_quantized = quant.get("source_size_bytes"), None
+    if manifest.get("format") == "tvm":  # compile --quantization: q8 is held to int8's bar, q4 to int4's
+        mode = TVM_QUALITY_MODES.get(mode, mode)
+        library = artifact / manifest.get("library", "model.so")
+        size_quantized = library.stat().st_size if library.is_file() else None
+        if quant.get("float_weight_bytes") and size_quantized:  # the library with float32 weights instead
+            size_reference = size_quantized - quant["quantized_weight_bytes"] + quant["float_weight_bytes"]
+    else:
+        size_quantized = export_size(artifact, manifest)
     with console.status(f"evaluating {mode} against float32 on {min(eval_bytes, len(text))} bytes"):
         report = evaluate(reference, candidate, mode, text, eval_bytes, window, chunk,
-                          size_reference=quant.get("source_size_bytes"), size_quantized=export_size(artifact, manifest))
-    block = f", block {quant['block_size']}" if quant.get("block_size") else ""
+                          size_reference=size_reference, size_quantized=size_quantized)
+    group = quant.get("block_size") or quant.get("group_size")
+    block = f", block {group}" if group else ""
     kept = f", kept in full precision: {', '.join(quant['keep'])}" if quant.get("keep") else ""
     render(report, console, title=f"{artifact}: {mode}{block}{kept} vs float32 reference, {describe(report)}")
     if json_out is not None:

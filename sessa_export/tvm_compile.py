@@ -13,6 +13,9 @@ read. Position-wise ops are plain Relax ops with the weights bound as constants 
 the compiled library, so a deployment loads one file); the two attentions are TIR kernels:
 `ops/tvm_attention.py` (forward attention with RoPE, GQA and the KV append) and
 `ops/tvm_kernels.py` (FeedbackAttention, decode and blocked prefill).
+With `quantization="q8"|"q4"` (CPU), linear weights are stored group-quantized (groups of 32
+inputs, one float32 scale each) and dequantized inside the matmul kernels
+(`ops/tvm_dequant_matmul.py`): no float copy of a quantized weight exists at run time.
 
 Artifacts (`compile_graph`), all in one directory written atomically:
 - cpu: `model.so` for this machine (or an AArch64 ELF .so with `host="aarch64-linux-gnu"`);

@@ -1,0 +1,124 @@
+"""TVM kernel for a linear layer with group-quantized weights, dequantized inside the matmul.
+
+For x [B, S, K] (float32) and a weight quantized along its input dim in groups of G inputs::
+
+    y[b, s, n] = Σ_k x[b, s, k] · (float(q[k, n]) · scale[k // G, n])  (+ bias[n])
+
+The weight is stored transposed, [K, N] (the layout the float path uses, so the columns n are
+contiguous and vectorise), with one float32 scale per group of G inputs per output column:
+
+- q8: ``q`` int8 [K, N], symmetric in [-127, 127];
+- q4: two 4-bit values per byte, ``packed`` uint8 [K / 2, N]: input 2i in the low nibble and 2i + 1
+  in the high nibble of row i, each stored as value + 8 (values in [-8, 7], zero point 0; the scale
+  of each group is searched around peak / -8 for the least squared error).
+
+The PrimFunc has three blocks: ``dequantize`` (the float weight, injective), the matmul over it
+(an einsum) and the bias epilogue. The CPU pipeline's `CpuMatmul` rule schedules it like the
+float32 matmuls (a GEMV for S = 1, tiles for prefill) and inlines ``dequantize`` into the
+reduction: the compiled kernel has no float32 [K, N] buffer; each weight is widened and scaled
+in registers as it is used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MODES = {"q8": 8, "q4": 4}
+GROUP_SIZE = 32
+
+
+def quantize(weight: np.ndarray, mode: str, group_size: int = GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """weight [N, K] (torch layout, out x in) -> (stored q, scales [K / G, N] float32) as described above."""
+    bits = MODES[mode]
+    weight = np.asarray(weight, dtype=np.float32)
+    n, k = weight.shape
+    if k % group_size:
+        raise ValueError(f"input width {k} is not a multiple of the group size {group_size}")
+    groups = weight.reshape(n, k // group_size, group_size).astype(np.float64)
+    if bits == 8:  # symmetric absmax: [-127, 127]
+        scale = np.abs(groups).max(axis=-1) / 127
+        scale = np.where(scale > 0, scale, 1.0)
+        q = np.clip(np.rint(groups / scale[..., None]), -127, 127)
+    else:  # all 16 levels [-8, 7], the scale searched per group for the least squared error
+        peak = np.take_along_axis(groups, np.abs(groups).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+        best_err, scale, q = None, None, None
+        for factor in np.linspace(0.75, 1.25, 21):  # factor 1: the signed peak maps to -8 exactly
+            trial = peak / -8 * factor
+            trial = np.where(trial != 0, trial, 1.0)
+            values = np.clip(np.rint(groups / trial[..., None]), -8, 7)
+            err = ((values * trial[..., None] - groups) ** 2).sum(axis=-1)
+            if best_err is None:
+                best_err, scale, q = err, trial, values
+            else:
+                better = err < best_err
+                best_err = np.where(better, err, best_err)
+                scale = np.where(better, trial, scale)
+                q = np.where(better[..., None], values, q)
+        # then the least-squares scale for the chosen values (never worse than the searched one)
+        norm = (q * q).sum(axis=-1)
+        fitted = np.where(norm > 0, (q * groups).sum(axis=-1) / np.where(norm > 0, norm, 1.0), scale)
+        scale = np.where(fitted != 0, fitted, 1.0)
+    scale = scale.astype(np.float32)
+    q = q.astype(np.int32).reshape(n, k)
+    q = np.ascontiguousarray(q.T)  # [K, N]
+    scales = np.ascontiguousarray(scale.T)  # [K/G, N]
+    if bits == 8:
+        return q.astype(np.int8), scales
+    biased = (q + 8).astype(np.uint8)  # 1..15
+    packed = biased[0::2] | (biased[1::2] << 4)
+    return np.ascontiguousarray(packed.astype(np.uint8)), scales
+
+
+def dequantize(q: np.ndarray, scales: np.ndarray, mode: str, group_size: int = GROUP_SIZE) -> np.ndarray:
+    """The float32 weight [N, K] (torch layout) a stored (q, scales) pair stands for."""
+    if MODES[mode] == 8:
+        values = q.astype(np.float32)
+    else:
+        low, high = (q & 15).astype(np.int32) - 8, (q >> 4).astype(np.int32) - 8
+        values = np.empty((q.shape[0] * 2, q.shape[1]), dtype=np.float32)
+        values[0::2], values[1::2] = low, high
+    return (values * np.repeat(scales, group_size, axis=0)).T.copy()
+
+
+def dequant_matmul_kernel(in_features: int, out_features: int, mode: str, bias: bool,
+                          group_size: int = GROUP_SIZE, decode: bool = False):
+    """The PrimFunc ``(x [B, S, K], q, scales, [bias [N]], y [B, S, N])``; S = 1 when `decode`."""
+    from tvm import te, tirx
+
+    bits = MODES[mode]
+    K, N, G = int(in_features), int(out_features), int(group_size)
+    if K % G:
+        raise ValueError(f"input width {K} is not a multiple of the group size {G}")
+    K64, N64, half, groups = (tirx.IntImm("int64", v) for v in (K, N, K // 2, K // G))  # int64 indices throughout
+    batch = tirx.Var("batch", "int64")
+    seq = tirx.IntImm("int64", 1) if decode else tirx.Var("seq_len", "int64")
+    x = te.placeholder((batch, seq, K64), "float32", name="x")
+    if bits == 8:
+        q = te.placeholder((K64, N64), "int8", name="q")
+    else:
+        q = te.placeholder((half, N64), "uint8", name="q")
+    scales = te.placeholder((groups, N64), "float32", name="scales")
+    k = te.reduce_axis((tirx.IntImm("int64", 0), K64), name="k")
+
+    def weight(kk, n):
+        if bits == 8:
+            value = q[kk, n].astype("float32")
+        else:
+            byte = q[kk // 2, n].astype("int32")
+            value = (((byte >> ((kk % 2) * 4).astype("int32")) & 15) - 8).astype("float32")
+        return value * scales[kk // G, n]
+
+    # A block of its own (named "dequantize*": CpuMatmul inlines it into the matmul once the rows
+    # are padded), so that the matmul block stays an einsum for the schedule primitives.
+    w = te.compute((K64, N64), weight, name="dequantize")
+    y = te.compute((batch, seq, N64), lambda b, s, n: te.sum(x[b, s, k] * w[k, n], axis=k),
+                   name="dequant_matmul")
+    args = [x, q, scales]
+    if bias:
+        b_ = te.placeholder((N64,), "float32", name="bias")
+        y = te.compute((batch, seq, N64), lambda b, s, n: y[b, s, n] + b_[n], name="bias_add")
+        args.append(b_)
+    return te.create_prim_func([*args, y])
+
+
+__all__ = ["MODES", "GROUP_SIZE", "quantize", "dequantize", "dequant_matmul_kernel"]
