@@ -45,9 +45,12 @@ def command(fn: Callable) -> Callable:
     return app.command()(wrapper)
 
 
-def _format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+def format_bytes(n: float | None) -> str:
+    """A byte count for people: 512 B, 5.67 MiB; '?' when unknown."""
+    if not n:
+        return "?" if n is None else "0 B"
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1024
     return f"{n:.2f} GiB"
@@ -75,9 +78,9 @@ def inspect(
     table = Table(title=f"{checkpoint}", show_header=False)
     for key, value in c.to_dict().items():
         table.add_row(key, str(value))
-    table.add_row("parameters", f"{params:,} ({_format_bytes(params * itemsize)} as {next(model.parameters()).dtype})")
+    table.add_row("parameters", f"{params:,} ({format_bytes(params * itemsize)} as {next(model.parameters()).dtype})")
     per_token = c.state_values_per_token() * itemsize
-    table.add_row("state per token of context", f"{_format_bytes(per_token)} ({c.state_values_per_token():,} values)")
+    table.add_row("state per token of context", f"{format_bytes(per_token)} ({c.state_values_per_token():,} values)")
     console.print(table)
     layers = Table(title="layers")
     for col in ("layer", "heads", "kv heads", "head dim", "RoPE", "MLP"):
@@ -101,7 +104,7 @@ def _inspect_artifact(path: Path) -> None:
     table.add_row("input", f"{manifest['input']['name']} ({manifest['input']['kind']})")
     table.add_row("outputs", ", ".join(manifest["outputs"]))
     for file in sorted(path.iterdir()):
-        table.add_row(f"file {file.name}", _format_bytes(file.stat().st_size))
+        table.add_row(f"file {file.name}", format_bytes(file.stat().st_size))
     console.print(table)
     layers = Table(title="state per layer (past → present)")
     for col in ("layer", "key/value", "feedback_key/feedback_state", "RoPE"):
@@ -145,7 +148,7 @@ def export(
         export_onnx(graph, out, progress=lambda msg: status.update(msg),
                     source=str(checkpoint.resolve()) if checkpoint and model is None else None)
     size = sum(f.stat().st_size for f in out.iterdir())
-    console.print(f"wrote {out}/ ({_format_bytes(size)}): {len(graph.mixers)} Sessa layers, "
+    console.print(f"wrote {out}/ ({format_bytes(size)}): {len(graph.mixers)} Sessa layers, "
                   f"inputs {graph.input_name} + {4 * len(graph.mixers)} state tensors")
 
 
@@ -189,7 +192,7 @@ def compile(  # noqa: A001 - the command is called `compile`
 
     manifest = read_manifest(out)
     size = sum(f.stat().st_size for f in out.iterdir())
-    console.print(f"wrote {out}/ ({_format_bytes(size)}): {manifest['library']} for {compile_target.describe()}, "
+    console.print(f"wrote {out}/ ({format_bytes(size)}): {manifest['library']} for {compile_target.describe()}, "
                   f"capacity {manifest['capacity']} positions, {len(graph.mixers)} Sessa layers, "
                   f"compiled in {manifest['compile_seconds']:.1f} s")
 
@@ -415,7 +418,7 @@ def quantize(
     block = f", block {quant['block_size']}" if quant.get("block_size") else ""
     kept = (f"; kept in full precision: {', '.join(quant['keep'])} ({len(quant['kept_weights'])} weights)"
             if quant["kept_weights"] else "")
-    console.print(f"wrote {out}/ ({_format_bytes(after)}, {after / before:.2f}x of {_format_bytes(before)}): "
+    console.print(f"wrote {out}/ ({format_bytes(after)}, {after / before:.2f}x of {format_bytes(before)}): "
                   f"{mode}{block}, {len(quant['quantized_weights'])} weights quantized{kept}")
 
 

@@ -204,16 +204,6 @@ def evaluate(reference, candidate, mode: str, text: bytes, length: int = DEFAULT
                    size_reference, size_quantized)
 
 
-def _fmt_bytes(n: int | None) -> str:
-    if not n:
-        return "?"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return str(n)
-
-
 def describe(report: QualityReport) -> str:
     return (f"{report.positions} bytes as {report.windows} window{'s' if report.windows > 1 else ''} of "
             f"{report.window}, prefilled in chunks of {report.chunk}")
@@ -222,6 +212,8 @@ def describe(report: QualityReport) -> str:
 def render(report: QualityReport, console, title: str = "") -> None:
     """Print the report as a rich table, with each threshold and PASS/FAIL."""
     from rich.table import Table
+
+    from .cli import format_bytes
 
     table = Table(title=title or f"{report.mode} vs float32: {describe(report)}",
                   title_justify="left")
@@ -248,7 +240,7 @@ def render(report: QualityReport, console, title: str = "") -> None:
         f"{report.logits_max_abs:.3e} / {report.logits_scale:.3g} = {report.logits_error:.2e}")
     ratio = f" ({report.size_ratio:.2f}x)" if report.size_ratio else ""
     row("size", "size on disk float32 -> quantized",
-        f"{_fmt_bytes(report.size_reference)} -> {_fmt_bytes(report.size_quantized)}{ratio}")
+        f"{format_bytes(report.size_reference)} -> {format_bytes(report.size_quantized)}{ratio}")
     console.print(table)
     console.print("[green]PASS[/green]" if report.ok else
                   "[red]FAIL[/red]: " + "; ".join(f"{LABELS[c.metric]} {c.value:.4g} not {c.op} {c.limit:g}"
