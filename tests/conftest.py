@@ -54,3 +54,12 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_tvm_thread(one_torch_thread):
+    """1 TVM worker thread as well, for the same reason."""
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(1, 1)
+    yield

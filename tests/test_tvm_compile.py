@@ -35,16 +35,7 @@ from sessa_export.tvm_runtime import TvmRunner
 CAPACITY = 520
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """1 torch thread, 1 TVM thread: on a shared 2-core machine more threads spin against each other."""
-    import tvm
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tvm.get_global_func("runtime.config_threadpool")(1, 1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_tvm_thread")
 
 
 @pytest.fixture(scope="module")

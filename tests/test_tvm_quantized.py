@@ -30,15 +30,7 @@ CAPACITY = 256
 MODES = ("q8", "q4")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    import tvm
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    tvm.get_global_func("runtime.config_threadpool")(1, 1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_tvm_thread")
 
 
 @pytest.fixture(scope="module")
