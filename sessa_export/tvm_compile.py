@@ -100,12 +100,11 @@ class CompileTarget:
             return "model.a" if _llvm_ar() else "model.tar"
         return "model.so"
 
-    def host_target(self) -> dict:
-        if self.name == "metal":
-            return {"kind": "llvm", "mtriple": self.host}
-        if self.host is not None:
-            return {"kind": "llvm", "mtriple": self.host, "mattr": ["+neon"]}
-        return {"kind": "llvm", "mtriple": _host_triple(), "mcpu": _host_cpu()}
+    def host_target(self):
+        """The LLVM target of the host code: this machine, or the cross-compilation triple."""
+        from .targets import cpu
+
+        return cpu.target(self.host)
 
     def tvm_target(self):
         import tvm
@@ -116,7 +115,7 @@ class CompileTarget:
                                       "max_shared_memory_per_block": 49152, "thread_warp_size": 32}, host=host)
         if self.name == "metal":
             return tvm.target.Target({"kind": "metal"}, host=host)
-        return tvm.target.Target(host)
+        return host
 
     def describe(self) -> str:
         if self.name == "cuda":
@@ -124,16 +123,6 @@ class CompileTarget:
         if self.name == "metal":
             return f"metal ({self.host})"
         return f"cpu ({self.host or 'this machine'})"
-
-
-def _host_cpu() -> str:
-    """LLVM's name for this machine's CPU (what `-mcpu=native` would pick)."""
-    from tvm.target.codegen import llvm_get_system_cpu
-
-    try:
-        return str(llvm_get_system_cpu()) or "generic"
-    except Exception:  # builds without the query: a safe baseline
-        return "generic"
 
 
 def _llvm_ar() -> str | None:
@@ -859,7 +848,7 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
         files = {name: _sha256(tmp / name) for name in sorted(os.listdir(tmp))}
         manifest = export_manifest(graph, "tvm", {
             "target": target.name, "arch": target.arch, "host": target.host,
-            "triple": target.host_target()["mtriple"] if "mtriple" in target.host_target() else _host_triple(),
+            "triple": str(target.host_target().attrs["mtriple"]),
             "tvm_target": str(target.tvm_target()),
             "capacity": capacity, "library": library, "entry": ENTRY,
             "files": files, "tvm_version": _tvm_version(), "compiled_by": __version__,
@@ -893,13 +882,6 @@ def calling_convention(graph: StepGraph) -> dict:
                  f"feedback_state_{i}: float32 [batch, capacity, {layer['d_model']}]"]
     return {"function": ENTRY, "arguments": args, "returns": list(graph.outputs),
             "in_place": "rows P..P+seq_len-1 of every cache are written; P + seq_len <= capacity"}
-
-
-def _host_triple() -> str:
-    """This machine's LLVM triple (a conda-built LLVM names its vendor "conda": use "pc")."""
-    from tvm.target.codegen import llvm_get_system_triple
-
-    return str(llvm_get_system_triple()).replace("-conda-", "-pc-")
 
 
 def _tvm_version() -> str:

@@ -18,13 +18,27 @@ from sessa_export.ops.tvm_kernels import DECODE, PREFILL, FeedbackTiling, feedba
 
 
 
+def host_triple() -> str:
+    """This machine's LLVM triple (a conda-built LLVM names its vendor "conda": use "pc")."""
+    return str(llvm_get_system_triple()).replace("-conda-", "-pc-")
+
+
+def host_cpu() -> str:
+    """LLVM's name for this machine's CPU (what `-mcpu=native` would pick)."""
+    try:
+        return str(llvm_get_system_cpu()) or "generic"
+    except Exception:  # builds without the query: a safe baseline
+        return "generic"
+
+
 def target(triple: str | None = None) -> Target:
     """LLVM target for this host (its triple and CPU), or a generic CPU of ``triple``.
 
-    ``target("aarch64-linux-gnu")`` cross-compiles for 64-bit ARM Linux (NEON baseline).
+    ``target("aarch64-linux-gnu")`` cross-compiles for 64-bit ARM Linux (NEON baseline);
+    ``target("arm64-apple-darwin")`` is the host side of a Metal build.
     """
     if triple is None:
-        return Target({"kind": "llvm", "mtriple": llvm_get_system_triple(), "mcpu": llvm_get_system_cpu()})
+        return Target({"kind": "llvm", "mtriple": host_triple(), "mcpu": host_cpu()})
     return Target({"kind": "llvm", "mtriple": triple})
 
 

@@ -15,7 +15,6 @@ import math
 
 from tvm import s_tir, tirx
 from tvm.target import Target
-from tvm.target.codegen import llvm_get_system_triple
 
 from sessa_export.ops.tvm_kernels import (
     DECODE,
@@ -37,7 +36,7 @@ def target(arch: str = "sm_80") -> Target:
     Host code targets a generic CPU of this machine's triple, so the library runs on any host
     of that architecture, not only on this CPU model.
     """
-    return Target({"kind": "cuda", "arch": arch}, host=host_target(llvm_get_system_triple()))
+    return Target({"kind": "cuda", "arch": arch}, host=host_target())
 
 
 def feedback_tilings(
