@@ -169,9 +169,9 @@ def profile(out: Path, runner: OrtRunner, vocab: int, context: int, steps: int, 
     kernel_us = sum(by_op.values())
     print(f"\nORT profile, {what}: "
           f"{run_us / steps / 1e3:.2f} ms/run in session.run, {kernel_us / steps / 1e3:.2f} ms/run in kernels "
-          f"({kernel_us / max(run_us, 1):.0%}); the rest is ORT overhead between kernels. The Loop over "
-          f"64-row blocks in FeedbackAttention ({control_us / steps / 1e3:.2f} ms/run with its body) is "
-          "counted through its body's nodes", flush=True)
+          f"({kernel_us / max(run_us, 1):.0%}); the rest is ORT overhead between kernels. "
+          f"FeedbackAttention's If / Loop over 64-row blocks ({control_us / steps / 1e3:.2f} ms/run with "
+          "their bodies) is counted through the bodies' nodes", flush=True)
     rows = [(op, f"{us / steps / 1e3:.3f}", f"{us / kernel_us:.1%}", counts[op] // steps)
             for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]
     print_table(("op type", "ms/run", "share of kernel time", "nodes/run"), rows, title="top ops by time")
