@@ -18,8 +18,9 @@ The caches are written in place: from Relax the kernel is called with ``R.call_t
 Two loop nests: the append (one pass over the new rows), then one task per (batch, row, head)
 that runs an online softmax (running max / running sum) over its j ≤ t keys, a tile of keys
 at a time: the tile's scores first (independent dot products), then one rescale of the
-accumulator per tile and one exp per key. On CPU the tasks
-are spread over threads (``T.parallel``) and the d-wide dot products and updates are written
+accumulator per tile and one exp per key. On CPU a prefill task takes R = 4 rows of one head,
+which share every key and value load, and a decode step (S = 1) one row per (batch, head); the
+tasks are spread over threads (``T.parallel``) and the d-wide dot products and updates are written
 with explicit vector lanes so LLVM emits SIMD without fast-math; on GPU targets each task is a
 thread. The kernel is "scheduled" as written: it carries ``tirx.is_scheduled`` so dlight leaves it.
 
@@ -269,6 +270,9 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
                 for tx in T.thread_binding(threads, thread="threadIdx.x"):
                     if bx * threads + tx < batch * seq_len * H:
                         row_task(bx * threads + tx, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len)
+        elif seq_len == 1:  # decode: a block of R rows would compute R - 1 rows of padding
+            for task in T.parallel(batch * H):
+                row_task(task, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len)
         else:
             for task in T.parallel(batch * T.ceildiv(seq_len, R) * H):
                 block_task(task, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len)

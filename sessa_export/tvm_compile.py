@@ -169,17 +169,29 @@ class _Builder:
         return self.rx.TensorType(list(shape), dtype or self.dtype)
 
     def linear(self, x, module: torch.nn.Linear, path: str, head: bool = False):
-        """x @ W^T + b with W stored transposed ([in, out]); group-quantized under --quantization."""
+        """x @ W^T + b: W packed in panels on CPU, stored transposed ([in, out]) on GPUs,
+        group-quantized under --quantization."""
+        from .targets import cpu
+
         op = self.rx.op
         if self.quantization is not None:
             if not head and module.in_features % GROUP_SIZE == 0 and module.out_features >= 16:
                 return self.quantized_linear(x, module, path)
             if path not in self.kept:
                 self.kept.append(path)
-        y = self.emit(op.matmul(x, self.const(module.weight.T, f"{path}.weight")))
+        panel = None if self.target.gpu else cpu.weight_panel(module.out_features)
+        if panel is None:
+            y = self.emit(op.matmul(x, self.const(module.weight.T, f"{path}.weight")))
+            if module.bias is not None:
+                y = self.emit(op.add(y, self.const(module.bias, f"{path}.bias")))
+            return y
+        # CPU: the weight in panels (targets/cpu.py); the [B, S, out / panel, panel] result is
+        # viewed as [B, S, out] without a copy
+        weight = cpu.pack_weight(module.weight.detach().cpu().float().numpy(), panel)
+        y = self.bb.emit_te(cpu.packed_matmul, x, self.const(weight, f"{path}.weight"))
         if module.bias is not None:
-            y = self.emit(op.add(y, self.const(module.bias, f"{path}.bias")))
-        return y
+            y = self.emit(op.add(y, self.const(module.bias.reshape(-1, panel), f"{path}.bias")))
+        return self.emit(op.memory.view(y, self.rx.ShapeExpr([self.batch, self.seq, module.out_features])))
 
     def quantized_linear(self, x, module: torch.nn.Linear, path: str):
         """x @ W^T + b through ops/tvm_dequant_matmul.py: int8 / packed int4 weight [in, out] and a
@@ -474,11 +486,13 @@ def gpu_pipeline(tvm_target):
 
 
 def cpu_pipeline(tvm_target):
-    """The default Relax CPU pipeline with `CpuMatmul` scheduling the (fused) matmuls."""
+    """The default Relax CPU pipeline with targets/cpu.py's rules scheduling the matmuls and the
+    position-wise functions."""
     import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as backend
     from tvm.s_tir import dlight as dl
 
-    from tvm.relax.backend.cpu_generic import pipeline as backend
+    from .targets.cpu import CpuElementwise, CpuMatmul
 
     @tvm.transform.module_pass(opt_level=0, name="SessaCpuPipeline")
     def _pipeline(mod, _ctx):
@@ -490,138 +504,6 @@ def cpu_pipeline(tvm_target):
             return seq(mod)
 
     return _pipeline
-
-
-def _cpu_rules():
-    """Schedule rules for LLVM targets (defined lazily: dlight is imported with TVM)."""
-    from tvm import s_tir, tirx
-    from tvm.s_tir import dlight as dl
-
-    def spatial_reduce(sch, block) -> bool:
-        kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
-        return len(kinds) >= 2 and all(k == 0 for k in kinds[:-1]) and kinds[-1] == 2
-
-    def vector_width(extent) -> int:
-        try:
-            extent = int(extent)
-        except TypeError:
-            return 1
-        return next((w for w in (16, 8, 4, 2) if extent % w == 0), 1)
-
-    def gemv_width(extent: int) -> int:
-        """Columns per task of a matrix-vector product: long contiguous runs of each weight row
-        (the [in, out] layout is read row by row), at least 8 tasks, whole 16-lane vectors."""
-        fits = [w for w in range(16, 513, 16) if extent % w == 0 and extent // w >= 8]
-        return max(fits) if fits else vector_width(extent)
-
-    class CpuMatmul(dl.ScheduleRule):
-        """x @ W (+ injective epilogues) on LLVM targets, W stored [in, out].
-
-        One row (decode, S = 1): a matrix-vector product; each task owns a run of up to 512
-        columns and streams the weight rows through it. More rows (prefill): tiles of 8 rows x
-        32 columns with the accumulators in registers, column tiles outermost so a task's weight
-        tile stays in cache across row tiles. Only the last row loop is tiled, so a tile is a
-        box and the accumulator write-back and the epilogues computed at it stay exact.
-        """
-
-        def apply(self, func, target, _tunable):
-            if target.kind.name != "llvm":
-                return None
-            sch = s_tir.Schedule(func)
-            blocks = sch.get_child_blocks(sch.get_sblock("root"))
-            # Weight decode blocks of ops/tvm_dequant_matmul.py (named "dequantize*") lead the
-            # function: they are inlined into the matmul (after the row padding, which needs the
-            # matmul to be a plain einsum), so no float weight is ever written.
-            decoded = [sch.get(b).name_hint for b in blocks if sch.get(b).name_hint.startswith("dequantize")]
-            if decoded and [sch.get(b).name_hint for b in blocks[:len(decoded)]] != decoded:
-                return None
-            blocks = blocks[len(decoded):]
-            if not blocks or not spatial_reduce(sch, blocks[0]):
-                return None
-            if any(any(iv.iter_type != 0 for iv in sch.get(b).iter_vars) for b in blocks[1:]):
-                return None
-            matmul, epilogues = blocks[0], blocks[1:]
-            *rows, col, red = sch.get_loops(matmul)
-            try:
-                columns = int(sch.get(col).extent)
-            except TypeError:
-                return None
-            if not rows or vector_width(columns) == 1:
-                return None
-            *outer, row = rows
-            extent = sch.get(row).extent
-            if isinstance(extent, tirx.IntImm) and int(extent) == 1:
-                for name in decoded:
-                    sch.compute_inline(sch.get_sblock(name))
-                width = gemv_width(columns)
-                col_o, col_i = sch.split(col, [None, width])
-                sch.reorder(*outer, row, col_o, red, col_i)
-                tile = sch.fuse(*outer, row, col_o)
-                row_i = None
-            else:
-                width = 32 if columns % 32 == 0 else vector_width(columns)
-                # Pad the rows to a multiple of 8 (copies of x and of the result, both cheap) so the
-                # tile loop has no row predicate: a predicate keeps LLVM from holding the
-                # accumulators in registers.
-                name = sch.get(matmul).name_hint
-                sch.pad_einsum(matmul, [1] * len(outer) + [8, 1, 1])
-                blocks = sch.get_child_blocks(sch.get_sblock("root"))
-                at = [sch.get(b).name_hint for b in blocks].index(name)
-                producers, epilogues = blocks[:at], blocks[at + 1:]
-                producers = [b for b in producers if sch.get(b).name_hint not in decoded]
-                for name in decoded:
-                    sch.compute_inline(sch.get_sblock(name))
-                for block in producers:
-                    loops = sch.get_loops(block)
-                    sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
-                *rows, col, red = sch.get_loops(matmul)
-                *outer, row = rows
-                row_o, row_i = sch.split(row, [None, 8])
-                col_o, col_i = sch.split(col, [None, width])
-                sch.reorder(col_o, *outer, row_o, red, row_i, col_i)
-                tile = sch.fuse(col_o, *outer, row_o)
-            sch.parallel(tile)
-            acc = sch.cache_write(matmul, 0, "local")
-            sch.reverse_compute_at(acc, tile)
-            for block in epilogues:
-                sch.reverse_compute_at(block, tile)
-            for block in [acc, *epilogues]:
-                inner = sch.get_loops(block)[-1]
-                lanes = vector_width(sch.get(inner).extent)
-                if lanes > 1:
-                    sch.vectorize(sch.split(inner, [None, lanes])[1] if lanes < int(sch.get(inner).extent) else inner)
-            if row_i is not None:
-                sch.unroll(row_i)
-            lanes = vector_width(width)
-            sch.vectorize(sch.split(col_i, [None, lanes])[1] if lanes < width else col_i)
-            sch.decompose_reduction(matmul, red)
-            return sch
-
-    class CpuElementwise(dl.ScheduleRule):
-        """Injective functions: the outer loops in parallel, the last dim vectorised when static."""
-
-        def apply(self, func, target, _tunable):
-            if target.kind.name != "llvm":
-                return None
-            sch = s_tir.Schedule(func)
-            blocks = sch.get_child_blocks(sch.get_sblock("root"))
-            if len(blocks) != 1 or any(iv.iter_type != 0 for iv in sch.get(blocks[0]).iter_vars):
-                return None
-            loops = sch.get_loops(blocks[0])
-            if len(loops) < 2:
-                return None
-            sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
-            return sch
-
-    return CpuMatmul, CpuElementwise
-
-
-def CpuMatmul():  # noqa: N802 - a rule instance, named like the class it builds
-    return _cpu_rules()[0]()
-
-
-def CpuElementwise():  # noqa: N802
-    return _cpu_rules()[1]()
 
 
 def _device_modules(executable, kind: str) -> list:

@@ -253,3 +253,38 @@ def test_cuda_kernels_match_reference(dtype):
         check_step(lib, K.DECODE if seq == 1 else K.PREFILL, batch, past, seq, dtype, dev=dev)
         if seq == 1:
             check_step(lib, K.PREFILL, batch, past, seq, dtype, dev=dev)
+
+
+# -- linear layers on CPU: panel-packed weights (targets/cpu.py) ---------------------------------
+@pytest.mark.parametrize("columns", [96, 48, 40, 7], ids=["panel32", "panel16", "panel8", "plain"])
+def test_cpu_linear_layout_matches_numpy(columns):
+    """x @ W^T + b as the CPU build emits it, for decode (S = 1) and a prefill whose rows are not
+    a multiple of the row tile, against float64 NumPy."""
+    from sessa_export.tvm_compile import CompileTarget, cpu_pipeline
+
+    rng = np.random.default_rng(columns)
+    weight = rng.standard_normal((columns, 64)).astype("float32")
+    bias = rng.standard_normal(columns).astype("float32")
+    panel = cpu.weight_panel(columns)
+    seq = tirx.Var("seq", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, seq, 64], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            if panel is None:
+                y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(weight.T))))
+                y = bb.emit(relax.op.add(y, relax.const(bias)))
+            else:
+                y = bb.emit_te(cpu.packed_matmul, x, relax.const(cpu.pack_weight(weight, panel)))
+                y = bb.emit(relax.op.add(y, relax.const(bias.reshape(-1, panel))))
+                y = bb.emit(relax.op.memory.view(y, relax.ShapeExpr([1, seq, columns])))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    target = CompileTarget("cpu").tvm_target()
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target, relax_pipeline=cpu_pipeline(target)), tvm.cpu())
+    for rows in (1, 13):
+        data = rng.standard_normal((1, rows, 64)).astype("float32")
+        got = vm["main"](tvm.runtime.tensor(data)).numpy()
+        expected = data.astype(np.float64) @ weight.T.astype(np.float64) + bias
+        assert got.shape == (1, rows, columns)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
