@@ -34,6 +34,8 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
+from . import tvm_fastmath as fastmath
+
 NAME = "forward_attention"
 DTYPES = ("float32", "float16")
 CAPACITY_MESSAGE = "sessa: context exceeds the compiled capacity (past + new > capacity)"
@@ -67,6 +69,7 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
     tile = 4 if gpu else 16  # keys per online-softmax step
     R = 4  # CPU: query rows of one head per task, sharing each key and value load
     chunks = d // lanes
+    exp = T.exp if gpu else fastmath.exp  # CPU: an exp that vectorises (ops/tvm_fastmath.py)
     f32 = "float32"
     scope = "local" if gpu else "global"
     threads = GPU_THREADS
@@ -76,6 +79,13 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
         theta = T.Cast(dtype, T.Cast(f32, position) * inv)
         c, s = T.cos(theta), T.sin(theta)
         return x_even * c - x_odd * s, x_even * s + x_odd * c
+
+    def lane_total(part, row):
+        """Sum of a dot product's SIMD lanes part[row, :] as a balanced tree (a short dependency chain)."""
+        terms = [part[row, lane] for lane in range(lanes)]
+        while len(terms) > 1:
+            terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) & ~1:]
+        return terms[0]
 
     @T.macro
     def row_task(task, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len):
@@ -113,24 +123,21 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
                         for lane in T.vectorized(lanes):
                             part[jj, lane] = part[jj, lane] + qr[c * lanes + lane] * T.Cast(
                                 f32, key_cache[b, h // G, jt * tile + jj, c * lanes + lane])
-                    total: T.float32 = T.float32(0)
-                    for lane in range(lanes):
-                        total = total + part[jj, lane]
-                    score[jj] = total * T.float32(scale)
+                    score[jj] = lane_total(part, jj) * T.float32(scale)
                 else:
                     score[jj] = T.float32(_NEG)
             # one rescale per tile, one exp per key
             new_max: T.float32 = stat[0]
             for jj in range(tile):
                 new_max = T.max(new_max, score[jj])
-            rescale: T.float32 = T.exp(stat[0] - new_max)
+            rescale: T.float32 = exp(stat[0] - new_max)
             stat[1] = stat[1] * rescale
             for c in range(chunks):
                 for lane in T.vectorized(lanes):
                     acc[c * lanes + lane] = acc[c * lanes + lane] * rescale
             for jj in range(tile):
                 if jt * tile + jj <= past_len + i:
-                    weight: T.float32 = T.exp(score[jj] - new_max)
+                    weight: T.float32 = exp(score[jj] - new_max)
                     stat[1] = stat[1] + weight
                     for c in range(chunks):
                         for lane in T.vectorized(lanes):
@@ -178,34 +185,32 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
                     for lane in T.vectorized(lanes):
                         part[r, lane] = T.float32(0)
                 if jt * tile + jj <= past_len + last:
-                    for c in range(chunks):
+                    for c in T.unroll(chunks):
                         for r in T.unroll(R):
                             for lane in T.vectorized(lanes):
                                 part[r, lane] = part[r, lane] + qr[r, c * lanes + lane] * T.Cast(
                                     f32, key_cache[b, h // G, jt * tile + jj, c * lanes + lane])
                 for r in T.unroll(R):
-                    total: T.float32 = T.float32(0)
-                    for lane in range(lanes):
-                        total = total + part[r, lane]
                     score[r, jj] = T.if_then_else(jt * tile + jj <= past_len + R * rb + r,
-                                                  total * T.float32(scale), T.float32(_NEG))
+                                                  lane_total(part, r) * T.float32(scale), T.float32(_NEG))
             for r in range(R):
                 new_max: T.float32 = stat[r, 0]
                 for jj in range(tile):
                     new_max = T.max(new_max, score[r, jj])
-                rescale: T.float32 = T.exp(stat[r, 0] - new_max)
+                rescale: T.float32 = exp(stat[r, 0] - new_max)
                 stat[r, 1] = stat[r, 1] * rescale
                 for c in range(chunks):
                     for lane in T.vectorized(lanes):
                         acc[r, c * lanes + lane] = acc[r, c * lanes + lane] * rescale
-                for jj in range(tile):
+                for jj in T.vectorized(tile):  # the tile's exps as one SIMD loop
                     score[r, jj] = T.if_then_else(jt * tile + jj <= past_len + R * rb + r,
-                                                  T.exp(score[r, jj] - new_max), T.float32(0))
+                                                  exp(score[r, jj] - new_max), T.float32(0))
+                for jj in range(tile):
                     stat[r, 1] = stat[r, 1] + score[r, jj]
                 stat[r, 0] = new_max
             for jj in range(tile):
                 if jt * tile + jj <= past_len + last:
-                    for c in range(chunks):
+                    for c in T.unroll(chunks):
                         for r in T.unroll(R):
                             for lane in T.vectorized(lanes):
                                 acc[r, c * lanes + lane] = acc[r, c * lanes + lane] + score[r, jj] * T.Cast(

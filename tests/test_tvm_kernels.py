@@ -288,3 +288,23 @@ def test_cpu_linear_layout_matches_numpy(columns):
         expected = data.astype(np.float64) @ weight.T.astype(np.float64) + bias
         assert got.shape == (1, rows, columns)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_fast_exp_matches_numpy():
+    """ops/tvm_fastmath.exp (the CPU attention's vectorisable exp) against float64 NumPy."""
+    from tvm import te
+
+    from sessa_export.ops import tvm_fastmath
+
+    args = np.concatenate([np.linspace(-90.0, 88.0, 20001), [0.0, -1e-8, 1e-8, -87.0, -87.5, -3.4e38, 88.0, 100.0]])
+    x = te.placeholder((args.size,), "float32", name="x")
+    y = te.compute(x.shape, lambda i: tvm_fastmath.exp(x[i]), name="y")
+    lib = tvm.compile(tvm.IRModule({"main": te.create_prim_func([x, y])}), target=cpu.target())
+    out = tvm.runtime.tensor(np.zeros(args.size, "float32"))
+    lib["main"](tvm.runtime.tensor(args.astype("float32")), out)
+    got, x32 = out.numpy().astype(np.float64), args.astype("float32").astype(np.float64)
+    normal = (x32 >= -87.0) & (x32 <= 88.0)
+    expected = np.exp(x32[normal])
+    assert np.max(np.abs(got[normal] - expected) / expected) < 3e-7
+    assert (got[x32 < -87.0] == 0).all()  # underflow is exactly zero, never a NaN or a denormal
+    np.testing.assert_allclose(got[x32 > 88.0], np.exp(88.0), rtol=3e-7)  # clamped
