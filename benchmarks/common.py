@@ -1,20 +1,18 @@
-"""Shared helpers for the benchmarks: model configs, timing, the machine, and a plain-text table."""
+"""Shared helpers for the benchmarks: model configs, the machine, and a plain-text table.
+
+Timing itself is `sessa_export.bench.time_runners`, shared with the CLI's `bench`."""
 
 from __future__ import annotations
 
 import os
 import platform
-import statistics
-import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
 from sessa_export.config import SessaConfig
 
-PREFILL_TOKENS = 1024
-DECODE_CONTEXT = 1024
+DECODE_CONTEXT = 1024  # prefill length, and the context decode is timed at
 DECODE_STEPS = 32
 
 
@@ -57,37 +55,6 @@ def cpu_model() -> str:
 def machine_description() -> str:
     return (f"{cpu_model()}, {available_cores()} cores available ({os.cpu_count()} on the machine), "
             f"torch {torch.__version__} with {torch.get_num_threads()} threads, Python {platform.python_version()}")
-
-
-@dataclass
-class Timing:
-    """Seconds per call of `repeat` timed calls after `warmup` untimed ones."""
-
-    samples: list[float]
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.samples)
-
-    @property
-    def best(self) -> float:
-        return min(self.samples)
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.samples)
-
-
-def time_callable(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> Timing:
-    """Call fn `warmup` times untimed, then `repeat` times, each timed with perf_counter."""
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return Timing(samples)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], title: str | None = None) -> str:

@@ -2,11 +2,12 @@
 
 For the bundled model and a 125M-class model with random weights (vocab 32000, d_model 768,
 12 layers, 12 heads), it exports the model with `sessa_export.onnx_export`, then prints:
-- prefill tokens/s: one step over T = 1024 tokens from an empty state (median of --repeat runs);
+- prefill tokens/s: one step over T = 1024 tokens from an empty state (median of 4);
 - decode ms/token at a context of 1024: prefill 1024 tokens, then one token per step
   (median over --decode-steps steps, the context growing from 1024);
-for ONNX Runtime (`OrtRunner`, the shipped runner) beside PyTorch (the same measurement as
-benchmarks/reference.py), and the speed-ups ORT / PyTorch. Targets: decode >= 2x, prefill >= 1.5x.
+for ONNX Runtime (`OrtRunner`, the shipped runner) beside PyTorch (`TorchRunner`, the
+measurement of benchmarks/reference.py), timed in turns by `sessa_export.bench.time_runners`,
+and the speed-ups ORT / PyTorch. Targets: decode >= 2x, prefill >= 1.5x.
 
 --profile enables ONNX Runtime's profiler (SessionOptions.enable_profiling) for --profile-steps
 decode steps at the same context and prints where the time goes: by op type, and by part of
@@ -32,40 +33,17 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DECODE_CONTEXT, DECODE_STEPS, PREFILL_TOKENS,  # noqa: E402
-                    machine_description, print_table, set_threads, time_callable)
-from reference import bench_decode, bench_prefill, benchmark_models  # noqa: E402
+from common import DECODE_CONTEXT, DECODE_STEPS, machine_description, print_table, set_threads  # noqa: E402
+from reference import benchmark_models  # noqa: E402
 
+from sessa_export.bench import decode_positions, time_runners  # noqa: E402
 from sessa_export.model import SessaLM  # noqa: E402
 from sessa_export.onnx_export import export_onnx  # noqa: E402
-from sessa_export.runtime import OrtRunner  # noqa: E402
+from sessa_export.runtime import OrtRunner, TorchRunner  # noqa: E402
 from sessa_export.tracer import trace  # noqa: E402
 
 DECODE_TARGET, PREFILL_TARGET = 2.0, 1.5
 CONTROL_FLOW = ("Loop", "If", "Scan")
-
-
-def ort_prefill(runner: OrtRunner, vocab: int, tokens: int, repeat: int) -> float:
-    """Seconds for one step over `tokens` tokens from an empty state (median), as bench_prefill does."""
-    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0)).numpy()
-    return time_callable(lambda: runner.step(ids, runner.empty_state(1)), repeat=repeat, warmup=1).median
-
-
-def ort_decode(runner: OrtRunner, vocab: int, context: int, steps: int, warmup: int = 3) -> list[float]:
-    """Seconds per decode step after a prefill of `context` tokens, as bench_decode does."""
-    ids = torch.randint(0, vocab, (1, context + steps), generator=torch.Generator().manual_seed(1)).numpy()
-    _, prefilled = runner.step(ids[:, :context], runner.empty_state(1))
-    states = prefilled
-    for t in range(warmup):  # the state is never modified in place: warm up, then start again from the prefill
-        _, states = runner.step(ids[:, context + t:context + t + 1], states)
-    states, samples = prefilled, []
-    for t in range(steps):
-        token = ids[:, context + t:context + t + 1]
-        start = time.perf_counter()
-        logits, states = runner.step(token, states)
-        logits.argmax(-1)
-        samples.append(time.perf_counter() - start)
-    return samples
 
 
 def parity(model: SessaLM, runner: OrtRunner, tokens: int = 64) -> float:
@@ -187,10 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", choices=("bundled", "125m"), default=None)
     parser.add_argument("--checkpoint", type=Path, action="append", default=[],
                         help="also benchmark this checkpoint (repeatable)")
-    parser.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS)
-    parser.add_argument("--context", type=int, default=DECODE_CONTEXT)
+    parser.add_argument("--context", type=int, default=DECODE_CONTEXT, help="prefill length and decode context")
     parser.add_argument("--decode-steps", type=int, default=DECODE_STEPS)
-    parser.add_argument("--repeat", type=int, default=3, help="timed prefill runs (median reported)")
     parser.add_argument("--profile", action="store_true", help="profile ORT decode steps and print the top ops")
     parser.add_argument("--profile-steps", type=int, default=8, help="decode steps profiled")
     parser.add_argument("--profile-prefill", action="store_true", help="also profile 2 prefills of T tokens")
@@ -216,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sessa_bench_") as tmp:
         for name, model in models:
             c = model.config
-            if c.max_len is not None and c.max_len < max(args.prefill_tokens, args.context + args.decode_steps):
+            if c.max_len is not None and c.max_len < args.context + decode_positions(args.decode_steps):
                 print(f"{name}: max_len={c.max_len} is shorter than the benchmark's context: skipped", flush=True)
                 continue
             out = Path(tmp) / name.replace(" ", "_")
@@ -228,13 +204,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: exported in {time.perf_counter() - start:.1f} s ({size / 2**20:.0f} MiB); "
                   f"prefill logits max |ORT - PyTorch| = {err:.2e}", flush=True)
             vocab = c.vocab_size
-            torch_prefill = bench_prefill(model, args.prefill_tokens, args.repeat)
-            onnx_prefill = ort_prefill(runner, vocab, args.prefill_tokens, args.repeat)
-            torch_decode = statistics.median(bench_decode(model, args.context, args.decode_steps))
-            onnx_decode = statistics.median(ort_decode(runner, vocab, args.context, args.decode_steps))
+            t = time_runners({"pytorch": TorchRunner(model), "ort": runner}, vocab, args.context, args.decode_steps)
+            torch_prefill, onnx_prefill = (statistics.median(t[n].prefill_s) for n in ("pytorch", "ort"))
+            torch_decode, onnx_decode = (statistics.median(t[n].decode_s) for n in ("pytorch", "ort"))
             prefill_x, decode_x = torch_prefill / onnx_prefill, torch_decode / onnx_decode
             rows.append((name, f"{c.n_layers}x{c.d_model} H={c.n_heads}/{c.kv_heads}",
-                         f"{args.prefill_tokens / torch_prefill:,.0f}", f"{args.prefill_tokens / onnx_prefill:,.0f}",
+                         f"{t['pytorch'].prefill_tokens_per_s:,.0f}", f"{t['ort'].prefill_tokens_per_s:,.0f}",
                          f"{prefill_x:.2f}x", f"{torch_decode * 1e3:.2f}", f"{onnx_decode * 1e3:.2f}", f"{decode_x:.2f}x"))
             notes.append(f"{name}: decode {decode_x:.2f}x (target {DECODE_TARGET}x: "
                          f"{'met' if decode_x >= DECODE_TARGET else 'NOT met'}), prefill {prefill_x:.2f}x "
@@ -243,14 +218,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 profile(out, runner, vocab, args.context, args.profile_steps, threads)
             if args.profile_prefill:
-                profile(out, runner, vocab, args.prefill_tokens, 2, threads, prefill=True)
+                profile(out, runner, vocab, args.context, 2, threads, prefill=True)
             del runner
     try:
         load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         load = "unknown"
     print()
-    print_table(("model", "shape", f"PyTorch prefill tok/s (T={args.prefill_tokens})", "ORT prefill tok/s",
+    print_table(("model", "shape", f"PyTorch prefill tok/s (T={args.context})", "ORT prefill tok/s",
                  "prefill ORT/PyTorch", f"PyTorch decode ms/token (ctx {args.context})", "ORT decode ms/token",
                  "decode ORT/PyTorch"),
                 rows, title="ONNX Runtime vs PyTorch reference (float32, CPU; medians; ratio > 1: ORT faster)")

@@ -5,8 +5,9 @@ MLP, untied head) with random weights (init_weights, std 0.02) is exported once,
 `sessa-export quantize`'s code, and each export is run by OrtRunner (ONNX Runtime, CPU):
 prefill 1024 tokens in one step, then decode one token at a time; the figure is the median
 ms/token over 32 decode steps (context 1024 -> 1060), after 3 untimed warm-up steps. The
-exports take turns in 4 blocks of steps (a block's first step untimed), so load from elsewhere
-on the machine hits them alike.
+exports are timed in turns by `sessa_export.bench.time_runners` (4 rounds of one prefill and a
+block of decode steps each), so load from elsewhere on the machine hits them alike; a single
+step per export in turn measured ORT's spinning pools instead (fp32 doubled).
 
 Targets at batch 1: int8 >= 2x and int4 >= 2.5x faster than fp32 (judged on the medians; the
 speedup of the best steps is printed too, as it is less sensitive to a busy machine).
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (DECODE_CONTEXT, DECODE_STEPS, available_cores, config_125m,  # noqa: E402
                     machine_description, print_table)
 
+from sessa_export.bench import time_runners  # noqa: E402
 from sessa_export.model import SessaLM, init_weights  # noqa: E402
 from sessa_export.onnx_export import export_onnx  # noqa: E402
 from sessa_export.quantize import export_size, linear_weight_bytes, quantize_export  # noqa: E402
@@ -41,43 +43,6 @@ from sessa_export.runtime import OrtRunner  # noqa: E402
 from sessa_export.tracer import trace  # noqa: E402
 
 TARGETS = {"int8": 2.0, "int4": 2.5}
-
-
-def decode_ms(paths: dict[str, Path], context: int, steps: int, threads: int, vocab: int,
-              warmup: int = 3, rounds: int = 4) -> dict[str, dict]:
-    """Per export: median and best decode ms/token after a prefill of `context` tokens, and the prefill s.
-
-    The exports decode in turn, `rounds` blocks of steps each, so that whatever else the machine
-    is doing slows them alike: the ratios stay fair on a busy machine. A block's first step is
-    not timed: ORT's pool threads of the export that ran before are still spinning then (one
-    step per export in turn measured that contention, not the export: fp32 doubled).
-    """
-    per_block = -(-steps // rounds)
-    ids = np.random.default_rng(0).integers(0, vocab, (1, context + warmup + rounds * (per_block + 1)))
-    runners, states, results = {}, {}, {}
-    for name, path in paths.items():
-        runners[name] = OrtRunner(path, threads)
-        start = time.perf_counter()
-        _, prefilled = runners[name].step(ids[:, :context], runners[name].empty_state(1))
-        results[name] = {"prefill_s": time.perf_counter() - start, "samples": []}
-        for t in range(warmup):  # ORT values are not changed in place: warm up, then start again from the prefill
-            runners[name].step(ids[:, context + t:context + t + 1], prefilled)
-        states[name] = prefilled
-    position = dict.fromkeys(runners, context)
-    for _ in range(rounds):
-        for name, runner in runners.items():
-            for t in range(per_block + 1):
-                token = ids[:, position[name]:position[name] + 1]
-                start = time.perf_counter()
-                logits, states[name] = runner.step(token, states[name])
-                logits[:, -1].argmax(-1)
-                if t:
-                    results[name]["samples"].append(time.perf_counter() - start)
-                position[name] += 1
-    for result in results.values():
-        result["median_ms"] = statistics.median(result["samples"]) * 1e3
-        result["best_ms"] = min(result["samples"]) * 1e3
-    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         sizes = {name: (export_size(path), linear_weight_bytes(path)) for name, path in variants.items()}
         tables = []
         for context in args.contexts:
-            timings = decode_ms(variants, context, args.steps, threads, config.vocab_size)
+            runners = {name: OrtRunner(path, threads) for name, path in variants.items()}
+            timings = {name: {"prefill_s": statistics.median(t.prefill_s), "median_ms": t.decode_ms_per_token,
+                              "best_ms": t.best_decode_ms}
+                       for name, t in time_runners(runners, config.vocab_size, context, args.steps).items()}
+            del runners
             base, base_best, rows = timings["fp32"]["median_ms"], timings["fp32"]["best_ms"], []
             for name in variants:
                 t, (size, linear) = timings[name], sizes[name]

@@ -1,9 +1,10 @@
 """Speed of the PyTorch reference path (`SessaLM.step`) on CPU: the baseline other targets beat.
 
-Prints, for the bundled model and for a 125M-class model with random weights:
-- prefill tokens/s: one `step` over T = 1024 tokens from an empty state;
+Prints, for the bundled model and for a 125M-class model with random weights, as timed by
+`sessa_export.bench.time_runners` (the CLI's `bench`):
+- prefill tokens/s: one `step` over T = 1024 tokens from an empty state (median of 4);
 - decode ms/token at a context of 1024: prefill 1024 tokens, then `step` one token at a time
-  (median over 32 steps, the context growing from 1024 to 1055).
+  (median over 32 steps in 4 blocks, the context growing from 1024 to 1060).
 
 Run: python benchmarks/reference.py [--threads N] [--only bundled|125m]
 """
@@ -13,43 +14,17 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DECODE_CONTEXT, DECODE_STEPS, PREFILL_TOKENS, config_125m,  # noqa: E402
-                    machine_description, print_table, set_threads, time_callable)
+from common import (DECODE_CONTEXT, DECODE_STEPS, config_125m,  # noqa: E402
+                    machine_description, print_table, set_threads)
 
+from sessa_export.bench import decode_positions, time_runners  # noqa: E402
 from sessa_export.model import SessaLM, init_weights  # noqa: E402
-
-
-def bench_prefill(model: SessaLM, tokens: int, repeat: int) -> float:
-    """Seconds for one step over `tokens` tokens from an empty state (median)."""
-    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        return time_callable(lambda: model.step(ids, model.empty_state(1)), repeat=repeat, warmup=1).median
-
-
-def bench_decode(model: SessaLM, context: int, steps: int, warmup: int = 3) -> list[float]:
-    """Seconds per decode step, `steps` consecutive steps after a prefill of `context` tokens."""
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, model.config.vocab_size, (1, context + steps), generator=gen)
-    samples = []
-    with torch.inference_mode():
-        _, prefilled = model.step(ids[:, :context], model.empty_state(1))
-        states = prefilled
-        for t in range(warmup):  # step is pure: warm up from the prefilled state, then discard
-            _, states = model.step(ids[:, context + t:context + t + 1], states)
-        states = prefilled
-        for t in range(steps):
-            token = ids[:, context + t:context + t + 1]
-            start = time.perf_counter()
-            logits, states = model.step(token, states)
-            logits.argmax(-1)  # what a decoder does next; keeps the step's output live
-            samples.append(time.perf_counter() - start)
-    return samples
+from sessa_export.runtime import TorchRunner  # noqa: E402
 
 
 def load_bundled() -> tuple[SessaLM | None, str]:
@@ -81,10 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all available cores)")
     parser.add_argument("--only", choices=("bundled", "125m"), default=None)
-    parser.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS)
-    parser.add_argument("--context", type=int, default=DECODE_CONTEXT)
+    parser.add_argument("--context", type=int, default=DECODE_CONTEXT, help="prefill length and decode context")
     parser.add_argument("--decode-steps", type=int, default=DECODE_STEPS)
-    parser.add_argument("--repeat", type=int, default=3, help="timed prefill runs (median reported)")
     args = parser.parse_args(argv)
 
     set_threads(args.threads)
@@ -95,21 +68,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, model in models:
         c = model.config
-        if c.max_len is not None and c.max_len < max(args.prefill_tokens, args.context + args.decode_steps):
+        if c.max_len is not None and c.max_len < args.context + decode_positions(args.decode_steps):
             print(f"{name}: max_len={c.max_len} is shorter than the benchmark's context: skipped", flush=True)
             continue
-        prefill_s = bench_prefill(model, args.prefill_tokens, args.repeat)
-        decode = bench_decode(model, args.context, args.decode_steps)
+        t = time_runners({name: TorchRunner(model)}, c.vocab_size, args.context, args.decode_steps)[name]
         rows.append((
             name, f"{model.num_parameters() / 1e6:.2f}M",
             f"{c.n_layers}x{c.d_model} H={c.n_heads}/{c.kv_heads}",
-            f"{args.prefill_tokens / prefill_s:,.0f}", f"{prefill_s * 1e3:,.0f}",
-            f"{statistics.median(decode) * 1e3:.2f}", f"{min(decode) * 1e3:.2f}",
+            f"{t.prefill_tokens_per_s:,.0f}", f"{statistics.median(t.prefill_s) * 1e3:,.0f}",
+            f"{t.decode_ms_per_token:.2f}", f"{t.best_decode_ms:.2f}",
         ))
         print(f"{name}: done", flush=True)
     print()
     print_table(
-        ("model", "params", "shape", f"prefill tok/s (T={args.prefill_tokens})", "prefill ms",
+        ("model", "params", "shape", f"prefill tok/s (T={args.context})", "prefill ms",
          f"decode ms/token (ctx {args.context}, median)", "decode min ms"),
         rows, title="PyTorch reference (SessaLM.step, float32, torch.inference_mode)")
     return 0

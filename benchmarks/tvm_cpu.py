@@ -2,8 +2,9 @@
 
 The model (vocab 32000, d_model 768, 12 layers, 12 heads, random weights) is compiled with
 `sessa_export.tvm_compile` (`--target cpu`, capacity 2048) and exported to ONNX; then, for each
-back end (TVM `TvmRunner`, ONNX Runtime `OrtRunner`, PyTorch `SessaLM.step`):
-- prefill tokens/s: one step over T = 1024 tokens from an empty state (median of --repeat runs);
+back end (TVM `TvmRunner`, ONNX Runtime `OrtRunner`, PyTorch `TorchRunner`), timed in turns by
+`sessa_export.bench.time_runners`:
+- prefill tokens/s: one step over T = 1024 tokens from an empty state (median of 4);
 - decode ms/token at a context of 1024: prefill 1024 tokens, then one token per step (median over
   --decode-steps steps, the context growing from 1024).
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -28,11 +30,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DECODE_CONTEXT, DECODE_STEPS, PREFILL_TOKENS, config_125m,  # noqa: E402
-                    machine_description, print_table, set_threads)
-from onnx_runtime import ort_decode, ort_prefill  # noqa: E402  (runner-generic timing loops)
-from reference import bench_decode, bench_prefill  # noqa: E402
+from common import DECODE_CONTEXT, DECODE_STEPS, config_125m, machine_description, print_table, set_threads  # noqa: E402
 
+from sessa_export.bench import time_runners  # noqa: E402
 from sessa_export.model import SessaLM, init_weights  # noqa: E402
 from sessa_export.tracer import trace  # noqa: E402
 
@@ -71,10 +71,8 @@ def decode_bytes(model: SessaLM, context: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="threads for all three (default: all cores)")
-    parser.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS)
-    parser.add_argument("--context", type=int, default=DECODE_CONTEXT)
+    parser.add_argument("--context", type=int, default=DECODE_CONTEXT, help="prefill length and decode context")
     parser.add_argument("--decode-steps", type=int, default=DECODE_STEPS)
-    parser.add_argument("--repeat", type=int, default=3, help="timed prefill runs (median reported)")
     parser.add_argument("--capacity", type=int, default=2048, help="compiled TVM capacity")
     parser.add_argument("--skip-onnx", action="store_true")
     parser.add_argument("--skip-torch", action="store_true")
@@ -113,26 +111,19 @@ def main(argv: list[str] | None = None) -> int:
         export_onnx(graph, work / "onnx")
         runners.append(("ONNX Runtime", OrtRunner(work / "onnx", threads)))
 
-    rows, results = [], {}
-    for name, runner in runners:
-        prefill = ort_prefill(runner, vocab, args.prefill_tokens, args.repeat)
-        decode = float(np.median(ort_decode(runner, vocab, args.context, args.decode_steps)))
-        results[name] = (prefill, decode)
-        print(f"  {name}: prefill {args.prefill_tokens / prefill:,.0f} tokens/s, decode {decode * 1e3:.2f} ms/token",
-              flush=True)
     if not args.skip_torch:
-        prefill = bench_prefill(model, args.prefill_tokens, args.repeat)
-        decode = float(np.median(bench_decode(model, args.context, args.decode_steps)))
-        results["PyTorch"] = (prefill, decode)
-        print(f"  PyTorch: prefill {args.prefill_tokens / prefill:,.0f} tokens/s, decode {decode * 1e3:.2f} ms/token",
-              flush=True)
+        from sessa_export.runtime import TorchRunner
 
+        runners.append(("PyTorch", TorchRunner(model)))
+    timings = time_runners(dict(runners), vocab, args.context, args.decode_steps)
+    results = {name: (statistics.median(t.prefill_s), statistics.median(t.decode_s)) for name, t in timings.items()}
+    rows = []
     moved = decode_bytes(model, args.context)
     bound = moved / bandwidth
     for name, (prefill, decode) in results.items():
-        rows.append((name, f"{args.prefill_tokens / prefill:,.0f}", f"{decode * 1e3:.2f}", f"{bound / decode:.0%}"))
+        rows.append((name, f"{args.context / prefill:,.0f}", f"{decode * 1e3:.2f}", f"{bound / decode:.0%}"))
     rows.append(("decode bound (bytes / bandwidth)", "-", f"{bound * 1e3:.2f}", "100%"))
-    print_table(("back end", f"prefill tokens/s (T={args.prefill_tokens})",
+    print_table(("back end", f"prefill tokens/s (T={args.context})",
                  f"decode ms/token (context {args.context})", "of the bound"), rows,
                 title=f"125M-class Sessa LM, float32, {threads} threads; a decode step reads "
                       f"{moved / 2**20:.0f} MiB ({bandwidth / 1e9:.1f} GB/s read bandwidth)")

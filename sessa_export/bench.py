@@ -1,37 +1,83 @@
-"""Timing of any step runner: prefill tokens/s and decode ms/token at a given context."""
+"""Timing of step runners (runtime.py's interface): prefill tokens/s and decode ms/token at a context.
+
+Several runners are timed in turns: `rounds` rounds, each one prefill and one block of decode
+steps per runner, so that load from elsewhere on a shared machine hits them all alike and the
+ratios between them stay fair. Each turn starts after a pause of SETTLE_S: ONNX Runtime's and
+torch's thread pools spin for a while after they run, and without the pause PyTorch decode
+measured up to 5x slower right after an ORT turn. A block's first decode step is not timed
+either (cold caches).
+"""
 
 from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 
+ROUNDS = 4  # turns each runner takes: one prefill and one block of decode steps per turn
+SETTLE_S = 0.5  # pause before each turn: the previous runner's spinning thread pool goes idle
 
-@dataclass(frozen=True)
+
+@dataclass
 class Timing:
-    prefill_tokens_per_s: float
-    decode_ms_per_token: float
+    """Seconds per prefill of `context` tokens and per decode step at `context` and a little beyond."""
+
     context: int
     batch: int
+    prefill_s: list[float] = field(default_factory=list)
+    decode_s: list[float] = field(default_factory=list)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.batch * self.context / statistics.median(self.prefill_s)
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        return 1e3 * statistics.median(self.decode_s)
+
+    @property
+    def best_decode_ms(self) -> float:
+        return 1e3 * min(self.decode_s)
 
 
-def bench_runner(runner, vocab_size: int, context: int = 1024, decode_steps: int = 32, batch: int = 1,
-                 repeats: int = 3, seed: int = 0) -> Timing:
-    """Median of `repeats` prefills of `context` tokens, then the median decode step after that context."""
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, vocab_size, (batch, context))
-    runner.step(ids[:, :8], runner.empty_state(batch))  # warm-up: first-run allocations and compilation
-    prefill_s = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _, state = runner.step(ids, runner.empty_state(batch))
-        prefill_s.append(time.perf_counter() - start)
-    token = rng.integers(0, vocab_size, (batch, 1))
-    step_s = []
-    for _ in range(decode_steps):
-        start = time.perf_counter()
-        _, state = runner.step(token, state)
-        step_s.append(time.perf_counter() - start)
-    return Timing(batch * context / statistics.median(prefill_s), 1e3 * statistics.median(step_s), context, batch)
+def decode_positions(decode_steps: int, rounds: int = ROUNDS) -> int:
+    """Positions the decode blocks add after the prefill (timed steps plus one untimed per block)."""
+    return rounds * (-(-decode_steps // rounds) + 1)
+
+
+def time_runners(runners: Mapping[str, object], vocab_size: int, context: int = 1024, decode_steps: int = 32,
+                 batch: int = 1, rounds: int = ROUNDS, warmup: int = 3, seed: int = 0) -> dict[str, Timing]:
+    """Prefill of `context` tokens and `decode_steps` decode steps after it, for every runner in turns.
+
+    Each runner first prefills once untimed (first-run allocations) and takes `warmup` untimed
+    decode steps from that prefill; its timed decode then continues from the same prefill, so
+    every runner decodes the same tokens at the same positions.
+    """
+    per_block = -(-decode_steps // rounds)
+    ids = np.random.default_rng(seed).integers(0, vocab_size, (batch, context + decode_positions(decode_steps, rounds)))
+    timings = {name: Timing(context, batch) for name in runners}
+    states, position = {}, dict.fromkeys(runners, context)
+    for name, runner in runners.items():
+        _, prefilled = runner.step(ids[:, :context], runner.empty_state(batch))
+        for t in range(warmup):  # from the prefilled state each time: it stays the one decode starts from
+            runner.step(ids[:, context + t:context + t + 1], prefilled)
+        states[name] = prefilled
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            time.sleep(SETTLE_S)
+            empty = runner.empty_state(batch)
+            start = time.perf_counter()
+            runner.step(ids[:, :context], empty)
+            timings[name].prefill_s.append(time.perf_counter() - start)
+            for t in range(per_block + 1):
+                token = ids[:, position[name]:position[name] + 1]
+                start = time.perf_counter()
+                logits, states[name] = runner.step(token, states[name])
+                np.argmax(logits[:, -1], axis=-1)  # what a decoder does next; keeps the output live
+                if t:
+                    timings[name].decode_s.append(time.perf_counter() - start)
+                position[name] += 1
+    return timings

@@ -438,12 +438,17 @@ def bench(
     threads: Optional[int] = typer.Option(None, help="Intra-op threads (ONNX Runtime)."),
 ) -> None:
     """Time prefill tokens/s and decode ms/token at a context (medians of repeated runs)."""
-    from .bench import bench_runner
+    from .bench import decode_positions, time_runners
     from .runtime import open_runner, vocab_size
 
     runner = open_runner(artifact, threads)
+    limit = getattr(runner, "max_len", None)
+    needed = context + decode_positions(decode_steps)
+    if limit is not None and needed > limit:
+        raise SessaExportError(f"{artifact} runs at most {limit} positions; the benchmark needs {needed}: "
+                               "lower --context or --decode-steps")
     with console.status(f"timing {runner.name}"):
-        t = bench_runner(runner, vocab_size(runner), context, decode_steps, batch)
+        t = time_runners({runner.name: runner}, vocab_size(runner), context, decode_steps, batch)[runner.name]
     console.print(f"{runner.name}: prefill {t.prefill_tokens_per_s:,.0f} tokens/s at T={context}, "
                   f"decode {t.decode_ms_per_token:.2f} ms/token at context {context}, batch {batch}")
 

@@ -44,6 +44,7 @@ import onnx
 
 from .checkpoint import atomic_directory
 from .errors import SessaExportError
+from .onnx_export import EXTERNAL_DATA_LIMIT
 from .ops import feedback_attention as fa_op
 from .runtime import MANIFEST_NAME, read_manifest
 
@@ -53,7 +54,6 @@ BITS = {"int8": 8, "int4": 4}
 DEFAULT_BLOCK_SIZE = 32
 MIN_BLOCK, MAX_BLOCK = 16, 256
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations per block, integer products
-EXTERNAL_DATA_LIMIT = 2 * 1024**3
 MODEL_NAME = "model.onnx"
 
 # Ops that run in float32 inside a float16 model: the softmax of the forward attention and the

@@ -212,6 +212,16 @@ def test_checker_full_check_and_one_feedback_node_per_layer(random_exports):
     assert manifest["custom_ops"] == [f"{fa_op.DOMAIN}.{fa_op.OP_TYPE}"]
 
 
+def test_bench_command_times_and_refuses_a_context_past_max_len(make_lm, tmp_path):
+    model = make_lm(seed=8, max_len=96)
+    out = export_model(model, tmp_path / "onnx")
+    result = cli("bench", out, "--context", 48, "--decode-steps", 4)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # rich wraps lines at the console width
+    assert "tokens/s at T=48" in text and "ms/token at context 48" in text
+    assert_clean_error(cli("bench", out, "--context", 90), "96 positions", "--context")
+
+
 # -- portability: ONNX Runtime and numpy only -----------------------------------------------------------------
 
 PORTABLE_SCRIPT = r"""
@@ -253,6 +263,34 @@ def test_export_runs_with_onnxruntime_and_numpy_only(random_exports, tmp_path):
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [], "torch or sessa_export was imported"
     err = max_abs(np.load(tmp_path / "logits.npy"), forward_logits(model, ids))
     assert err <= ATOL, f"portable run vs PyTorch forward: max abs error {err:.3g}"
+
+
+def test_weights_past_the_limit_go_to_external_data(make_lm, monkeypatch, tmp_path):
+    """Past EXTERNAL_DATA_LIMIT (2 GiB, protobuf's ceiling; lowered here so a small model crosses it)
+    the weights go to model.onnx.data beside model.onnx: the copied artifact still runs with
+    ONNX Runtime alone, and quantize reads it and writes its own external data."""
+    from sessa_export import onnx_export, quantize
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_LIMIT", 64 * 1024)
+    monkeypatch.setattr(quantize, "EXTERNAL_DATA_LIMIT", 4 * 1024)
+    model = make_lm(seed=6, vocab_size=64, d_model=32, n_layers=2, n_heads=2).eval()
+    out = export_model(model, tmp_path / "onnx")
+    assert leftovers(out) == ["model.onnx", "model.onnx.data", "sessa_config.json"]
+    assert (out / "model.onnx").stat().st_size < 64 * 1024 < (out / "model.onnx.data").stat().st_size
+    shipped = tmp_path / "shipped"
+    shutil.copytree(out, shipped)
+    ids = np.random.default_rng(5).integers(0, 64, (1, 12))
+    np.save(tmp_path / "ids.npy", ids)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, str(shipped), str(tmp_path / "ids.npy"),
+                           str(tmp_path / "logits.npy"), "8"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert max_abs(np.load(tmp_path / "logits.npy"), forward_logits(model, ids)) <= ATOL
+    quantize.quantize_export(shipped, tmp_path / "int8", "int8")
+    assert "model.onnx.data" in leftovers(tmp_path / "int8")
+    logits, _ = OrtRunner(tmp_path / "int8", threads=1).step(ids, OrtRunner(tmp_path / "int8").empty_state(1))
+    assert np.argmax(logits, -1).shape == (1, 12) and np.isfinite(logits).all()
 
 
 # -- custom models through --model module:factory ------------------------------------------------------------
