@@ -13,6 +13,9 @@ The decode bound is the memory-bandwidth floor of one decode step: the bytes a s
 keys/values and feedback keys/states of 1024 positions in all layers) over the machine's read
 bandwidth, measured with numpy sums over a 1 GiB array, one slice per thread.
 
+The prefill ceiling is the other way round: the linear layers' FLOPs over the fastest float32
+matmul rate measured here (torch's kernels or TVM's packed-panel rule, one q/k/v-sized product).
+
 Run: python benchmarks/tvm_cpu.py [--threads N] [--context 1024] [--skip-onnx] [--skip-torch]
 """
 
@@ -55,6 +58,42 @@ def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def matmul_rates(rows: int = 1024, inputs: int = 768, outputs: int = 2304, repeat: int = 10) -> dict[str, float]:
+    """FLOP/s of one float32 [rows, inputs] @ [inputs, outputs] product (the size of a prefill's
+    q/k/v projections) with torch (the reference's kernels) and with TVM (targets/cpu.py's packed
+    weight panels and CpuMatmul rule): what the dense layers of a prefill can run at here."""
+    import tvm
+    from tvm import relax
+
+    from sessa_export.targets import cpu
+    from sessa_export.tvm_compile import CompileTarget, cpu_pipeline
+
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((outputs, inputs)).astype(np.float32)
+    x = rng.standard_normal((1, rows, inputs)).astype(np.float32)
+    bb = relax.BlockBuilder()
+    xv = relax.Var("x", relax.TensorType([1, rows, inputs], "float32"))
+    with bb.function("main", [xv]):
+        with bb.dataflow():
+            y = cpu.emit_linear(bb, xv, relax.const(cpu.pack_weight(weight, 32)), None, [1, rows, outputs])
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    target = CompileTarget("cpu").tvm_target()
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target, relax_pipeline=cpu_pipeline(target)), tvm.cpu())
+    x_tvm, x_torch, w_torch = tvm.runtime.tensor(x), torch.from_numpy(x), torch.from_numpy(weight)
+    flops = 2 * rows * inputs * outputs
+    rates = {}
+    for name, fn in (("torch", lambda: torch.nn.functional.linear(x_torch, w_torch)), ("TVM", lambda: vm["main"](x_tvm))):
+        fn()
+        rates[name] = flops / statistics.median(_timed(fn) for _ in range(repeat))
+    return rates
+
+
+def dense_flops(model: SessaLM, tokens: int) -> int:
+    """Multiply-adds x 2 of every linear layer (LM head included) over `tokens` positions."""
+    return 2 * tokens * sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def decode_bytes(model: SessaLM, context: int) -> int:
@@ -127,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
                  f"decode ms/token (context {args.context})", "of the bound"), rows,
                 title=f"125M-class Sessa LM, float32, {threads} threads; a decode step reads "
                       f"{moved / 2**20:.0f} MiB ({bandwidth / 1e9:.1f} GB/s read bandwidth)")
+    rates = matmul_rates()
+    flops, fastest = dense_flops(model, args.context), max(rates.values())
+    print("dense matmul rate (1024x768 @ 768x2304, float32): " + ", ".join(f"{n} {r / 1e9:.0f} GFLOP/s"
+                                                                          for n, r in rates.items()))
+    print(f"prefill ceiling: the linear layers of a {args.context}-token prefill are {flops / 1e9:.0f} GFLOP; at "
+          f"{fastest / 1e9:.0f} GFLOP/s they alone take {flops / fastest:.2f} s, so no back end here prefills "
+          f"faster than {args.context * fastest / flops:,.0f} tokens/s (before the two attentions)")
+    if "PyTorch" in results:
+        print(f"prefill target 2x PyTorch: {2 * args.context / results['PyTorch'][0]:,.0f} tokens/s")
     return 0
 
 

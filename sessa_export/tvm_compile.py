@@ -185,13 +185,11 @@ class _Builder:
             if module.bias is not None:
                 y = self.emit(op.add(y, self.const(module.bias, f"{path}.bias")))
             return y
-        # CPU: the weight in panels (targets/cpu.py); the [B, S, out / panel, panel] result is
-        # viewed as [B, S, out] without a copy
+        # CPU: the weight in panels (targets/cpu.py)
         weight = cpu.pack_weight(module.weight.detach().cpu().float().numpy(), panel)
-        y = self.bb.emit_te(cpu.packed_matmul, x, self.const(weight, f"{path}.weight"))
-        if module.bias is not None:
-            y = self.emit(op.add(y, self.const(module.bias.reshape(-1, panel), f"{path}.bias")))
-        return self.emit(op.memory.view(y, self.rx.ShapeExpr([self.batch, self.seq, module.out_features])))
+        bias = None if module.bias is None else self.const(module.bias.reshape(-1, panel), f"{path}.bias")
+        return cpu.emit_linear(self.bb, x, self.const(weight, f"{path}.weight"), bias,
+                               [self.batch, self.seq, module.out_features])
 
     def quantized_linear(self, x, module: torch.nn.Linear, path: str):
         """x @ W^T + b through ops/tvm_dequant_matmul.py: int8 / packed int4 weight [in, out] and a

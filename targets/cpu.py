@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from tvm import s_tir, te, tirx
+from tvm import relax, s_tir, te, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_system_cpu, llvm_get_system_triple, llvm_get_vector_width
@@ -139,6 +139,16 @@ def packed_matmul(x: te.Tensor, panels: te.Tensor) -> te.Tensor:
     k = te.reduce_axis((0, x.shape[-1]), "k")
     return te.compute((*x.shape[:-1], *panels.shape[::2]),
                       lambda b, s, p, j: te.sum(x[b, s, k] * panels[p, k, j], axis=k), name=PACKED_MATMUL)
+
+
+def emit_linear(bb: relax.BlockBuilder, x: relax.Expr, panels: relax.Expr, bias: relax.Expr | None,
+                shape: list) -> relax.Expr:
+    """Emit x @ W^T (+ b) over packed panels (bias as [out / panel, panel]), viewed as ``shape``
+    [B, S, out] without a copy."""
+    y = bb.emit_te(packed_matmul, x, panels)
+    if bias is not None:
+        y = bb.emit(relax.op.add(y, bias))
+    return bb.emit(relax.op.memory.view(y, relax.ShapeExpr(shape)))
 
 
 class CpuMatmul(dl.ScheduleRule):

@@ -275,9 +275,8 @@ def test_cpu_linear_layout_matches_numpy(columns):
                 y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(weight.T))))
                 y = bb.emit(relax.op.add(y, relax.const(bias)))
             else:
-                y = bb.emit_te(cpu.packed_matmul, x, relax.const(cpu.pack_weight(weight, panel)))
-                y = bb.emit(relax.op.add(y, relax.const(bias.reshape(-1, panel))))
-                y = bb.emit(relax.op.memory.view(y, relax.ShapeExpr([1, seq, columns])))
+                y = cpu.emit_linear(bb, x, relax.const(cpu.pack_weight(weight, panel)),
+                                    relax.const(bias.reshape(-1, panel)), [1, seq, columns])
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     target = CompileTarget("cpu").tvm_target()
