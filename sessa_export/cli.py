@@ -146,7 +146,7 @@ def export(
         status.update("tracing")
         graph = trace(source)
         export_onnx(graph, out, progress=lambda msg: status.update(msg),
-                    source=str(checkpoint.resolve()) if checkpoint and model is None else None)
+                    source=str(checkpoint.resolve()) if checkpoint else None, factory=model)
     size = sum(f.stat().st_size for f in out.iterdir())
     console.print(f"wrote {out}/ ({format_bytes(size)}): {len(graph.mixers)} Sessa layers, "
                   f"inputs {graph.input_name} + {4 * len(graph.mixers)} state tensors")
@@ -180,14 +180,15 @@ def compile(  # noqa: A001 - the command is called `compile`
 
     compile_target = CompileTarget(target, arch, host)  # checks target/arch/host before any work
     quantization = check_quantization(quantization, compile_target)
-    checkpoint = _compile_source(source) if source is not None and model is None else source
+    checkpoint, recorded = _compile_source(source) if source is not None and model is None else (source, None)
+    model = model or recorded
     with console.status("loading model") as status:
         loaded = _load_model(checkpoint, config, model)
         status.update("tracing")
         graph = trace(loaded)
         compile_graph(graph, out, compile_target, max_len, progress=lambda msg: status.update(msg),
-                      source=str(checkpoint.resolve()) if checkpoint and model is None else None,
-                      quantization=quantization)
+                      source=str(checkpoint.resolve()) if checkpoint else None, quantization=quantization,
+                      factory=model)
     from .runtime import read_manifest
 
     manifest = read_manifest(out)
@@ -197,12 +198,12 @@ def compile(  # noqa: A001 - the command is called `compile`
                   f"compiled in {manifest['compile_seconds']:.1f} s")
 
 
-def _compile_source(path: Path) -> Path:
-    """A checkpoint as given, or the source checkpoint an export directory records."""
+def _compile_source(path: Path) -> tuple[Path, Optional[str]]:
+    """A checkpoint as given, or the source checkpoint (and custom model factory) an export records."""
     from .runtime import MANIFEST_NAME, read_manifest
 
     if not (path.is_dir() and (path / MANIFEST_NAME).is_file()):
-        return path
+        return path, None
     manifest = read_manifest(path)
     if manifest.get("quantization"):
         raise SessaExportError(f"{path} is a quantized export; compile the float checkpoint it came from")
@@ -212,7 +213,7 @@ def _compile_source(path: Path) -> Path:
     if not checkpoint.exists():
         raise SessaExportError(f"{path} was exported from {checkpoint}, which no longer exists: "
                                "pass the checkpoint itself")
-    return checkpoint
+    return checkpoint, manifest.get("factory")
 
 
 @command
@@ -261,7 +262,10 @@ def _stream(tokens) -> None:
 def validate(
     artifact: Path = typer.Argument(..., help="Export directory to check."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Reference checkpoint "
-                                              "(default: the one recorded at export)."),
+                                              "(default: the one recorded at export); with --model, its weights."),
+    model: Optional[str] = typer.Option(None, "--model", help="package.module:factory of a custom model's export "
+                                        "(default: the one recorded at export). The reference is then the "
+                                        "module's own forward over each prefix: logits are compared, not state."),
     prefill: int = typer.Option(256, min=1, help="Prefill length T."),
     decode_steps: int = typer.Option(256, "--decode", min=0, help="Decode steps N after the prefill."),
     seed: int = typer.Option(0, help="Seed for random tokens and chunk splits."),
@@ -297,24 +301,31 @@ def validate(
 
     from .checkpoint import load_checkpoint
     from .data import heldout_bytes
-    from .runtime import TorchRunner, open_runner, read_manifest
+    from .runtime import ForwardRunner, TorchRunner, open_runner, read_manifest, vocab_size
+    from .tracer import load_factory_model
     from .validate import Tolerance, cases, report_dict, run_case
 
     candidate = open_runner(artifact)
     manifest = read_manifest(artifact)
     source = checkpoint or (Path(manifest["source"]) if manifest.get("source") else None)
-    if source is None:
+    factory = model or manifest.get("factory")
+    if factory is not None:
+        if manifest["input"]["kind"] != "tokens":
+            raise SessaExportError(f"{artifact} takes embeddings; validate compares models that take token ids")
+        reference = ForwardRunner(load_factory_model(factory, source))
+    elif source is None:
         raise SessaExportError(f"{artifact} records no source checkpoint: pass --checkpoint CKPT")
-    reference = TorchRunner(load_checkpoint(source))
-    _check_same_weights(reference, manifest, source)
+    else:
+        reference = TorchRunner(load_checkpoint(source))
+    _check_same_weights(reference, manifest, source or factory)
     text_bytes = _read_text(text) if text is not None else heldout_bytes()
     if manifest.get("quantization"):
         _validate_quantized(artifact, manifest, reference, candidate, text_bytes, eval_bytes, window, chunk, json_out)
         return
     tol = Tolerance(atol, rtol)
     reports = []
-    limits = [n for n in (reference.config.max_len, getattr(candidate, "max_len", None)) if n]  # TVM: capacity
-    for name, ids, steps in track(cases(reference.config.vocab_size, prefill, decode_steps, text_bytes,
+    limits = [n for n in (manifest.get("max_len"), getattr(candidate, "max_len", None)) if n]  # TVM: capacity
+    for name, ids, steps in track(cases(vocab_size(candidate), prefill, decode_steps, text_bytes,
                                         seed, min(limits) if limits else None), "validating"):
         reports.append(run_case(name, reference, candidate, ids, steps, tol))
     _print_report(reports, tol)
@@ -324,12 +335,12 @@ def validate(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
-def _check_same_weights(reference, manifest: dict, source: Path) -> None:
+def _check_same_weights(reference, manifest: dict, source) -> None:
     from .onnx_export import weights_hash
     from .tracer import trace
 
     if manifest.get("weights_sha256") and weights_hash(trace(reference.model)) != manifest["weights_sha256"]:
-        raise SessaExportError(f"{source} is not the checkpoint this export was made from (weights hash differs)")
+        raise SessaExportError(f"{source} is not what this export was made from (weights hash differs)")
 
 
 def _print_report(reports, tol) -> None:

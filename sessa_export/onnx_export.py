@@ -235,7 +235,7 @@ def build_onnx(graph: StepGraph, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.M
 
 
 def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], None] = lambda _: None,
-                source: str | None = None) -> Path:
+                source: str | None = None, factory: str | None = None) -> Path:
     """Write OUT/model.onnx and OUT/sessa_config.json; nothing is left at OUT on failure."""
     out = Path(out)
     _check_replaceable(out)
@@ -244,7 +244,7 @@ def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], Non
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
     try:
         with atomic_directory(out) as tmp:
-            _write(graph, model, tmp, size, progress, source)
+            _write(graph, model, tmp, size, progress, {"source": source, "factory": factory})
     except OSError as exc:  # unwritable place, full disk, a file where a directory should be
         raise SessaExportError(f"cannot write {out}: {exc.strerror or exc}"
                                f"{f' ({exc.filename})' if exc.filename else ''}; nothing was written") from None
@@ -262,7 +262,7 @@ def _check_replaceable(out: Path) -> None:
 
 
 def _write(graph: StepGraph, model: ir.Model, tmp: Path, size: int, progress: Callable[[str], None],
-           source: str | None) -> None:
+           origin: dict) -> None:
     progress(f"saving {size / 2**20:.1f} MiB of weights")
     external = "model.onnx.data" if size > EXTERNAL_DATA_LIMIT else None
     ir.save(model, tmp / MODEL_NAME, external_data=external)
@@ -271,7 +271,7 @@ def _write(graph: StepGraph, model: ir.Model, tmp: Path, size: int, progress: Ca
         onnx.checker.check_model(str(tmp / MODEL_NAME), full_check=True)
     except onnx.checker.ValidationError as exc:
         raise SessaExportError(f"exported model failed onnx.checker: {exc}") from None
-    (tmp / CONFIG_NAME).write_text(json.dumps(export_manifest(graph, "onnx", {"opset": OPSET, "model_file": MODEL_NAME, "source": source}), indent=2) + "\n")
+    (tmp / CONFIG_NAME).write_text(json.dumps(export_manifest(graph, "onnx", {"opset": OPSET, "model_file": MODEL_NAME, **origin}), indent=2) + "\n")
 
 
 def export_manifest(graph: StepGraph, backend: str, extra: dict) -> dict:

@@ -41,6 +41,33 @@ class TorchRunner:
                 for i, layer in enumerate(state) for f in STATE_FIELDS}
 
 
+class ForwardRunner:
+    """The reference for a custom module (`--model package.module:factory`): its own forward over
+    the whole prefix at every step, returning the new positions' outputs. It has no step state to
+    compare, so validation compares the logits only."""
+
+    name = "pytorch-forward"
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.model = module.eval()
+
+    def empty_state(self, batch: int) -> np.ndarray:
+        return np.zeros((batch, 0), dtype=np.int64)
+
+    @torch.inference_mode()
+    def step(self, input_ids: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        history = np.concatenate([state, np.asarray(input_ids, dtype=np.int64)], axis=1)
+        out = self.model(torch.from_numpy(history))
+        if isinstance(out, dict):
+            out = next(iter(out.values()))
+        elif isinstance(out, (tuple, list)):
+            out = out[0]
+        return out[:, state.shape[1]:].float().numpy(), history
+
+    def state_arrays(self, state: np.ndarray) -> dict[str, np.ndarray]:
+        return {}
+
+
 def read_manifest(path: Path) -> dict:
     """The artifact directory's sessa_config.json, with a clear error when it is missing or broken."""
     file = path / MANIFEST_NAME
@@ -173,4 +200,4 @@ def open_runner(path: str | Path, threads: int | None = None):
     return TorchRunner(load_checkpoint(path))
 
 
-__all__ = ["TorchRunner", "OrtRunner", "open_runner", "read_manifest"]
+__all__ = ["TorchRunner", "ForwardRunner", "OrtRunner", "open_runner", "read_manifest"]

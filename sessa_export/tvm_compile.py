@@ -689,8 +689,11 @@ def resolve_capacity(graph: StepGraph, max_len: int | None) -> int:
 
 def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | None = None,
                   max_len: int | None = None, progress: Callable[[str], None] = lambda _: None,
-                  source: str | None = None, quantization: str | None = None) -> Path:
+                  source: str | None = None, quantization: str | None = None, factory: str | None = None) -> Path:
     """Compile `graph` for `target` into OUT/ (library + sessa_config.json); nothing left on failure.
+
+    `source` (the checkpoint or weights) and `factory` (a custom model's package.module:factory) are
+    recorded for `validate`.
 
     `quantization` "q8" / "q4" stores the linear layers' weights (all but the LM head) as int8 /
     packed int4 with a float32 scale per GROUP_SIZE inputs, dequantized inside the matmul kernels.
@@ -734,7 +737,7 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
             "files": files, "tvm_version": _tvm_version(), "compiled_by": __version__,
             "calling_convention": calling_convention(graph),
             "compile_seconds": round(time.perf_counter() - started, 2),
-            "source": source,
+            "source": source, "factory": factory,
         })
         if quantization is not None:
             values = sum(k * n for k, n in builder.quantized.values())

@@ -337,6 +337,26 @@ def test_custom_model_exported_by_the_cli(tmp_path):
     check_custom_export(module, out, VOCAB)
 
 
+def test_validate_custom_model_against_its_own_forward(tmp_path):
+    """`validate` on a --model export: the recorded factory and weights give the reference (the
+    module's forward over each prefix); logits only, since the module has no step state."""
+    _, weights = custom_weights("factory", tmp_path, seed=31)
+    out = tmp_path / "custom"
+    assert cli("export", weights, "--model", "custom_models:factory", "-o", out).exit_code == 0
+    manifest = json.loads((out / "sessa_config.json").read_text())
+    assert (manifest["factory"], manifest["source"]) == ("custom_models:factory", str(weights.resolve()))
+    result = cli("validate", out, "--prefill", 24, "--decode", 8, "--json", tmp_path / "report.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ok"] and all(list(case["tensors"]) == ["logits"] for case in report["cases"])
+    assert 0 < max(case["tensors"]["logits"]["max_abs"] for case in report["cases"]) <= ATOL
+    # the comparison is live: with no tolerance at all, rounding differences fail it
+    assert cli("validate", out, "--prefill", 24, "--decode", 8, "--atol", 0, "--rtol", 0).exit_code == 1
+    (tmp_path / "other").mkdir()
+    _, other = custom_weights("factory", tmp_path / "other", seed=32)
+    assert_clean_error(cli("validate", out, "--checkpoint", other), "weights hash differs")
+
+
 def test_mixer_found_by_structure(tmp_path):
     """A mixer class not named SessaMixer, with the reference's parameter names and its own forward."""
     import custom_models
