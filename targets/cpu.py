@@ -25,7 +25,7 @@ from sessa_export.ops.tvm_kernels import DECODE, PREFILL, FeedbackTiling, feedba
 
 PANELS = (32, 16, 8)  # columns per weight panel, by preference: 32 = two AVX-512 or eight NEON registers
 PACKED_MATMUL = "packed_matmul"  # the block name CpuMatmul recognises
-ROW_TILE = int(__import__("os").environ.get("RT", "8"))  # prefill rows per register tile (8 x 32 accumulators: 16 AVX-512 registers)
+ROW_TILE = 8  # prefill rows per register tile (8 x 32 accumulators: 16 AVX-512 registers)
 
 
 def host_triple() -> str:
