@@ -249,19 +249,26 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "
 """
 
 
-def test_export_runs_with_onnxruntime_and_numpy_only(random_exports, tmp_path):
-    model, out = random_exports["GQA-mlp-tied"]
-    shipped = tmp_path / "shipped"  # a copy elsewhere: the artifact must not depend on where it was written
+def run_portable(out: Path, ids: np.ndarray, prefill: int, tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """Copy the artifact elsewhere (it must not depend on where it was written) and run it in a fresh
+    process that imports only onnxruntime and numpy; returns the copy and the logits of every step."""
+    shipped = tmp_path / "shipped"
     shutil.copytree(out, shipped)
-    ids = np.random.default_rng(4).integers(0, model.config.vocab_size, (2, 40))
     np.save(tmp_path / "ids.npy", ids)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, str(shipped), str(tmp_path / "ids.npy"),
-                           str(tmp_path / "logits.npy"), "32"],
+                           str(tmp_path / "logits.npy"), str(prefill)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == [], "torch or sessa_export was imported"
-    err = max_abs(np.load(tmp_path / "logits.npy"), forward_logits(model, ids))
+    return shipped, np.load(tmp_path / "logits.npy")
+
+
+def test_export_runs_with_onnxruntime_and_numpy_only(random_exports, tmp_path):
+    model, out = random_exports["GQA-mlp-tied"]
+    ids = np.random.default_rng(4).integers(0, model.config.vocab_size, (2, 40))
+    _, logits = run_portable(out, ids, 32, tmp_path)
+    err = max_abs(logits, forward_logits(model, ids))
     assert err <= ATOL, f"portable run vs PyTorch forward: max abs error {err:.3g}"
 
 
@@ -277,16 +284,9 @@ def test_weights_past_the_limit_go_to_external_data(make_lm, monkeypatch, tmp_pa
     out = export_model(model, tmp_path / "onnx")
     assert leftovers(out) == ["model.onnx", "model.onnx.data", "sessa_config.json"]
     assert (out / "model.onnx").stat().st_size < 64 * 1024 < (out / "model.onnx.data").stat().st_size
-    shipped = tmp_path / "shipped"
-    shutil.copytree(out, shipped)
     ids = np.random.default_rng(5).integers(0, 64, (1, 12))
-    np.save(tmp_path / "ids.npy", ids)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", PORTABLE_SCRIPT, str(shipped), str(tmp_path / "ids.npy"),
-                           str(tmp_path / "logits.npy"), "8"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert max_abs(np.load(tmp_path / "logits.npy"), forward_logits(model, ids)) <= ATOL
+    shipped, logits = run_portable(out, ids, 8, tmp_path)
+    assert max_abs(logits, forward_logits(model, ids)) <= ATOL
     quantize.quantize_export(shipped, tmp_path / "int8", "int8")
     assert "model.onnx.data" in leftovers(tmp_path / "int8")
     logits, _ = OrtRunner(tmp_path / "int8", threads=1).step(ids, OrtRunner(tmp_path / "int8").empty_state(1))
