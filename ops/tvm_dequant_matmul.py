@@ -4,19 +4,22 @@ For x [B, S, K] (float32) and a weight quantized along its input dim in groups o
 
     y[b, s, n] = Σ_k x[b, s, k] · (float(q[k, n]) · scale[k // G, n])  (+ bias[n])
 
-The weight is stored transposed, [K, N] (the layout the float path uses, so the columns n are
-contiguous and vectorise), with one float32 scale per group of G inputs per output column:
+The weight is stored in panels of P output columns, as the float path stores its weights on
+CPU (``targets/cpu.py``): panel p holds columns p·P .. p·P + P - 1 for every input, contiguous,
+so a decode step streams each panel once. One float32 scale per group of G inputs per column:
 
-- q8: ``q`` int8 [K, N], symmetric in [-127, 127];
-- q4: two 4-bit values per byte, ``packed`` uint8 [K / 2, N]: input 2i in the low nibble and 2i + 1
-  in the high nibble of row i, each stored as value + 8 (values in [-8, 7], zero point 0; the scale
-  of each group is searched around peak / -8 for the least squared error).
+- q8: ``q`` int8 [N / P, K, P], symmetric in [-127, 127];
+- q4: two 4-bit values per byte, ``packed`` uint8 [N / P, K / 2, P]: input 2i in the low nibble
+  and 2i + 1 in the high nibble of row i, each stored as value + 8 (values in [-8, 7], zero
+  point 0; the scale of each group is searched around peak / -8 for the least squared error);
+- ``scales`` float32 [N / P, K / G, P].
 
 The PrimFunc has three blocks: ``dequantize`` (the float weight, injective), the matmul over it
-(an einsum) and the bias epilogue. The CPU pipeline's `CpuMatmul` rule schedules it like the
-float32 matmuls (a GEMV for S = 1, tiles for prefill) and inlines ``dequantize`` into the
-reduction: the compiled kernel has no float32 [K, N] buffer; each weight is widened and scaled
-in registers as it is used.
+(an einsum into [B, S, N / P, P], named like the float path's packed matmul) and the bias
+epilogue. The CPU pipeline's `CpuMatmul` rule schedules it like the float32 matmuls (a GEMV
+for S = 1, tiles for prefill) and inlines ``dequantize`` into the reduction: the compiled
+kernel has no float32 weight buffer; each weight is widened and scaled in registers as it is
+used. The caller views the result as [B, S, N].
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ MODES = {"q8": 8, "q4": 4}
 GROUP_SIZE = 32
 
 
-def quantize(weight: np.ndarray, mode: str, group_size: int = GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """weight [N, K] (torch layout, out x in) -> (stored q, scales [K / G, N] float32) as described above."""
+def quantize(weight: np.ndarray, mode: str, panel: int, group_size: int = GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """weight [N, K] (torch layout, out x in) -> (stored q, scales) in panels of `panel` columns, as above."""
     bits = MODES[mode]
     weight = np.asarray(weight, dtype=np.float32)
     n, k = weight.shape
     if k % group_size:
         raise ValueError(f"input width {k} is not a multiple of the group size {group_size}")
+    if n % panel:
+        raise ValueError(f"output width {n} is not a multiple of the panel width {panel}")
     groups = weight.reshape(n, k // group_size, group_size).astype(np.float64)
     if bits == 8:  # symmetric absmax: [-127, 127]
         scale = np.abs(groups).max(axis=-1) / 127
@@ -58,19 +63,18 @@ def quantize(weight: np.ndarray, mode: str, group_size: int = GROUP_SIZE) -> tup
         norm = (q * q).sum(axis=-1)
         fitted = np.where(norm > 0, (q * groups).sum(axis=-1) / np.where(norm > 0, norm, 1.0), scale)
         scale = np.where(fitted != 0, fitted, 1.0)
-    scale = scale.astype(np.float32)
-    q = q.astype(np.int32).reshape(n, k)
-    q = np.ascontiguousarray(q.T)  # [K, N]
-    scales = np.ascontiguousarray(scale.T)  # [K/G, N]
+    q = q.astype(np.int32).reshape(n, k).T  # [K, N]
     if bits == 8:
-        return q.astype(np.int8), scales
-    biased = (q + 8).astype(np.uint8)  # 1..15
-    packed = biased[0::2] | (biased[1::2] << 4)
-    return np.ascontiguousarray(packed.astype(np.uint8)), scales
+        stored = q.astype(np.int8)
+    else:
+        biased = (q + 8).astype(np.uint8)  # 1..15
+        stored = biased[0::2] | (biased[1::2] << 4)  # [K / 2, N]
+    return _to_panels(stored, panel), _to_panels(scale.astype(np.float32).T, panel)
 
 
 def dequantize(q: np.ndarray, scales: np.ndarray, mode: str, group_size: int = GROUP_SIZE) -> np.ndarray:
     """The float32 weight [N, K] (torch layout) a stored (q, scales) pair stands for."""
+    q, scales = _from_panels(q), _from_panels(scales)
     if MODES[mode] == 8:
         values = q.astype(np.float32)
     else:
@@ -80,43 +84,57 @@ def dequantize(q: np.ndarray, scales: np.ndarray, mode: str, group_size: int = G
     return (values * np.repeat(scales, group_size, axis=0)).T.copy()
 
 
-def dequant_matmul_kernel(in_features: int, out_features: int, mode: str, bias: bool,
+def _to_panels(rows: np.ndarray, panel: int) -> np.ndarray:
+    """[R, N] -> [N / panel, R, panel]: panel p holds columns p·panel .. p·panel + panel - 1."""
+    r, n = rows.shape
+    return np.ascontiguousarray(rows.reshape(r, n // panel, panel).transpose(1, 0, 2))
+
+
+def _from_panels(panels: np.ndarray) -> np.ndarray:
+    """The inverse of _to_panels: [N / panel, R, panel] -> [R, N]."""
+    count, r, panel = panels.shape
+    return panels.transpose(1, 0, 2).reshape(r, count * panel)
+
+
+def dequant_matmul_kernel(in_features: int, out_features: int, mode: str, bias: bool, panel: int,
                           group_size: int = GROUP_SIZE, decode: bool = False):
-    """The PrimFunc ``(x [B, S, K], q, scales, [bias [N]], y [B, S, N])``; S = 1 when `decode`."""
+    """The PrimFunc ``(x [B, S, K], q, scales, [bias [N / P, P]], y [B, S, N / P, P])``; S = 1 when `decode`."""
     from tvm import te, tirx
 
+    from ..targets.cpu import PACKED_MATMUL
+
     bits = MODES[mode]
-    K, N, G = int(in_features), int(out_features), int(group_size)
-    if K % G:
-        raise ValueError(f"input width {K} is not a multiple of the group size {G}")
-    K64, N64, half, groups = (tirx.IntImm("int64", v) for v in (K, N, K // 2, K // G))  # int64 indices throughout
+    K, N, G, P = int(in_features), int(out_features), int(group_size), int(panel)
+    if K % G or N % P:
+        raise ValueError(f"widths {K} x {N} do not fit groups of {G} inputs and panels of {P} columns")
+    K64, half, groups, NP, P64 = (tirx.IntImm("int64", v) for v in (K, K // 2, K // G, N // P, P))  # int64 indices
     batch = tirx.Var("batch", "int64")
     seq = tirx.IntImm("int64", 1) if decode else tirx.Var("seq_len", "int64")
     x = te.placeholder((batch, seq, K64), "float32", name="x")
     if bits == 8:
-        q = te.placeholder((K64, N64), "int8", name="q")
+        q = te.placeholder((NP, K64, P64), "int8", name="q")
     else:
-        q = te.placeholder((half, N64), "uint8", name="q")
-    scales = te.placeholder((groups, N64), "float32", name="scales")
+        q = te.placeholder((NP, half, P64), "uint8", name="q")
+    scales = te.placeholder((NP, groups, P64), "float32", name="scales")
     k = te.reduce_axis((tirx.IntImm("int64", 0), K64), name="k")
 
-    def weight(kk, n):
+    def weight(p, kk, j):
         if bits == 8:
-            value = q[kk, n].astype("float32")
+            value = q[p, kk, j].astype("float32")
         else:
-            byte = q[kk // 2, n].astype("int32")
+            byte = q[p, kk // 2, j].astype("int32")
             value = (((byte >> ((kk % 2) * 4).astype("int32")) & 15) - 8).astype("float32")
-        return value * scales[kk // G, n]
+        return value * scales[p, kk // G, j]
 
     # A block of its own (named "dequantize*": CpuMatmul inlines it into the matmul once the rows
     # are padded), so that the matmul block stays an einsum for the schedule primitives.
-    w = te.compute((K64, N64), weight, name="dequantize")
-    y = te.compute((batch, seq, N64), lambda b, s, n: te.sum(x[b, s, k] * w[k, n], axis=k),
-                   name="dequant_matmul")
+    w = te.compute((NP, K64, P64), weight, name="dequantize")
+    y = te.compute((batch, seq, NP, P64), lambda b, s, p, j: te.sum(x[b, s, k] * w[p, k, j], axis=k),
+                   name=PACKED_MATMUL)
     args = [x, q, scales]
     if bias:
-        b_ = te.placeholder((N64,), "float32", name="bias")
-        y = te.compute((batch, seq, N64), lambda b, s, n: y[b, s, n] + b_[n], name="bias_add")
+        b_ = te.placeholder((NP, P64), "float32", name="bias")
+        y = te.compute((batch, seq, NP, P64), lambda b, s, p, j: y[b, s, p, j] + b_[p, j], name="bias_add")
         args.append(b_)
     return te.create_prim_func([*args, y])
 

@@ -175,8 +175,9 @@ class _Builder:
 
         op = self.rx.op
         if self.quantization is not None:
-            if not head and module.in_features % GROUP_SIZE == 0 and module.out_features >= 16:
-                return self.quantized_linear(x, module, path)
+            if not head and module.in_features % GROUP_SIZE == 0 and module.out_features >= 16 \
+                    and cpu.weight_panel(module.out_features):
+                return self.quantized_linear(x, module, path, cpu.weight_panel(module.out_features))
             if path not in self.kept:
                 self.kept.append(path)
         panel = None if self.target.gpu else cpu.weight_panel(module.out_features)
@@ -191,25 +192,27 @@ class _Builder:
         return cpu.emit_linear(self.bb, x, self.const(weight, f"{path}.weight"), bias,
                                [self.batch, self.seq, module.out_features])
 
-    def quantized_linear(self, x, module: torch.nn.Linear, path: str):
-        """x @ W^T + b through ops/tvm_dequant_matmul.py: int8 / packed int4 weight [in, out] and a
-        float32 scale per group of GROUP_SIZE inputs, dequantized inside the matmul kernel."""
+    def quantized_linear(self, x, module: torch.nn.Linear, path: str, panel: int):
+        """x @ W^T + b through ops/tvm_dequant_matmul.py: int8 / packed int4 weight in panels of
+        `panel` columns and a float32 scale per group of GROUP_SIZE inputs, dequantized inside the
+        matmul kernel."""
         from .ops import tvm_dequant_matmul as dq
 
         K, N, mode, bias, decode = module.in_features, module.out_features, self.quantization, \
             module.bias is not None, self.decode
         if f"{path}.weight.q" not in self.consts:
-            q, scales = dq.quantize(module.weight.detach().cpu().float().numpy(), mode, GROUP_SIZE)
+            q, scales = dq.quantize(module.weight.detach().cpu().float().numpy(), mode, panel, GROUP_SIZE)
             self.consts[f"{path}.weight.q"] = self.rx.const(q)
             self.consts[f"{path}.weight.scales"] = self.rx.const(scales)
             self.quantized[path] = (K, N)
         gv = self.kernel(("dequant_matmul", K, N, mode, bias, decode), lambda: (
             f"dequant_matmul_{mode}_k{K}_n{N}" + ("_bias" if bias else "") + ("_decode" if decode else ""),
-            dq.dequant_matmul_kernel(K, N, mode, bias, GROUP_SIZE, decode)))
+            dq.dequant_matmul_kernel(K, N, mode, bias, panel, GROUP_SIZE, decode)))
         args = [x, self.consts[f"{path}.weight.q"], self.consts[f"{path}.weight.scales"]]
         if bias:
-            args.append(self.const(module.bias, f"{path}.bias"))
-        return self.emit(self.rx.op.call_tir(gv, args, self.tensor_type([self.batch, self.seq, N])))
+            args.append(self.const(module.bias.reshape(-1, panel), f"{path}.bias"))
+        y = self.emit(self.rx.op.call_tir(gv, args, self.tensor_type([self.batch, self.seq, N // panel, panel])))
+        return self.emit(self.rx.op.memory.view(y, self.rx.ShapeExpr([self.batch, self.seq, N])))
 
     def kernel(self, key: tuple, build: Callable):
         """Add a PrimFunc once per distinct shape key; returns its GlobalVar."""
