@@ -16,7 +16,9 @@ bandwidth, measured with numpy sums over a 1 GiB array, one slice per thread.
 The prefill ceiling is the other way round: the linear layers' FLOPs over the fastest float32
 matmul rate measured here (torch's kernels or TVM's packed-panel rule, one q/k/v-sized product).
 
-Run: python benchmarks/tvm_cpu.py [--threads N] [--context 1024] [--skip-onnx] [--skip-torch]
+With --quantized, `compile --quantization q8` and `q4` builds are timed in the same turns.
+
+Run: python benchmarks/tvm_cpu.py [--threads N] [--context 1024] [--skip-onnx] [--skip-torch] [--quantized]
 """
 
 from __future__ import annotations
@@ -115,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity", type=int, default=2048, help="compiled TVM capacity")
     parser.add_argument("--skip-onnx", action="store_true")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--quantized", action="store_true", help="also compile and time --quantization q8 and q4")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the artifacts here (default: temp)")
     args = parser.parse_args(argv)
 
@@ -138,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
                   progress=lambda msg: print(f"  tvm: {msg}", flush=True))
     print(f"TVM compile: {time.perf_counter() - start:.1f} s", flush=True)
     runners = [("TVM CPU", TvmRunner(work / "tvm", threads))]
+    for mode in ("q8", "q4") if args.quantized else ():
+        compile_graph(graph, work / f"tvm-{mode}", CompileTarget("cpu"), max_len=args.capacity, quantization=mode)
+        runners.append((f"TVM CPU {mode}", TvmRunner(work / f"tvm-{mode}", threads)))
     ids = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         ref = model(ids).numpy()
@@ -160,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     moved = decode_bytes(model, args.context)
     bound = moved / bandwidth
     for name, (prefill, decode) in results.items():
-        rows.append((name, f"{args.context / prefill:,.0f}", f"{decode * 1e3:.2f}", f"{bound / decode:.0%}"))
+        share = "-" if name.startswith("TVM CPU q") else f"{bound / decode:.0%}"  # the bound is for float32 weights
+        rows.append((name, f"{args.context / prefill:,.0f}", f"{decode * 1e3:.2f}", share))
     rows.append(("decode bound (bytes / bandwidth)", "-", f"{bound * 1e3:.2f}", "100%"))
     print_table(("back end", f"prefill tokens/s (T={args.context})",
                  f"decode ms/token (context {args.context})", "of the bound"), rows,
