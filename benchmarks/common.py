@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from sessa_export.config import SessaConfig
+from sessa_export.runtime import available_cores
 
 DECODE_CONTEXT = 1024  # prefill length, and the context decode is timed at
 DECODE_STEPS = 32
@@ -24,14 +25,6 @@ def config_125m(vocab_size: int = 32000, max_len: int | None = None) -> SessaCon
     """
     return SessaConfig(vocab_size=vocab_size, d_model=768, n_layers=12, n_heads=12, n_kv_heads=None,
                        max_len=max_len, mlp_ratio=0.0, tie_embeddings=False).validate()
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def set_threads(threads: int | None) -> int:

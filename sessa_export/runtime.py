@@ -7,6 +7,7 @@ Every runner has `empty_state(batch)`, `step(input_ids, state) -> (logits, state
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,14 @@ class ForwardRunner:
 
     def state_arrays(self, state: np.ndarray) -> dict[str, np.ndarray]:
         return {}
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def read_manifest(path: Path) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SessaExportError
+from .runtime import available_cores, read_manifest
 from .stepgraph import STATE_FIELDS, past_name
 
 
@@ -41,8 +42,6 @@ class TvmRunner:
     name = "tvm"
 
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
-        from .runtime import read_manifest
-
         path = Path(path)
         self.manifest = manifest = read_manifest(path)
         if manifest.get("target") != "cpu":
@@ -54,7 +53,7 @@ class TvmRunner:
         if not library.is_file():
             raise SessaExportError(f"{path}: {library.name} is missing; re-run `sessa-export compile`")
         # TVM's default pool is half the cores (it assumes hyperthreads): use what this process may use.
-        threads = threads or int(os.environ.get("TVM_NUM_THREADS", 0)) or _available_cores()
+        threads = threads or int(os.environ.get("TVM_NUM_THREADS", 0)) or available_cores()
         os.environ["TVM_NUM_THREADS"] = str(threads)
         import tvm
         from tvm import relax
@@ -125,13 +124,6 @@ class TvmRunner:
             rows = array[:, :, :state.past] if array.ndim == 4 else array[:, :state.past]
             arrays[past_name(layer, STATE_FIELDS[f])] = np.array(rows, dtype=np.float32, copy=True)
         return arrays
-
-
-def _available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 __all__ = ["TvmRunner", "TvmState"]

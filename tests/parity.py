@@ -6,6 +6,8 @@ import numpy as np
 from typer.testing import CliRunner
 
 from sessa_export.cli import app
+import torch
+
 from sessa_export.runtime import TorchRunner
 
 ATOL = 1e-4  # the issues' fp32 bar: max |back end - PyTorch| on logits and on every state tensor
@@ -70,3 +72,28 @@ def assert_clean_error(result, *names: str) -> str:
     for name in names:
         assert name in message, f"{name!r} not in: {message}"
     return message
+
+
+def forward_logits(model, ids: np.ndarray) -> np.ndarray:
+    """The PyTorch reference's full-sequence forward (the parallel solve, not the step path)."""
+    with torch.inference_mode():
+        return model(torch.from_numpy(ids)).float().numpy()
+
+
+def check_prefill_then_decode(model, runner) -> None:
+    """A 256-token prefill, then 256 single-token decodes, batch 2: every step against PyTorch."""
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 512))
+    run_parity(model, runner, ids, [256] + [1] * 256)
+
+
+def check_chunked_prefill(model, runner) -> None:
+    """CHUNKS steps against PyTorch's steps, and their logits against its full-sequence forward."""
+    ids = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, sum(CHUNKS)))
+    chunked = run_parity(model, runner, ids, CHUNKS)
+    err = max_abs(chunked, forward_logits(model, ids))  # chunking must not change the result
+    assert err <= ATOL, f"chunked logits vs full-sequence forward: max abs error {err:.3g}"
+
+
+def models_per_config(make_lm) -> dict:
+    """One random model per CONFIGS entry (fixed seeds), for the back ends' parity tests."""
+    return {name: make_lm(seed=10 + i, std=0.2, **fields) for i, (name, fields) in enumerate(CONFIGS.items())}

@@ -23,7 +23,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import TESTS_DIR, randomize_weights
-from parity import ATOL, CHUNKS, CONFIGS, assert_clean_error, cli, max_abs, run_parity
+from parity import (ATOL, CHUNKS, CONFIGS, assert_clean_error, check_chunked_prefill, check_prefill_then_decode,
+                    cli, forward_logits, max_abs, models_per_config, run_parity)
 from sessa_export.checkpoint import load_checkpoint, save_checkpoint
 from sessa_export.cli import app
 from sessa_export.data import BUNDLED_MODEL, heldout_bytes
@@ -42,11 +43,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def export_model(model: torch.nn.Module, out: Path) -> Path:
     return export_onnx(trace(model), out)
-
-
-def forward_logits(model, ids: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return model(torch.from_numpy(ids)).float().numpy()
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -119,27 +115,19 @@ def test_feedback_attention_function_matches_reference(past, new, gain):
 def random_exports(make_lm, tmp_path_factory):
     """One export per config, shared by the parity tests."""
     root = tmp_path_factory.mktemp("random_exports")
-    out = {}
-    for i, (name, fields) in enumerate(CONFIGS.items()):
-        model = make_lm(seed=10 + i, std=0.2, **fields)
-        out[name] = (model, export_model(model, root / name))
-    return out
+    return {name: (model, export_model(model, root / name)) for name, model in models_per_config(make_lm).items()}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_parity_prefill_256_then_decode_256(random_exports, name):
     model, out = random_exports[name]
-    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 512))  # batch 2
-    run_parity(model, OrtRunner(out, threads=1), ids, [256] + [1] * 256)
+    check_prefill_then_decode(model, OrtRunner(out, threads=1))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_parity_chunked_prefill_matches_full_forward(random_exports, name):
     model, out = random_exports[name]
-    ids = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, sum(CHUNKS)))
-    chunked = run_parity(model, OrtRunner(out, threads=1), ids, CHUNKS)
-    err = max_abs(chunked, forward_logits(model, ids))  # chunking must not change the result
-    assert err <= ATOL, f"chunked ORT logits vs full-sequence forward: max abs error {err:.3g}"
+    check_chunked_prefill(model, OrtRunner(out, threads=1))
 
 
 def test_feedback_matters_in_the_random_models(random_exports):

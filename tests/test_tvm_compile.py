@@ -24,7 +24,8 @@ import pytest
 import torch
 
 from conftest import randomize_weights
-from parity import ATOL, CHUNKS, CONFIGS, assert_clean_error, cli, max_abs, run_parity
+from parity import (ATOL, CONFIGS, assert_clean_error, check_chunked_prefill, check_prefill_then_decode, cli,
+                    max_abs, models_per_config)
 from sessa_export.checkpoint import save_checkpoint
 from sessa_export.errors import SessaExportError
 from sessa_export.runtime import TorchRunner, open_runner
@@ -42,29 +43,20 @@ pytestmark = pytest.mark.usefixtures("one_tvm_thread")
 def cpu_builds(make_lm, tmp_path_factory):
     """One CPU library per config (capacity 520), shared by the parity tests."""
     root = tmp_path_factory.mktemp("tvm_cpu")
-    out = {}
-    for i, (name, fields) in enumerate(CONFIGS.items()):
-        model = make_lm(seed=10 + i, std=0.2, **fields)
-        out[name] = (model, compile_graph(trace(model), root / name, CompileTarget("cpu"), max_len=CAPACITY))
-    return out
+    return {name: (model, compile_graph(trace(model), root / name, CompileTarget("cpu"), max_len=CAPACITY))
+            for name, model in models_per_config(make_lm).items()}
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_parity_prefill_256_then_decode_256(cpu_builds, name):
     model, out = cpu_builds[name]
-    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 512))  # batch 2
-    run_parity(model, TvmRunner(out, threads=1), ids, [256] + [1] * 256)
+    check_prefill_then_decode(model, TvmRunner(out, threads=1))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_parity_chunked_prefill_matches_full_forward(cpu_builds, name):
     model, out = cpu_builds[name]
-    ids = np.random.default_rng(2).integers(0, model.config.vocab_size, (2, sum(CHUNKS)))
-    chunked = run_parity(model, TvmRunner(out, threads=1), ids, CHUNKS)
-    with torch.inference_mode():
-        full = model(torch.from_numpy(ids)).numpy()
-    err = max_abs(chunked, full)
-    assert err <= ATOL, f"chunked TVM logits vs full-sequence forward: max abs error {err:.3g}"
+    check_chunked_prefill(model, TvmRunner(out, threads=1))
 
 
 def test_manifest_and_library(cpu_builds):
