@@ -24,8 +24,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(emoji=False)  # paths, prompts and generated text are shown as they are
+err_console = Console(stderr=True, emoji=False)
 
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2

@@ -343,6 +343,8 @@ def test_validate_custom_model_against_its_own_forward(tmp_path):
     (tmp_path / "other").mkdir()
     _, other = custom_weights("factory", tmp_path / "other", seed=32)
     assert_clean_error(cli("validate", out, "--checkpoint", other), "weights hash differs")
+    # the spec is printed as given (rich would turn ":factory:" into an emoji)
+    assert_clean_error(cli("validate", out, "--model", "no_such_module:factory"), "no_such_module:factory: ")
 
 
 def test_mixer_found_by_structure(tmp_path):
