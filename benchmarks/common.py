@@ -11,7 +11,6 @@ from typing import Sequence
 import torch
 
 from sessa_export.config import SessaConfig
-from sessa_export.runtime import available_cores
 
 DECODE_CONTEXT = 1024  # prefill length, and the context decode is timed at
 DECODE_STEPS = 32
@@ -29,6 +28,8 @@ def config_125m(vocab_size: int = 32000, max_len: int | None = None) -> SessaCon
 
 def set_threads(threads: int | None) -> int:
     """torch intra-op threads: all available cores by default. Returns the number set."""
+    from sessa_export.runtime import available_cores
+
     threads = threads or available_cores()
     torch.set_num_threads(threads)
     return threads
@@ -46,6 +47,8 @@ def cpu_model() -> str:
 
 
 def machine_description() -> str:
+    from sessa_export.runtime import available_cores
+
     return (f"{cpu_model()}, {available_cores()} cores available ({os.cpu_count()} on the machine), "
             f"torch {torch.__version__} with {torch.get_num_threads()} threads, Python {platform.python_version()}")
 

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DECODE_CONTEXT, DECODE_STEPS, machine_description, print_table, set_threads  # noqa: E402
 from reference import benchmark_models  # noqa: E402
 
-from sessa_export.bench import decode_positions, time_runners  # noqa: E402
+from sessa_export.bench import SETTLE_S, decode_positions, time_runners  # noqa: E402
 from sessa_export.model import SessaLM  # noqa: E402
 from sessa_export.onnx_export import export_onnx  # noqa: E402
 from sessa_export.runtime import OrtRunner, TorchRunner  # noqa: E402
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also benchmark this checkpoint (repeatable)")
     parser.add_argument("--context", type=int, default=DECODE_CONTEXT, help="prefill length and decode context")
     parser.add_argument("--decode-steps", type=int, default=DECODE_STEPS)
+    parser.add_argument("--settle", type=float, default=SETTLE_S,
+                        help="pause (s) before each back end's turn; 0 shows the thread pools' interference")
     parser.add_argument("--profile", action="store_true", help="profile ORT decode steps and print the top ops")
     parser.add_argument("--profile-steps", type=int, default=8, help="decode steps profiled")
     parser.add_argument("--profile-prefill", action="store_true", help="also profile 2 prefills of T tokens")
@@ -204,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name}: exported in {time.perf_counter() - start:.1f} s ({size / 2**20:.0f} MiB); "
                   f"prefill logits max |ORT - PyTorch| = {err:.2e}", flush=True)
             vocab = c.vocab_size
-            t = time_runners({"pytorch": TorchRunner(model), "ort": runner}, vocab, args.context, args.decode_steps)
+            t = time_runners({"pytorch": TorchRunner(model), "ort": runner}, vocab, args.context, args.decode_steps,
+                             settle_s=args.settle)
             torch_prefill, onnx_prefill = (statistics.median(t[n].prefill_s) for n in ("pytorch", "ort"))
             torch_decode, onnx_decode = (statistics.median(t[n].decode_s) for n in ("pytorch", "ort"))
             prefill_x, decode_x = torch_prefill / onnx_prefill, torch_decode / onnx_decode

@@ -32,14 +32,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DECODE_CONTEXT, DECODE_STEPS, available_cores, config_125m,  # noqa: E402
+from common import (DECODE_CONTEXT, DECODE_STEPS, config_125m,  # noqa: E402
                     machine_description, print_table)
 
 from sessa_export.bench import time_runners  # noqa: E402
 from sessa_export.model import SessaLM, init_weights  # noqa: E402
 from sessa_export.onnx_export import export_onnx  # noqa: E402
 from sessa_export.quantize import export_size, linear_weight_bytes, quantize_export  # noqa: E402
-from sessa_export.runtime import OrtRunner  # noqa: E402
+from sessa_export.runtime import OrtRunner, available_cores  # noqa: E402
 from sessa_export.tracer import trace  # noqa: E402
 
 TARGETS = {"int8": 2.0, "int4": 2.5}

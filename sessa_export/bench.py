@@ -3,9 +3,9 @@
 Several runners are timed in turns: `rounds` rounds, each one prefill and one block of decode
 steps per runner, so that load from elsewhere on a shared machine hits them all alike and the
 ratios between them stay fair. Each turn starts after a pause of SETTLE_S: ONNX Runtime's and
-torch's thread pools spin for a while after they run, and without the pause PyTorch decode
-measured up to 5x slower right after an ORT turn. A block's first decode step is not timed
-either (cold caches).
+torch's thread pools spin for a while after they run: without it (`benchmarks/onnx_runtime.py
+--settle 0`) PyTorch measured up to 2.8x slower right after an ORT turn. A block's first decode
+step is not timed either (cold caches).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ def decode_positions(decode_steps: int, rounds: int = ROUNDS) -> int:
 
 
 def time_runners(runners: Mapping[str, object], vocab_size: int, context: int = 1024, decode_steps: int = 32,
-                 batch: int = 1, rounds: int = ROUNDS, warmup: int = 3, seed: int = 0) -> dict[str, Timing]:
+                 batch: int = 1, rounds: int = ROUNDS, warmup: int = 3, seed: int = 0,
+                 settle_s: float = SETTLE_S) -> dict[str, Timing]:
     """Prefill of `context` tokens and `decode_steps` decode steps after it, for every runner in turns.
 
     Each runner first prefills once untimed (first-run allocations) and takes `warmup` untimed
@@ -67,7 +68,7 @@ def time_runners(runners: Mapping[str, object], vocab_size: int, context: int = 
         states[name] = prefilled
     for _ in range(rounds):
         for name, runner in runners.items():
-            time.sleep(SETTLE_S)
+            time.sleep(settle_s)
             empty = runner.empty_state(batch)
             start = time.perf_counter()
             runner.step(ids[:, :context], empty)

@@ -1,0 +1,140 @@
+"""The TVM CPU kernels of one 125M-class layer, alone: where a TVM step's time goes.
+
+Times (median of --repeat calls, after one untimed call), at the 125M config's shapes (D = 768,
+12 heads of 64, vocab 32000):
+- the forward-attention kernel (`ops/tvm_attention.py`): decode (S = 1 at context P) and
+  prefill (S = T from an empty cache);
+- the FeedbackAttention kernels (`ops/tvm_kernels.py` with `targets/cpu.py`'s rule): decode,
+  and prefill with D cut into 1 and 2 chunks;
+- the LM head's matrix-vector product (768 x 32000) the way the compiler emits it: `--layout
+  packed` (the CPU panel layout) or `plain` (W^T as [in, out], through Relax's matmul; what GPUs
+  get), with its read bandwidth.
+
+Run it on an older install (`pip install --no-deps --target DIR <checkout>`, then
+`PYTHONPATH=DIR python benchmarks/tvm_kernels.py --layout plain --threads 2`) to compare
+kernels across commits with one script.
+
+Run: python benchmarks/tvm_kernels.py [--threads N] [--context 1024] [--layout packed|plain]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DECODE_CONTEXT, print_table  # noqa: E402
+
+HEADS, HEAD_DIM, VOCAB = 12, 64, 32000
+D = HEADS * HEAD_DIM
+
+
+def median_ms(fn: Callable[[], object], repeat: int) -> float:
+    fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(samples)
+
+
+def attention_ms(seq: int, past: int, repeat: int) -> float:
+    import tvm
+
+    from sessa_export.ops import tvm_attention
+    from sessa_export.targets import cpu
+
+    func = tvm_attention.forward_attention_kernel(HEADS, HEADS, HEAD_DIM, True).with_attr("global_symbol", "attn")
+    lib = tvm.compile(tvm.IRModule({"attn": func}), target=cpu.target())
+    rng = np.random.default_rng(0)
+    capacity = past + seq
+    q, k, v = (rng.standard_normal((1, seq, D)).astype(np.float32) for _ in range(3))
+    inv_freq = (10000.0 ** (-np.arange(0, HEAD_DIM, 2) / HEAD_DIM)).astype(np.float32)
+    caches = [rng.standard_normal((1, HEADS, capacity, HEAD_DIM)).astype(np.float32) for _ in range(2)]
+    args = [tvm.runtime.tensor(a) for a in (q, k, v, inv_freq, *caches)]
+    out = tvm.runtime.tensor(np.zeros((1, seq, D), np.float32))
+    return median_ms(lambda: lib["attn"](*args, past, out), repeat)
+
+
+def feedback_ms(seq: int, past: int, d_chunks: int, repeat: int) -> float:
+    import tvm
+
+    from sessa_export.ops import tvm_kernels
+
+    lib = tvm_kernels.build_feedback_attention("cpu", D, "float32", d_chunks=d_chunks)
+    rng = np.random.default_rng(0)
+    steps = [rng.standard_normal((1, seq, D)).astype(np.float32) for _ in range(3)]
+    gain = rng.uniform(-0.9, 0.9, (1, seq, 1)).astype(np.float32)
+    caches = [rng.standard_normal((1, past + seq, D)).astype(np.float32) for _ in range(2)]
+    args = [tvm.runtime.tensor(a) for a in (*steps, gain, *caches)]
+    out = tvm.runtime.tensor(np.zeros((1, seq, D), np.float32))
+    kernel = lib[tvm_kernels.DECODE if seq == 1 else tvm_kernels.PREFILL]
+    return median_ms(lambda: kernel(*args, past, out), repeat)
+
+
+def lm_head_ms(layout: str, repeat: int) -> float:
+    import tvm
+    from tvm import relax
+
+    from sessa_export.targets import cpu
+    from sessa_export.tvm_compile import CompileTarget, cpu_pipeline
+
+    weight = np.random.default_rng(0).standard_normal((VOCAB, D)).astype(np.float32)  # torch layout [out, in]
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 1, D], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            if layout == "packed":
+                y = cpu.emit_linear(bb, x, relax.const(cpu.pack_weight(weight, 32)), None, [1, 1, VOCAB])
+            else:
+                y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(weight.T))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    target = CompileTarget("cpu").tvm_target()
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target, relax_pipeline=cpu_pipeline(target)), tvm.cpu())
+    data = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, 1, D)).astype(np.float32))
+    return median_ms(lambda: vm["main"](data), repeat)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None, help="TVM threads (default: available cores)")
+    parser.add_argument("--context", type=int, default=DECODE_CONTEXT, help="decode context and prefill length")
+    parser.add_argument("--layout", choices=("packed", "plain"), default="packed", help="LM head weight layout")
+    parser.add_argument("--repeat", type=int, default=20, help="timed calls per kernel (prefill: a quarter)")
+    args = parser.parse_args(argv)
+    if args.threads is None:  # an install older than runtime.available_cores needs --threads
+        from sessa_export.runtime import available_cores
+
+        args.threads = available_cores()
+    threads = args.threads
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
+    import sessa_export
+
+    print(f"sessa_export from {Path(sessa_export.__file__).parent}; TVM threads {threads}", flush=True)
+    T, few = args.context, max(3, args.repeat // 4)
+    rows = [
+        ("forward attention, decode", f"S=1, P={T}", f"{attention_ms(1, T, args.repeat):.3f}"),
+        ("forward attention, prefill", f"S={T}, P=0", f"{attention_ms(T, 0, few):.2f}"),
+        ("FeedbackAttention, decode", f"S=1, P={T}", f"{feedback_ms(1, T, 1, args.repeat):.3f}"),
+        ("FeedbackAttention, prefill, 1 D chunk", f"S={T}, P=0", f"{feedback_ms(T, 0, 1, few):.2f}"),
+        ("FeedbackAttention, prefill, 2 D chunks", f"S={T}, P=0", f"{feedback_ms(T, 0, 2, few):.2f}"),
+    ]
+    head = lm_head_ms(args.layout, args.repeat)
+    rows.append((f"LM head GEMV ({args.layout} layout)", f"{D} x {VOCAB}",
+                 f"{head:.3f} ({D * VOCAB * 4 / head / 1e6:.1f} GB/s)"))
+    print_table(("kernel", "shape", "ms per call"), rows,
+                title=f"TVM CPU kernels of one 125M-class layer (D={D}, {HEADS} heads of {HEAD_DIM}), {threads} threads")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
