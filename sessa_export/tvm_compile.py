@@ -174,13 +174,12 @@ class _Builder:
         from .targets import cpu
 
         op = self.rx.op
-        if self.quantization is not None:
-            if not head and module.in_features % GROUP_SIZE == 0 and module.out_features >= 16 \
-                    and cpu.weight_panel(module.out_features):
-                return self.quantized_linear(x, module, path, cpu.weight_panel(module.out_features))
+        panel = None if self.target.gpu else cpu.weight_panel(module.out_features)
+        if self.quantization is not None:  # CPU only (check_quantization)
+            if not head and module.in_features % GROUP_SIZE == 0 and module.out_features >= 16 and panel:
+                return self.quantized_linear(x, module, path, panel)
             if path not in self.kept:
                 self.kept.append(path)
-        panel = None if self.target.gpu else cpu.weight_panel(module.out_features)
         if panel is None:
             y = self.emit(op.matmul(x, self.const(module.weight.T, f"{path}.weight")))
             if module.bias is not None:
