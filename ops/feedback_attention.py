@@ -3,15 +3,16 @@
 Steps 3-5 of a Sessa layer for S new positions given the P earlier ones:
     α_t,j = softmax_{j<t}(q_b,t · k_b,j · scale)          (strictly causal; row t = 0 is all zero)
     s_t   = f_t + γ_t · Σ_{j<t} α_t,j s_j
-The part from the P earlier states is one matrix product. The S new rows form a unit lower
-triangular system, solved in blocks of 64 rows: each block first takes what the solved rows
-before it contribute (a matrix product), then inverts its own (I − M) exactly with the doubling
-product (I + M)(I + M²)(I + M⁴)… which ends because M^64 = 0, built on the block's 64 × 64
-matrices and applied to its D-wide rows in one product (applying each factor to the rows in
-turn took ORT twice as long). A decode step (S = 1) skips
-the solve behind an If: its one row has no earlier new rows (the Loop's machinery cost ORT
-about 0.3 ms per layer and step). Everything accumulates in float32
-and casts back to the input type, so float16 and bfloat16 models keep the spec's precision (§3).
+The scores against the P earlier keys are one matrix product. The S new rows form a unit lower
+triangular system, solved in blocks of 64 rows. Each block scores only the keys it can see (the
+past ones and the new ones before its end: the causal half, not all S × S), takes what the past
+states and the solved rows before it contribute (matrix products), then inverts its own (I − M)
+exactly with the doubling product (I + M)(I + M²)(I + M⁴)… which ends because M^64 = 0, built on
+the block's 64 × 64 matrices and applied to its D-wide rows in one product (applying each factor
+to the rows in turn took ORT twice as long). A decode step (S = 1) skips the solve behind an If:
+its one row sees exactly the P past keys (the Loop's machinery cost ORT about 0.3 ms per layer
+and step). Everything accumulates in float32 and casts back to the input type, so float16 and
+bfloat16 models keep the spec's precision (§3).
 
 Every model that uses the op carries this function, so a runtime that knows nothing of
 `ai.sessa` inlines it; a runtime with a fused kernel replaces the node.
@@ -41,42 +42,46 @@ def FeedbackAttention(query, key, forward, gain, past_key, past_state, scale: fl
     width = op.Cast(op.Shape(query, start=-1), to=FLOAT)
     given = op.Constant(value_float=scale)
     scale_used = op.Where(op.Equal(given, op.Constant(value_float=0.0)), op.Reciprocal(op.Sqrt(width)), given)
-    keys_t = op.Transpose(op.Cast(present_key, to=FLOAT), perm=[0, 2, 1])
-    scores = op.Mul(op.MatMul(op.Cast(query, to=FLOAT), keys_t), scale_used)  # [B, S, P+S]
+    q = op.Mul(op.Cast(query, to=FLOAT), scale_used)
+    k = op.Cast(key, to=FLOAT)
+    f = op.Cast(forward, to=FLOAT)
+    g = op.Cast(gain, to=FLOAT)
+    s_past = op.Cast(past_state, to=FLOAT)
+    scores_past = op.MatMul(q, op.Transpose(op.Cast(past_key, to=FLOAT), perm=[0, 2, 1]))  # [B, S, P]
 
     past = op.Shape(past_key, start=1, end=2)
     new = op.Shape(query, start=1, end=2)
-    total = op.Add(past, new)
-    t = op.Range(op.Squeeze(past), op.Squeeze(total), op.Constant(value_int=1))
-    j = op.Range(op.Constant(value_int=0), op.Squeeze(total), op.Constant(value_int=1))
-    earlier = op.Less(op.Unsqueeze(j, [0]), op.Unsqueeze(t, [1]))  # j < t
-    # A row with no earlier key (t = 0) sees equal finite scores, then the mask zeroes it: no NaN.
-    lowest = op.Constant(value_float=-3.4028234663852886e38)
-    alpha = op.Mul(op.Softmax(op.Where(earlier, scores, lowest), axis=-1), op.Cast(earlier, to=FLOAT))
-
-    g = op.Cast(gain, to=FLOAT)
     zero = op.Constant(value_ints=[0])
     one = op.Constant(value_ints=[1])
     axis1 = op.Constant(value_ints=[1])
     axis2 = op.Constant(value_ints=[2])
-    from_past = op.MatMul(op.Slice(alpha, zero, past, axis2), op.Cast(past_state, to=FLOAT))
-    rhs = op.Add(op.Cast(forward, to=FLOAT), op.Mul(g, from_past))
-    alpha_new = op.Slice(alpha, past, total, axis2)  # [B, S, S], strictly lower
+    # A row with no earlier key (t = 0) sees equal finite scores, then the mask zeroes it: no NaN.
+    lowest = op.Constant(value_float=-3.4028234663852886e38)
 
     if op.Equal(op.Squeeze(new), op.Constant(value_int=1)):
-        solved = rhs  # decode: one new row has no earlier new rows to solve against
+        # decode: the one new row t = P sees exactly the P past keys
+        solved = op.Add(f, op.Mul(g, op.MatMul(op.Softmax(scores_past, axis=-1), s_past)))  # P = 0: empty sum
     else:
         block = op.Constant(value_ints=[64])
         n_blocks = op.Squeeze(op.Div(op.Add(new, op.Constant(value_ints=[63])), block))
-        solved = op.Slice(rhs, zero, zero, axis1)  # [B, 0, D]
+        solved = op.Slice(f, zero, zero, axis1)  # [B, 0, D]
         for index in range(n_blocks):
             start = op.Mul(op.Reshape(index, op.Constant(value_ints=[1])), block)
             end = op.Min(op.Add(start, block), new)
-            rows = op.Slice(alpha_new, start, end, axis1)
+            visible = op.Add(past, end)
+            # the block's rows score only the keys they can see: the past ones and new ones before `end`
+            scores_new = op.MatMul(op.Slice(q, start, end, axis1),
+                                   op.Transpose(op.Slice(k, zero, end, axis1), perm=[0, 2, 1]))
+            scores = op.Concat(op.Slice(scores_past, start, end, axis1), scores_new, axis=2)  # [B, rows, P+end]
+            t = op.Range(op.Squeeze(op.Add(past, start)), op.Squeeze(visible), op.Constant(value_int=1))
+            j = op.Range(op.Constant(value_int=0), op.Squeeze(visible), op.Constant(value_int=1))
+            earlier = op.Less(op.Unsqueeze(j, [0]), op.Unsqueeze(t, [1]))  # j < t
+            alpha = op.Mul(op.Softmax(op.Where(earlier, scores, lowest), axis=-1), op.Cast(earlier, to=FLOAT))
             g_rows = op.Slice(g, start, end, axis1)
-            x = op.Add(op.Slice(rhs, start, end, axis1),
-                       op.Mul(g_rows, op.MatMul(op.Slice(rows, zero, start, axis2), solved)))
-            m = op.Mul(g_rows, op.Slice(rows, start, end, axis2))
+            from_past = op.MatMul(op.Slice(alpha, zero, past, axis2), s_past)
+            from_solved = op.MatMul(op.Slice(alpha, past, op.Add(past, start), axis2), solved)
+            x = op.Add(op.Slice(f, start, end, axis1), op.Mul(g_rows, op.Add(from_past, from_solved)))
+            m = op.Mul(g_rows, op.Slice(alpha, op.Add(past, start), visible, axis2))  # [B, rows, rows], strictly lower
             # (I - m)^-1 = (I + m)(I + m^2)(I + m^4)(I + m^8)(I + m^16)(I + m^32), built on the
             # block's rows x rows matrices, then applied to the D-wide rows once
             eye = op.EyeLike(op.Squeeze(op.Slice(m, zero, one, zero), zero))  # [rows, rows]
