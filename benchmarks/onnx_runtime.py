@@ -92,7 +92,7 @@ def _part(node_name: str, op_type: str, parts: dict[str, str]) -> str:
         return parts[node_name]
     if "feedbackattention" in node_name.lower() or "_inlfunc_" in node_name:
         return "FeedbackAttention (inlined function)"  # nodes ORT inlined from the function body
-    if op_type in ("Attention", "MultiHeadAttention", "GroupQueryAttention"):
+    if op_type in ("Attention", "MultiHeadAttention", "GroupQueryAttention") or node_name.startswith("CausalAttention/"):
         return "forward Attention"
     if op_type == "RotaryEmbedding":
         return "RoPE"
@@ -148,8 +148,8 @@ def profile(out: Path, runner: OrtRunner, vocab: int, context: int, steps: int, 
     print(f"\nORT profile, {what}: "
           f"{run_us / steps / 1e3:.2f} ms/run in session.run, {kernel_us / steps / 1e3:.2f} ms/run in kernels "
           f"({kernel_us / max(run_us, 1):.0%}); the rest is ORT overhead between kernels. "
-          f"FeedbackAttention's If / Loop over 64-row blocks ({control_us / steps / 1e3:.2f} ms/run with "
-          "their bodies) is counted through the bodies' nodes", flush=True)
+          f"The If / Loop nodes of FeedbackAttention and of the forward attention ({control_us / steps / 1e3:.2f} "
+          "ms/run with their bodies) are counted through their bodies' nodes", flush=True)
     rows = [(op, f"{us / steps / 1e3:.3f}", f"{us / kernel_us:.1%}", counts[op] // steps)
             for op, us in sorted(by_op.items(), key=lambda kv: -kv[1])[:top]]
     print_table(("op type", "ms/run", "share of kernel time", "nodes/run"), rows, title="top ops by time")

@@ -16,12 +16,14 @@ from typing import Callable
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import InlinePass
 import torch
 
 from . import __version__
 from .checkpoint import atomic_directory
 from .errors import SessaExportError
 from .model import SessaMixer
+from .ops import causal_attention as causal_op
 from .ops import feedback_attention as fa_op
 from .stepgraph import BINARY, STATE_FIELDS, Node, StepGraph, layer_norm_affine, past_name, present_name
 
@@ -127,8 +129,9 @@ class _Builder:
             q = self.op("RotaryEmbedding", [q, cos, sin], interleaved=1, num_heads=H)
             k = self.op("RotaryEmbedding", [k, cos, sin], interleaved=1, num_heads=Hkv)
         heads, key, value = self.tape.op_multi_out(
-            "Attention", [q, k, v, self.positions()["visible"], past["key"], past["value"]],
-            attributes={"q_num_heads": H, "kv_num_heads": Hkv, "scale": float(d ** -0.5)}, num_outputs=3)
+            causal_op.OP_TYPE, [q, k, v, self.positions()["visible"], past["key"], past["value"]],
+            attributes={"q_num_heads": H, "kv_num_heads": Hkv, "scale": float(d ** -0.5)},
+            domain=causal_op.DOMAIN, num_outputs=3)
         f = heads if H == 1 else self.linear(heads, mixer.out_proj, f"{path}.out_proj")
         q_b, k_b = self.tape.op_multi_out("Split", [self.linear(a, mixer.proj_fb, f"{path}.proj_fb")],
                                           attributes={"axis": -1, "num_outputs": 2}, num_outputs=2)
@@ -192,10 +195,15 @@ class _Builder:
             results.append(self.typed(self.op("Identity", [self.values[value_name]]), out_name, shape))
         graph = ir.Graph(self.inputs, results + self.outputs, nodes=self.tape.nodes,
                          initializers=self.tape.initializers,
-                         opset_imports={"": OPSET, fa_op.DOMAIN: fa_op.VERSION}, name="sessa_step")
-        function = ir.serde.deserialize_function(fa_op.function_proto())
-        return ir.Model(graph, ir_version=IR_VERSION, producer_name="sessa-export",
-                        producer_version=__version__, functions=[function])
+                         opset_imports={"": OPSET, fa_op.DOMAIN: fa_op.VERSION, causal_op.DOMAIN: 1},
+                         name="sessa_step")
+        functions = [ir.serde.deserialize_function(m.function_proto()) for m in (fa_op, causal_op)]
+        model = ir.Model(graph, ir_version=IR_VERSION, producer_name="sessa-export",
+                         producer_version=__version__, functions=functions)
+        # CausalAttention is only a way to write the forward attention: its standard ops replace it
+        InlinePass(criteria=lambda function: function.domain == causal_op.DOMAIN)(model)
+        del model.graph.opset_imports[causal_op.DOMAIN]
+        return model
 
 def _feature_widths(graph: StepGraph) -> dict[str, int]:
     """Last-dim width of each value, for resolving splits."""

@@ -15,9 +15,10 @@ What each mode does to the export's linear layers (MatMul initializers `{module}
   shares one scale across all its tokens; on the bundled model that gave 98.0% top-1 agreement
   (< the 99% bar) against 99.2% for 8-bit blocks, at the same decode speed.
 - fp16: our own conversion (onnx_ir): weights, activations and the state in float16, while the
-  softmaxes and the feedback recurrence accumulate in float32: `Attention` and
-  `LayerNormalization` (and `Gelu`, which ORT's CPU provider lacks in float16) run in float32
-  between Casts, the `ai.sessa.FeedbackAttention` function casts to float32 inside (spec §3-4),
+  softmaxes and the feedback recurrence accumulate in float32: `LayerNormalization` (and `Gelu`,
+  which ORT's CPU provider lacks in float16) run in float32 between Casts, the forward attention
+  (the exporter's inlined CausalAttention) casts to float32 inside and its float32 outputs are
+  cast back, the `ai.sessa.FeedbackAttention` function casts to float32 inside (spec §3-4),
   the feedback gain γ (gamma_ctx, + gamma_bias, tanh, × gamma_max) is computed in float32 and
   rounded to float16 only at FeedbackAttention's input (the op takes one type, §4), and the RoPE
   angles t·inv_freq and their cos/sin are computed in float32 (angles up to the context length
@@ -56,10 +57,16 @@ MIN_BLOCK, MAX_BLOCK = 16, 256
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations per block, integer products
 MODEL_NAME = "model.onnx"
 
-# Ops that run in float32 inside a float16 model: the softmax of the forward attention and the
-# LayerNorm statistics (the FeedbackAttention function does its own float32 accumulation); Gelu
+# Ops that run in float32 inside a float16 model: the LayerNorm statistics and any softmax (the
+# FeedbackAttention function and the forward attention do their own float32 accumulation); Gelu
 # because ONNX Runtime's CPU provider has no float16 kernel for it (it would expand the function).
-FP32_OPS = frozenset({"Attention", "LayerNormalization", "Softmax", "LogSoftmax", "Gelu"})
+FP32_OPS = frozenset({"LayerNormalization", "Softmax", "LogSoftmax", "Gelu"})
+
+
+def _is_forward_attention(node) -> bool:
+    """The exporter's inlined CausalAttention: an If over Attention that casts its inputs to float32 and
+    returns float32 (ops/causal_attention.py), so its outputs stay float32 until a consumer casts them."""
+    return node.op_type == "If" and any(inner.op_type == "Attention" for inner in node.attributes["then_branch"].value)
 
 
 def export_files(path: Path, manifest: dict) -> list[Path]:
@@ -339,7 +346,7 @@ def to_float16(model: onnx.ModelProto, keep: list[Weight]) -> onnx.ModelProto:
         elif data and all(v in positional for v in data):
             fp32_nodes.add(node)
             positional.update(o for o in node.outputs if is_float(o))
-        elif (node.op_type in FP32_OPS and node.domain in ("", "ai.onnx")) or node in gain \
+        elif (node.op_type in FP32_OPS and node.domain in ("", "ai.onnx")) or _is_forward_attention(node) or node in gain \
                 or any(v is not None and v.name in kept_names for v in node.inputs):
             fp32_nodes.add(node)
 

@@ -18,9 +18,10 @@ CONFIGS = {
     "GQA-mlp-tied": dict(n_heads=4, n_kv_heads=2, mlp_ratio=2.0, tie_embeddings=True),
     "rope-off": dict(n_heads=2, n_layers=3, use_forward_rope=False),
 }
-# Uneven chunks: t = 0 alone (P = 0, S = 1), single tokens, and chunks over one and two 64-row blocks
-# of the ONNX function's triangular solve (70 > 64, 130 > 128) and several of the TVM kernels' blocks.
-CHUNKS = [1, 1, 70, 1, 130, 3, 1, 50]
+# Uneven chunks: t = 0 alone (P = 0, S = 1), single tokens, and chunks over one and several 64-row
+# blocks of the ONNX function's triangular solve (70 > 64, 300 > 256), over two of the ONNX forward
+# attention's 256-row blocks (300), and over several of the TVM kernels' blocks.
+CHUNKS = [1, 1, 70, 1, 300, 3, 1, 50]
 
 
 def max_abs(got: np.ndarray, ref: np.ndarray) -> float:
@@ -84,6 +85,14 @@ def check_prefill_then_decode(model, runner) -> None:
     """A 256-token prefill, then 256 single-token decodes, batch 2: every step against PyTorch."""
     ids = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 512))
     run_parity(model, runner, ids, [256] + [1] * 256)
+
+
+def check_long_prefill(model, runner, tokens: int = 600) -> None:
+    """One prefill of `tokens` from an empty state against PyTorch's full-sequence forward, batch 2."""
+    ids = np.random.default_rng(3).integers(0, model.config.vocab_size, (2, tokens))
+    got, _ = runner.step(ids, runner.empty_state(2))
+    err = max_abs(got, forward_logits(model, ids))
+    assert err <= ATOL, f"{tokens}-token prefill logits: max abs error {err:.3g}"
 
 
 def check_chunked_prefill(model, runner) -> None:

@@ -146,12 +146,27 @@ def test_fp16_types_and_float32_islands(quantized):
     F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
     for value in [*model.graph.input[1:], *model.graph.output]:
         assert value.type.tensor_type.elem_type == F16, value.name
-    produced = {o: n for n in model.graph.node for o in n.output}
-    for node in model.graph.node:
-        if node.op_type in ("Attention", "LayerNormalization"):
-            source = produced.get(node.input[0])
-            assert source is not None and source.op_type == "Cast" and \
-                next(a.i for a in source.attribute if a.name == "to") == F32, node.name
+    produced, checked = {}, Counter()
+
+    def check_float32_inputs(graph: onnx.GraphProto) -> None:
+        """Attention (in the forward attention's If and Loop) and LayerNormalization take float32: their
+        first input is a Cast to float32, or a Slice of one."""
+        produced.update({o: n for n in graph.node for o in n.output})
+        for node in graph.node:
+            if node.op_type in ("Attention", "LayerNormalization"):
+                source = produced.get(node.input[0])
+                while source is not None and source.op_type == "Slice":
+                    source = produced.get(source.input[0])
+                assert source is not None and source.op_type == "Cast" and \
+                    next(a.i for a in source.attribute if a.name == "to") == F32, node.name
+                checked[node.op_type] += 1
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    check_float32_inputs(attribute.g)
+
+    check_float32_inputs(model.graph)
+    layers = manifest_of(quantized["fp16"])["config"]["n_layers"]
+    assert checked["Attention"] == 2 * layers and checked["LayerNormalization"] >= layers, checked
     inits = {i.name: i.data_type for i in model.graph.initializer}
     assert all(t == F32 for n, t in inits.items() if n.startswith("rope_inv_freq"))
     assert inits.get("lm_head.weight", inits.get("lm_head.weight_fp16")) == F16
@@ -160,6 +175,9 @@ def test_fp16_types_and_float32_islands(quantized):
     assert all(v.numpy().dtype == np.float16 for v in state.values())
     logits, state = runner.step(np.array([[1, 2, 3]]), state)
     assert all(v.numpy().dtype == np.float16 for v in state.values())
+    logits, state = runner.step(np.arange(300)[None] % 256, state)  # the forward attention's 256-row blocks
+    assert logits.dtype == np.float16 and np.isfinite(logits).all()
+    assert all(v.numpy().dtype == np.float16 and v.numpy().shape[-2] == 303 for v in state.values())  # positions
 
 
 # -- quality --------------------------------------------------------------------------------------------------
