@@ -2,7 +2,7 @@
 
 For the bundled model and a 125M-class model with random weights (vocab 32000, d_model 768,
 12 layers, 12 heads), it exports the model with `sessa_export.onnx_export`, then prints:
-- prefill tokens/s: one step over T = 1024 tokens from an empty state (median of 4);
+- prefill tokens/s: one step over T = 1024 tokens from an empty state (median of --rounds, 4);
 - decode ms/token at a context of 1024: prefill 1024 tokens, then one token per step
   (median over --decode-steps steps, the context growing from 1024);
 for ONNX Runtime (`OrtRunner`, the shipped runner) beside PyTorch (`TorchRunner`, the
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DECODE_CONTEXT, DECODE_STEPS, machine_description, print_table, set_threads  # noqa: E402
 from reference import benchmark_models  # noqa: E402
 
-from sessa_export.bench import SETTLE_S, decode_positions, time_runners  # noqa: E402
+from sessa_export.bench import ROUNDS, SETTLE_S, decode_positions, time_runners  # noqa: E402
 from sessa_export.model import SessaLM  # noqa: E402
 from sessa_export.onnx_export import export_onnx  # noqa: E402
 from sessa_export.runtime import OrtRunner, TorchRunner  # noqa: E402
@@ -167,12 +167,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="also benchmark this checkpoint (repeatable)")
     parser.add_argument("--context", type=int, default=DECODE_CONTEXT, help="prefill length and decode context")
     parser.add_argument("--decode-steps", type=int, default=DECODE_STEPS)
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help="turns per back end (each one prefill and a block of decode steps); more on a noisy machine")
     parser.add_argument("--settle", type=float, default=SETTLE_S,
                         help="pause (s) before each back end's turn; 0 shows the thread pools' interference")
     parser.add_argument("--profile", action="store_true", help="profile ORT decode steps and print the top ops")
     parser.add_argument("--profile-steps", type=int, default=8, help="decode steps profiled")
     parser.add_argument("--profile-prefill", action="store_true", help="also profile 2 prefills of T tokens")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     threads = set_threads(args.threads)
     try:
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sessa_bench_") as tmp:
         for name, model in models:
             c = model.config
-            if c.max_len is not None and c.max_len < args.context + decode_positions(args.decode_steps):
+            if c.max_len is not None and c.max_len < args.context + decode_positions(args.decode_steps, args.rounds):
                 print(f"{name}: max_len={c.max_len} is shorter than the benchmark's context: skipped", flush=True)
                 continue
             out = Path(tmp) / name.replace(" ", "_")
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"prefill logits max |ORT - PyTorch| = {err:.2e}", flush=True)
             vocab = c.vocab_size
             t = time_runners({"pytorch": TorchRunner(model), "ort": runner}, vocab, args.context, args.decode_steps,
-                             settle_s=args.settle)
+                             rounds=args.rounds, settle_s=args.settle)
             torch_prefill, onnx_prefill = (statistics.median(t[n].prefill_s) for n in ("pytorch", "ort"))
             torch_decode, onnx_decode = (statistics.median(t[n].decode_s) for n in ("pytorch", "ort"))
             prefill_x, decode_x = torch_prefill / onnx_prefill, torch_decode / onnx_decode
