@@ -21,11 +21,13 @@ from onnxscript import opset23 as op
 from onnxscript import script
 from onnxscript.values import Opset
 
+from .feedback_attention import FLOAT
+
 DOMAIN = "ai.sessa.inline"  # never in a saved model: the exporter inlines every call
 OP_TYPE = "CausalAttention"
-BLOCK = 256  # query rows per Attention; 128-384 measured alike on 2 cores (benchmarks/onnx_runtime.py)
+BLOCK = 256  # query rows per Attention: larger blocks score more of the masked half, smaller ones pay
+#              more per block; 128 and 256 timed alike in a 125M prefill, 384 and 512 slower on one layer
 
-FLOAT = 1  # onnx.TensorProto.FLOAT
 inline = Opset(DOMAIN, 1)
 
 

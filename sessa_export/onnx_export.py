@@ -1,7 +1,8 @@
 """ONNX back end: lower a StepGraph to one ONNX model with the `ai.sessa.FeedbackAttention` op.
 
 Standard ops where ONNX has them (opset 23: LayerNormalization, Gelu, RotaryEmbedding with
-interleaved = 1, Attention with past key/value and grouped heads); the feedback recurrence is one
+interleaved = 1, Attention with past key/value and grouped heads, in causal blocks of query rows
+written by ops/causal_attention.py and inlined here); the feedback recurrence is one
 `ai.sessa.FeedbackAttention` node per layer whose function body ships in the model, so stock
 ONNX Runtime runs it with nothing registered.
 """
