@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -481,6 +482,7 @@ def demo(
     import numpy as np
 
     from .checkpoint import load_checkpoint
+    from .bench import SETTLE_S
     from .data import BUNDLED_MODEL, encode, heldout_bytes
     from .generate import Sampling, generate
     from .onnx_export import export_onnx
@@ -508,8 +510,10 @@ def demo(
         _print_report(reports, FP32)
         ok = ok and all(r.ok for r in reports)
         sys.stdout.write(prompt)
+        time.sleep(SETTLE_S)  # the thread pools that just ran go idle first: fair speed figures
         figures[runner.name] = generate(runner, prompt_ids, max_new_tokens, sampling, on_tokens=_stream)
         sys.stdout.write("\n")
+    time.sleep(SETTLE_S)
     figures[reference.name] = generate(reference, prompt_ids, max_new_tokens, sampling)
     console.rule("[bold]speed[/bold] (sampling the same tokens on each)")
     for name, r in figures.items():
