@@ -267,7 +267,8 @@ def validate(
     model: Optional[str] = typer.Option(None, "--model", help="package.module:factory of a custom model's export "
                                         "(default: the one recorded at export). The reference is then the "
                                         "module's own forward over each prefix: logits are compared, not state."),
-    prefill: int = typer.Option(256, min=1, help="Prefill length T."),
+    prefill: int = typer.Option(384, min=1, help="Prefill length T (the default is past 256, so an ONNX "
+                                "export's forward attention is checked in its blocked form too)."),
     decode_steps: int = typer.Option(256, "--decode", min=0, help="Decode steps N after the prefill."),
     seed: int = typer.Option(0, help="Seed for random tokens and chunk splits."),
     atol: float = typer.Option(1e-4, help="Absolute tolerance (fp32 default)."),
