@@ -103,6 +103,14 @@ def check_chunked_prefill(model, runner) -> None:
     assert err <= ATOL, f"chunked logits vs full-sequence forward: max abs error {err:.3g}"
 
 
+# Every back end runs each of these on each CONFIGS model (its test file parametrizes over both).
+PARITY_CHECKS = {
+    "prefill_256_then_decode_256": check_prefill_then_decode,
+    "chunked_prefill_matches_full_forward": check_chunked_prefill,
+    "long_prefill_in_blocks": check_long_prefill,  # past the ONNX forward attention's 256-row blocks
+}
+
+
 def models_per_config(make_lm) -> dict:
     """One random model per CONFIGS entry (fixed seeds), for the back ends' parity tests."""
     return {name: make_lm(seed=10 + i, std=0.2, **fields) for i, (name, fields) in enumerate(CONFIGS.items())}

@@ -23,9 +23,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import TESTS_DIR, randomize_weights
-from parity import (ATOL, CHUNKS, CONFIGS, assert_clean_error, check_chunked_prefill, check_long_prefill,
-                    check_prefill_then_decode,
-                    cli, forward_logits, max_abs, models_per_config, run_parity)
+from parity import (ATOL, CHUNKS, CONFIGS, PARITY_CHECKS, assert_clean_error, cli, forward_logits, max_abs,
+                    models_per_config, run_parity)
 from sessa_export.checkpoint import load_checkpoint, save_checkpoint
 from sessa_export.cli import app
 from sessa_export.data import BUNDLED_MODEL, heldout_bytes
@@ -119,23 +118,11 @@ def random_exports(make_lm, tmp_path_factory):
     return {name: (model, export_model(model, root / name)) for name, model in models_per_config(make_lm).items()}
 
 
+@pytest.mark.parametrize("check", PARITY_CHECKS.values(), ids=PARITY_CHECKS.keys())
 @pytest.mark.parametrize("name", CONFIGS)
-def test_parity_prefill_256_then_decode_256(random_exports, name):
+def test_parity(random_exports, name, check):
     model, out = random_exports[name]
-    check_prefill_then_decode(model, OrtRunner(out, threads=1))
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_parity_chunked_prefill_matches_full_forward(random_exports, name):
-    model, out = random_exports[name]
-    check_chunked_prefill(model, OrtRunner(out, threads=1))
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_parity_long_prefill_in_causal_blocks(random_exports, name):
-    """600 new rows: the forward attention runs in three 256-row blocks, the feedback in ten 64-row ones."""
-    model, out = random_exports[name]
-    check_long_prefill(model, OrtRunner(out, threads=1))
+    check(model, OrtRunner(out, threads=1))
 
 
 def test_feedback_matters_in_the_random_models(random_exports):

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from conftest import randomize_weights
-from parity import (ATOL, CONFIGS, assert_clean_error, check_chunked_prefill, check_prefill_then_decode, cli,
+from parity import (ATOL, CONFIGS, PARITY_CHECKS, assert_clean_error, cli,
                     max_abs, models_per_config)
 from sessa_export.checkpoint import save_checkpoint
 from sessa_export.errors import SessaExportError
@@ -33,7 +33,7 @@ from sessa_export.tracer import trace
 from sessa_export.tvm_compile import CompileTarget, compile_graph
 from sessa_export.tvm_runtime import TvmRunner
 
-CAPACITY = 520
+CAPACITY = 640  # room for the longest parity check (600 tokens)
 
 
 pytestmark = pytest.mark.usefixtures("one_tvm_thread")
@@ -47,16 +47,11 @@ def cpu_builds(make_lm, tmp_path_factory):
             for name, model in models_per_config(make_lm).items()}
 
 
+@pytest.mark.parametrize("check", PARITY_CHECKS.values(), ids=PARITY_CHECKS.keys())
 @pytest.mark.parametrize("name", CONFIGS)
-def test_parity_prefill_256_then_decode_256(cpu_builds, name):
+def test_parity(cpu_builds, name, check):
     model, out = cpu_builds[name]
-    check_prefill_then_decode(model, TvmRunner(out, threads=1))
-
-
-@pytest.mark.parametrize("name", CONFIGS)
-def test_parity_chunked_prefill_matches_full_forward(cpu_builds, name):
-    model, out = cpu_builds[name]
-    check_chunked_prefill(model, TvmRunner(out, threads=1))
+    check(model, TvmRunner(out, threads=1))
 
 
 def test_manifest_and_library(cpu_builds):
@@ -102,7 +97,7 @@ def test_context_past_capacity_is_refused(cpu_builds):
     state = runner.empty_state(1)
     ids = np.zeros((1, CAPACITY), dtype=np.int64)
     _, state = runner.step(ids, state)  # exactly the capacity: fine
-    with pytest.raises(SessaExportError, match="exceeds the compiled capacity of 520"):
+    with pytest.raises(SessaExportError, match=f"exceeds the compiled capacity of {CAPACITY}"):
         runner.step(ids[:, :1], state)
     # The library checks it too (a C++ host calling `step` directly cannot write out of bounds).
     import tvm_ffi
