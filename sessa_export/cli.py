@@ -9,7 +9,7 @@ import functools
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -17,6 +17,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import SessaExportError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 app = typer.Typer(
     help="Take Sessa models from a PyTorch checkpoint to ONNX Runtime and TVM, exactly.\n\n"
@@ -29,6 +32,7 @@ console = Console(emoji=False)  # paths, prompts and generated text are shown as
 err_console = Console(stderr=True, emoji=False)
 
 EXIT_CHECK_FAILED = 1
+DEMO_CAPACITY = 1024  # positions the demo's TVM build holds
 EXIT_BAD_INPUT = 2
 
 
@@ -217,6 +221,21 @@ def _compile_source(path: Path) -> tuple[Path, Optional[str]]:
     return checkpoint, manifest.get("factory")
 
 
+def _prompt_ids(prompt: str, max_new_tokens: int, max_len: int | None, limit: str) -> np.ndarray:
+    """The prompt's byte ids [1, T]; refuses an empty prompt, or one that leaves no room for the new tokens."""
+    import numpy as np
+
+    from .data import encode
+
+    ids = encode(prompt)
+    if not ids:
+        raise SessaExportError("--prompt is empty")
+    if max_len is not None and len(ids) + max_new_tokens - 1 > max_len:
+        raise SessaExportError(f"the prompt ({len(ids)} tokens) and --max-new-tokens {max_new_tokens} need "
+                               f"{len(ids) + max_new_tokens - 1} positions; {limit}")
+    return np.array([ids], dtype=np.int64)
+
+
 @command
 def run(
     artifact: Path = typer.Argument(..., help="Export directory (or a checkpoint, to run PyTorch)."),
@@ -228,27 +247,17 @@ def run(
     seed: int = typer.Option(0, help="Sampling seed."),
 ) -> None:
     """Generate from a prompt, streaming the output: prefill, then decode with the state."""
-    import numpy as np
-
-    from .data import encode
     from .generate import Sampling, generate
-    from .runtime import open_runner
-
-    from .runtime import vocab_size
+    from .runtime import open_runner, vocab_size
 
     runner = open_runner(artifact)
-    ids = encode(prompt)
-    if not ids:
-        raise SessaExportError("--prompt is empty")
     max_len = getattr(runner, "max_len", None) or getattr(getattr(runner, "config", None), "max_len", None)
-    if max_len is not None and len(ids) + max_new_tokens - 1 > max_len:
-        raise SessaExportError(f"the prompt ({len(ids)} tokens) and --max-new-tokens {max_new_tokens} need "
-                               f"{len(ids) + max_new_tokens - 1} positions; {artifact} has max_len={max_len}")
+    ids = _prompt_ids(prompt, max_new_tokens, max_len, f"{artifact} has max_len={max_len}")
     if vocab_size(runner) < 256:
         raise SessaExportError(f"--prompt is read as UTF-8 bytes, but {artifact} has a vocabulary of "
                                f"{vocab_size(runner)} tokens: run needs a byte-level model (vocab_size 256)")
     sampling = Sampling(temperature, top_k, top_p, seed)
-    result = generate(runner, np.array([ids], dtype=np.int64), max_new_tokens, sampling, on_tokens=_stream)
+    result = generate(runner, ids, max_new_tokens, sampling, on_tokens=_stream)
     sys.stdout.write("\n")
     err_console.print(f"{runner.name}: prefill {result.prompt_tokens} tokens in {result.prefill_s * 1e3:.1f} ms, "
                       f"decode {result.decode_tokens_per_s:.1f} tokens/s", highlight=False)
@@ -469,7 +478,7 @@ def bench(
 @command
 def demo(
     prompt: str = typer.Option("import os\n\n\ndef ", help="Prompt text."),
-    max_new_tokens: int = typer.Option(200, help="Bytes to generate."),
+    max_new_tokens: int = typer.Option(200, min=1, help="Bytes to generate."),
     out: Path = typer.Option(Path("sessa-demo"), "-o", "--out", help="Where the artifacts are written "
                              "(OUT/onnx, OUT/tvm-cpu)."),
     temperature: float = typer.Option(0.8, help="Sampling temperature (0 = greedy)."),
@@ -480,11 +489,9 @@ def demo(
     Exports to ONNX and compiles with TVM for this CPU, validates both against PyTorch step by
     step, generates through each and prints tokens/s beside the PyTorch reference.
     """
-    import numpy as np
-
-    from .checkpoint import load_checkpoint
     from .bench import SETTLE_S
-    from .data import BUNDLED_MODEL, encode, heldout_bytes
+    from .checkpoint import load_checkpoint
+    from .data import BUNDLED_MODEL, heldout_bytes
     from .generate import Sampling, generate
     from .onnx_export import export_onnx
     from .runtime import OrtRunner, TorchRunner
@@ -493,21 +500,22 @@ def demo(
     from .tvm_runtime import TvmRunner
     from .validate import FP32, cases, run_case
 
+    sampling = Sampling(temperature, top_k=40, seed=seed)  # bad settings fail here, before any work
+    prompt_ids = _prompt_ids(prompt, max_new_tokens, DEMO_CAPACITY, f"the demo compiles for {DEMO_CAPACITY}")
     model = load_checkpoint(BUNDLED_MODEL)
     console.print(f"[bold]model[/bold] {BUNDLED_MODEL} ({model.num_parameters():,} parameters)")
     graph = trace(model)
     with console.status("exporting to ONNX") as status:
         export_onnx(graph, out / "onnx", source=str(BUNDLED_MODEL))
         status.update("compiling with TVM for this CPU")
-        compile_graph(graph, out / "tvm-cpu", CompileTarget("cpu"), 1024, source=str(BUNDLED_MODEL))
+        compile_graph(graph, out / "tvm-cpu", CompileTarget("cpu"), DEMO_CAPACITY, source=str(BUNDLED_MODEL))
     reference = TorchRunner(model)
-    prompt_ids = np.array([encode(prompt)], dtype=np.int64)
-    sampling = Sampling(temperature, top_k=40, seed=seed)
     ok, figures = True, {}
     for runner, path in ((OrtRunner(out / "onnx"), out / "onnx"), (TvmRunner(out / "tvm-cpu"), out / "tvm-cpu")):
         console.rule(f"[bold]{runner.name}[/bold]: {path}")
         reports = [run_case(name, reference, runner, ids, steps, FP32)
-                   for name, ids, steps in track(cases(256, 128, 64, heldout_bytes(), 0, 1024), "validating")]
+                   for name, ids, steps in track(cases(256, 128, 64, heldout_bytes(), 0, DEMO_CAPACITY),
+                                                 "validating")]
         _print_report(reports, FP32)
         ok = ok and all(r.ok for r in reports)
         sys.stdout.write(prompt)

@@ -26,3 +26,13 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     for name in ("onnxruntime", "tvm", "pytorch"):
         assert re.search(rf"^{name} +prefill \d+ tokens +[\d.]+ ms, decode +\d+ tokens/s$", result.output, re.M), \
             f"no speed line for {name}:\n{result.output}"
+
+
+def test_demo_refuses_bad_settings_before_any_work(tmp_path):
+    out = tmp_path / "demo"
+    for args, names in ((("--prompt", ""), ("--prompt",)), (("--temperature", -1), ("temperature",)),
+                        (("--max-new-tokens", 2000), ("--max-new-tokens", "1024"))):
+        result = cli("demo", *args, "-o", out)
+        assert result.exit_code == 2, result.output
+        assert all(name in result.output for name in names), result.output
+        assert "Traceback" not in result.output and not out.exists()
