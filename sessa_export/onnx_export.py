@@ -247,7 +247,7 @@ def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], Non
                 source: str | None = None, factory: str | None = None) -> Path:
     """Write OUT/model.onnx and OUT/sessa_config.json; nothing is left at OUT on failure."""
     out = Path(out)
-    _check_replaceable(out)
+    check_replaceable(out)
     progress("building ONNX graph")
     model = build_onnx(graph)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
@@ -260,7 +260,7 @@ def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], Non
     return out
 
 
-def _check_replaceable(out: Path) -> None:
+def check_replaceable(out: Path) -> None:
     """OUT is replaced as a whole: refuse anything but nothing, an empty directory or an earlier export."""
     if not out.exists() and not out.is_symlink():
         return
