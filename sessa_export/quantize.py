@@ -35,7 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable
@@ -45,7 +44,7 @@ import onnx
 
 from .checkpoint import atomic_directory
 from .errors import SessaExportError
-from .onnx_export import EXTERNAL_DATA_LIMIT
+from .onnx_export import EXTERNAL_DATA_LIMIT, MODEL_NAME, check_replaceable
 from .ops import feedback_attention as fa_op
 from .runtime import MANIFEST_NAME, read_manifest
 
@@ -55,7 +54,6 @@ BITS = {"int8": 8, "int4": 4}
 DEFAULT_BLOCK_SIZE = 32
 MIN_BLOCK, MAX_BLOCK = 16, 256
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations per block, integer products
-MODEL_NAME = "model.onnx"
 
 # Ops that run in float32 inside a float16 model: the LayerNorm statistics and any softmax (the
 # FeedbackAttention function and the forward attention do their own float32 accumulation); Gelu
@@ -73,8 +71,7 @@ def export_files(path: Path, manifest: dict) -> list[Path]:
     """The model file and its external data files, if any."""
     model_file = path / manifest.get("model_file", MODEL_NAME)
     files = [model_file]
-    files += sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(model_file.name + ".")
-                    and p.name != model_file.name)
+    files += sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(model_file.name + "."))
     return files
 
 
@@ -119,10 +116,6 @@ class Weight:
     def input_width(self) -> int:
         """The dimension the int4 blocks run along: a linear layer's inputs, an embedding's width."""
         return self.dims[0] if self.kind == "linear" else self.dims[1]
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.dims)) * 4
 
 
 def find_weights(model: onnx.ModelProto) -> list[Weight]:
@@ -315,8 +308,7 @@ def to_float16(model: onnx.ModelProto, keep: list[Weight]) -> onnx.ModelProto:
         if v.name in converted:
             return converted[v.name]
         array = v.const_value.numpy().astype(np.float16)
-        users_fp32 = any(u in fp32_nodes for u, _ in v.uses())
-        if users_fp32 or v.name in kept_names:
+        if any(u in fp32_nodes for u, _ in v.uses()):
             new = ir.Value(name=f"{v.name}_fp16", type=ir.TensorType(F16), shape=v.shape,
                            const_value=ir.tensor(array, name=f"{v.name}_fp16"))
             graph.register_initializer(new)
@@ -357,11 +349,8 @@ def to_float16(model: onnx.ModelProto, keep: list[Weight]) -> onnx.ModelProto:
             if node in fp32_nodes:
                 if now[v] == F16:
                     node.replace_input_with(index, cast(v, F32, node))
-            elif v.is_initializer():
-                if v.name not in kept_names:
-                    node.replace_input_with(index, half_initializer(v))
-                else:
-                    node.replace_input_with(index, cast(v, F16, node))
+            elif v.is_initializer():  # not a kept weight: every node that reads one is in fp32_nodes
+                node.replace_input_with(index, half_initializer(v))
             elif now[v] == F32:
                 node.replace_input_with(index, cast(v, F16, node))
         if node not in fp32_nodes:
@@ -395,9 +384,14 @@ def to_float16(model: onnx.ModelProto, keep: list[Weight]) -> onnx.ModelProto:
 
 # -- the command ---------------------------------------------------------------------------------------
 
+def _feedback_attention_nodes(model: onnx.ModelProto) -> int:
+    """How many ai.sessa.FeedbackAttention nodes the main graph holds."""
+    return sum(1 for n in model.graph.node if n.domain == fa_op.DOMAIN and n.op_type == fa_op.OP_TYPE)
+
+
 def _ensure_function(model: onnx.ModelProto, expected_nodes: int) -> None:
     """The FeedbackAttention nodes and their ONNX function must survive; re-attach the function if dropped."""
-    nodes = sum(1 for n in model.graph.node if n.domain == fa_op.DOMAIN and n.op_type == fa_op.OP_TYPE)
+    nodes = _feedback_attention_nodes(model)
     if nodes != expected_nodes:
         raise SessaExportError(f"internal error: quantization left {nodes} of {expected_nodes} "
                                f"{fa_op.DOMAIN}.{fa_op.OP_TYPE} nodes")
@@ -453,11 +447,7 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
         check_block_size(block)
     if src.exists() and out.exists() and src.resolve() == out.resolve():
         raise SessaExportError("-o/--out must differ from the source export (it would be overwritten)")
-    if out.exists() or out.is_symlink():
-        if not (out.is_dir() and not out.is_symlink()
-                and (not any(out.iterdir()) or (out / MANIFEST_NAME).is_file())):
-            raise SessaExportError(f"{out} exists and is not an export directory (no {MANIFEST_NAME}); "
-                                   "refusing to replace it: choose another -o or remove it first")
+    check_replaceable(out)
     keep = list(dict.fromkeys(k.strip() for k in keep if k and k.strip()))
 
     progress(f"reading {src}")
@@ -467,6 +457,9 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
     if not weights:
         raise SessaExportError(f"{src}: no linear (MatMul) or embedding (Gather) weights to quantize")
     to_quantize, kept = split_kept(weights, keep)
+    if mode in BLOCK_MODES and not to_quantize:
+        raise SessaExportError(f"--keep {', '.join(keep)} keeps all {len(weights)} linear and embedding weights in "
+                               f"full precision: {mode} would quantize nothing; keep fewer")
     if mode in BLOCK_MODES:
         bad = [w for w in to_quantize if w.input_width % block]
         if bad:
@@ -474,7 +467,7 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
             more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
             raise SessaExportError(f"--block-size {block} does not divide the input width of {listing}{more}; "
                                    f"choose a block size that divides it, or --keep those layers")
-    fa_nodes = sum(1 for n in model.graph.node if n.domain == fa_op.DOMAIN and n.op_type == fa_op.OP_TYPE)
+    fa_nodes = _feedback_attention_nodes(model)
     source_size = export_size(src, manifest)
     source_sha = export_sha256(src, manifest)
 
@@ -521,10 +514,7 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
 
 
 def _write(qmodel: onnx.ModelProto, manifest: dict, tmp: Path, progress: Callable[[str], None]) -> None:
-    """Save, check with onnx.checker, smoke-run in ONNX Runtime, then write the manifest."""
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: give the artifact the usual permissions
+    """Save, check with onnx.checker, write the manifest (with the size on disk), smoke-run in ONNX Runtime."""
     size = qmodel.ByteSize()
     progress(f"saving {size / 2**20:.1f} MiB")
     model_path = tmp / MODEL_NAME
@@ -538,11 +528,10 @@ def _write(qmodel: onnx.ModelProto, manifest: dict, tmp: Path, progress: Callabl
         onnx.checker.check_model(str(model_path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise SessaExportError(f"quantized model failed onnx.checker: {str(exc).splitlines()[0]}") from None
+    manifest["quantization"]["size_bytes"] = export_size(tmp, manifest)
     (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     progress("loading in ONNX Runtime")
     _smoke_test(tmp)
-    manifest["quantization"]["size_bytes"] = export_size(tmp, manifest)
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
 def _smoke_test(path: Path) -> None:

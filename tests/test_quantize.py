@@ -12,18 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-from typer.testing import CliRunner
 
 from conftest import randomize_weights
+from parity import assert_clean_error, cli
 from sessa_export import quality
 from sessa_export.checkpoint import load_checkpoint, save_checkpoint
-from sessa_export.cli import app
 from sessa_export.config import SessaConfig
 from sessa_export.data import BUNDLED_MODEL, heldout_bytes
 from sessa_export.errors import SessaExportError
@@ -43,10 +43,6 @@ MIN_WEIGHT_RATIO = {"int8": 0.2, "int4": 0.1, "fp16": 0.45}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +115,6 @@ def test_feedback_attention_survives_and_checker_passes(mode, fp32_export, quant
         assert ops["GatherBlockQuantized"] == 1 and ops["Gather"] == 0
         bits = {a.name: a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute}["bits"]
         assert bits == {"int8": 8, "int4": 4}[mode]
-    if mode != "fp16":
         assert ops["MatMul"] == 0, f"{mode}: {ops['MatMul']} float MatMul left (every linear layer is quantized)"
     left = {w.module.rsplit(".", 1)[-1] for w in find_weights(model)}  # float32 weights still in the model
     assert left == ({"gamma_ctx"} if mode == "fp16" else set()), left  # fp16 keeps the gain path in float32
@@ -138,6 +133,9 @@ def test_manifest_records_mode_and_source(mode, fp32_export, quantized):
     assert manifest["weights_sha256"] == source["weights_sha256"]
     assert manifest["dtype"] == ("float16" if mode == "fp16" else "float32")
     assert not list(quantized[mode].parent.glob(f".{mode}.*")), "temporary directory left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert quantized[mode].stat().st_mode & 0o777 == 0o777 & ~umask, "the export directory must not be private"
 
 
 def test_fp16_types_and_float32_islands(quantized):
@@ -265,11 +263,9 @@ def test_validate_exits_1_when_a_threshold_fails(checkpoint, quantized, monkeypa
     assert "FAIL" in result.stdout
 
 
-def assert_clean_error(result, out: Path, *words: str) -> None:
-    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}"
-    assert result.stderr.startswith("error:") and "Traceback" not in result.output
-    for word in words:
-        assert word in result.stderr, f"{word!r} not in {result.stderr}"
+def assert_refused(result, out: Path, *words: str) -> None:
+    """A clean error naming `words` that leaves nothing at `out`, not even a temporary directory."""
+    assert_clean_error(result, *words)
     assert not out.exists(), f"{out} was written"
     assert not list(out.parent.glob(f".{out.name}.*")), "temporary directory left behind"
 
@@ -281,20 +277,31 @@ def _not_dividing(fp32_export) -> int:
 
 def test_bad_inputs_exit_2_and_write_nothing(fp32_export, quantized, checkpoint, tmp_path):
     out = tmp_path / "out"
-    assert_clean_error(cli("quantize", fp32_export, "--mode", "int3", "-o", out), out, "unknown mode", "int3")
-    assert_clean_error(cli("quantize", quantized["int8"], "--mode", "int4", "-o", out), out,
+    assert_refused(cli("quantize", fp32_export, "--mode", "int3", "-o", out), out, "unknown mode", "int3")
+    assert_refused(cli("quantize", quantized["int8"], "--mode", "int4", "-o", out), out,
                        "already quantized", "int8")
     block = _not_dividing(fp32_export)
     result = cli("quantize", fp32_export, "--mode", "int4", "--block-size", block, "-o", out)
-    assert_clean_error(result, out, f"--block-size {block} does not divide", "input width", ".weight")
-    assert_clean_error(cli("quantize", fp32_export, "--mode", "int4", "--block-size", 24, "-o", out), out,
+    assert_refused(result, out, f"--block-size {block} does not divide", "input width", ".weight")
+    assert_refused(cli("quantize", fp32_export, "--mode", "int4", "--block-size", 24, "-o", out), out,
                        "power of 2")
-    assert_clean_error(cli("quantize", fp32_export, "--mode", "fp16", "--block-size", 32, "-o", out), out,
+    assert_refused(cli("quantize", fp32_export, "--mode", "fp16", "--block-size", 32, "-o", out), out,
                        "int4 and int8 only")
-    assert_clean_error(cli("quantize", checkpoint, "--mode", "int8", "-o", out), out, "not an export")
-    assert_clean_error(cli("quantize", tmp_path / "missing", "--mode", "int8", "-o", out), out, "not found")
-    assert_clean_error(cli("quantize", fp32_export, "--mode", "int8", "--keep", "layers.99", "-o", out), out,
+    assert_refused(cli("quantize", checkpoint, "--mode", "int8", "-o", out), out, "not an export")
+    assert_refused(cli("quantize", tmp_path / "missing", "--mode", "int8", "-o", out), out, "not found")
+    assert_refused(cli("quantize", fp32_export, "--mode", "int8", "--keep", "layers.99", "-o", out), out,
                        "layers.99", "matches no")
+    everything = ",".join(sorted({w.module.split(".")[0] for w in find_weights(model_of(fp32_export))}))
+    for mode in ("int8", "int4"):
+        assert_refused(cli("quantize", fp32_export, "--mode", mode, "--keep", everything, "-o", out), out,
+                       "--keep", f"{mode} would quantize nothing")
+
+
+def test_fp16_may_keep_every_weight(fp32_export, tmp_path):
+    """fp16 still converts the activations and state when every weight is kept in float32."""
+    everything = sorted({w.module.split(".")[0] for w in find_weights(model_of(fp32_export))})
+    manifest = quantize_export(fp32_export, tmp_path / "fp16", "fp16", keep=everything)
+    assert manifest["quantization"]["quantized_weights"] == [] and manifest["dtype"] == "float16"
 
 
 def test_api_refuses_fp16_source(quantized, tmp_path):
