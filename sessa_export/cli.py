@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import SessaExportError
+from .quality import format_bytes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -48,17 +49,6 @@ def command(fn: Callable) -> Callable:
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     return app.command()(wrapper)
-
-
-def format_bytes(n: float | None) -> str:
-    """A byte count for people: 512 B, 5.67 MiB; '?' when unknown."""
-    if not n:
-        return "?" if n is None else "0 B"
-    for unit in ("B", "KiB", "MiB"):
-        if n < 1024:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} GiB"
 
 
 @command
@@ -383,14 +373,22 @@ def _validate_quantized(artifact: Path, manifest: dict, reference, candidate, te
     """Quality of a quantized export against the float32 reference; exit 1 when the mode's threshold fails."""
     import json
 
-    from .quality import describe, evaluate, render
+    from .quality import THRESHOLDS, describe, evaluate, render
     from .quantize import export_size
+    from .runtime import MANIFEST_NAME
 
-    quant = manifest["quantization"]
-    mode = quant.get("mode") if isinstance(quant, dict) else None
+    quant, where = manifest["quantization"], artifact / MANIFEST_NAME
+    if not isinstance(quant, dict):
+        raise SessaExportError(f"{where}: \"quantization\" must be an object, got {type(quant).__name__}; "
+                               "re-run the quantization")
+    tvm = manifest.get("format") == "tvm"  # compile --quantization: q8 is held to int8's bar, q4 to int4's
+    modes = TVM_QUALITY_MODES if tvm else THRESHOLDS
+    if not isinstance(quant.get("mode"), str) or quant["mode"] not in modes:
+        raise SessaExportError(f"{where}: unknown \"quantization\".\"mode\" {quant.get('mode')!r}; "
+                               f"expected one of {', '.join(modes)}")
+    mode = TVM_QUALITY_MODES[quant["mode"]] if tvm else quant["mode"]
     size_reference, size_quantized = quant.get("source_size_bytes"), None
-    if manifest.get("format") == "tvm":  # compile --quantization: q8 is held to int8's bar, q4 to int4's
-        mode = TVM_QUALITY_MODES.get(mode, mode)
+    if tvm:
         library = artifact / manifest.get("library", "model.so")
         size_quantized = library.stat().st_size if library.is_file() else None
         if quant.get("float_weight_bytes") and size_quantized:  # the library with float32 weights instead
@@ -441,7 +439,7 @@ def quantize(
     kept = (f"; kept in full precision: {', '.join(quant['keep'])} ({len(quant['kept_weights'])} weights)"
             if quant["kept_weights"] else "")
     console.print(f"wrote {out}/ ({format_bytes(after)}, {after / before:.2f}x of {format_bytes(before)}): "
-                  f"{mode}{block}, {len(quant['quantized_weights'])} weights quantized{kept}")
+                  f"{quant['mode']}{block}, {len(quant['quantized_weights'])} weights quantized{kept}")
 
 
 def track(items, description: str):

@@ -45,16 +45,23 @@ THRESHOLDS: dict[str, list[tuple[str, str, float]]] = {
     "fp16": [("logits_error", "<=", 1e-2)],
 }
 
-THRESHOLDS_HELP = ("int8: top-1 agreement >= 99% and mean KL <= 0.01 nats; "
-                   "int4: top-1 agreement >= 95% and bits per byte at most 3% above float32; "
-                   "fp16: max |logits error| <= 1e-2 x max |reference logits|")
-
 LABELS = {
     "top1_agreement": "top-1 agreement",
     "kl_mean": "mean KL (nats)",
     "bpb_increase": "bits/byte increase (relative)",
     "logits_error": "max |logits error| / max |ref logits|",
 }
+
+
+def format_bytes(n: float | None) -> str:
+    """A byte count for people: 512 B, 5.67 MiB; '?' when unknown."""
+    if not n:
+        return "?" if n is None else "0 B"
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} GiB"
 
 
 @dataclass
@@ -125,7 +132,7 @@ def text_ids(text: bytes, length: int = DEFAULT_BYTES, vocab_size: int = 256, wi
 
     length // window windows spread evenly from the start to the end of the text, so that a sample
     covers the whole text rather than its first file; a window as long as the text gives one
-    sequence.
+    sequence. `length` below one window is refused rather than silently raised to it.
     """
     if vocab_size < 256:
         raise SessaExportError(f"the quality check reads text as bytes, but the model's vocabulary has only "
@@ -135,6 +142,9 @@ def text_ids(text: bytes, length: int = DEFAULT_BYTES, vocab_size: int = 256, wi
     if len(text) < 2:
         raise SessaExportError(f"the evaluation text has {len(text)} bytes; it needs at least 2")
     window = min(window, max_len or window, len(text))
+    if length < window:
+        raise SessaExportError(f"--bytes {length} is less than one window of {window} bytes: "
+                               f"pass --bytes >= {window} or a smaller --window")
     count = max(1, min(length, len(text)) // window)
     span = len(text) - window
     starts = [round(i * span / (count - 1)) for i in range(count)] if count > 1 else [0]
@@ -167,11 +177,12 @@ def compare(mode: str, reference: np.ndarray, quantized: np.ndarray, ids: np.nda
         raise SessaExportError(f"unknown quantization mode {mode!r} in the manifest")
     if reference.shape != quantized.shape:
         raise SessaExportError(f"logits shapes differ: reference {reference.shape}, quantized {quantized.shape}")
-    if reference.ndim == 2:
-        reference, quantized = reference[None], quantized[None]
     windows, window, vocab = reference.shape
-    kl, agree, nll_ref, nll_q = [], 0, 0.0, 0.0
+    kl, agree, nll_ref, nll_q, max_abs, scale = [], 0, 0.0, 0.0, 0.0, 0.0
     for b in range(windows):  # one window at a time: bounded memory for large vocabularies
+        diff = np.abs(quantized[b].astype(np.float64) - reference[b].astype(np.float64))
+        max_abs = max(max_abs, float(diff.max()) if np.all(np.isfinite(diff)) else float("inf"))
+        scale = float(np.maximum(scale, np.abs(reference[b]).max()))  # NaN propagates: the check fails
         ref_lp, q_lp = _log_softmax(reference[b]), _log_softmax(quantized[b])
         kl.append((np.exp(ref_lp) * (ref_lp - q_lp)).sum(axis=-1))
         agree += int((ref_lp.argmax(-1) == q_lp.argmax(-1)).sum())
@@ -180,14 +191,12 @@ def compare(mode: str, reference: np.ndarray, quantized: np.ndarray, ids: np.nda
         nll_q -= float(q_lp[rows, targets].sum())
     kl = np.concatenate(kl)
     predicted = max(windows * (window - 1), 1)
-    diff = np.abs(quantized.astype(np.float64) - reference.astype(np.float64))
     report = QualityReport(
         mode=mode, positions=windows * window, windows=windows, window=window, chunk=chunk,
         top1_agreement=agree / (windows * window),
         kl_mean=float(np.mean(np.maximum(kl, 0.0))), kl_max=float(np.max(kl)),
         bpb_reference=nll_ref / predicted / LN2, bpb_quantized=nll_q / predicted / LN2,
-        logits_max_abs=float(diff.max()) if np.all(np.isfinite(diff)) else float("inf"),
-        logits_scale=float(np.abs(reference).max()),
+        logits_max_abs=max_abs, logits_scale=scale,
         size_reference=size_reference, size_quantized=size_quantized)
     report.checks = [Check(metric, op, limit, float(getattr(report, metric))) for metric, op, limit in THRESHOLDS[mode]]
     return report
@@ -212,8 +221,6 @@ def describe(report: QualityReport) -> str:
 def render(report: QualityReport, console, title: str = "") -> None:
     """Print the report as a rich table, with each threshold and PASS/FAIL."""
     from rich.table import Table
-
-    from .cli import format_bytes
 
     table = Table(title=title or f"{report.mode} vs float32: {describe(report)}",
                   title_justify="left")
@@ -247,5 +254,5 @@ def render(report: QualityReport, console, title: str = "") -> None:
                                                  for c in report.checks if not c.ok))
 
 
-__all__ = ["THRESHOLDS", "THRESHOLDS_HELP", "QualityReport", "Check", "compare", "evaluate", "run_logits",
+__all__ = ["THRESHOLDS", "QualityReport", "Check", "compare", "evaluate", "run_logits",
            "text_ids", "render", "describe"]

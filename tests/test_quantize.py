@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -208,12 +209,12 @@ def test_quality_metrics_on_known_inputs():
     """compare() on hand-made logits: identical logits are perfect, a flipped argmax is counted."""
     rng = np.random.default_rng(0)
     ids = rng.integers(0, 256, (1, 64))
-    ref = rng.standard_normal((64, 256)).astype(np.float32) * 3
+    ref = rng.standard_normal((1, 64, 256)).astype(np.float32) * 3
     same = quality.compare("int8", ref, ref.copy(), ids, 16)
     assert same.top1_agreement == 1.0 and same.kl_max < 1e-12 and same.logits_error == 0 and same.ok
     assert same.bpb_diff == 0
     bad = ref.copy()
-    bad[:8] = -bad[:8]  # 8 of 64 rows disagree
+    bad[:, :8] = -bad[:, :8]  # 8 of 64 rows disagree
     worse = quality.compare("int8", ref, bad, ids, 16)
     assert worse.top1_agreement == pytest.approx(56 / 64) and worse.kl_mean > 0.01 and not worse.ok
     assert [c.ok for c in worse.checks] == [False, False]
@@ -239,9 +240,10 @@ def test_keep_leaves_named_layers_in_float32(fp32_export, tmp_path):
 
 def test_cli_quantize_then_validate(checkpoint, fp32_export, tmp_path):
     out = tmp_path / "int8"
-    result = cli("quantize", fp32_export, "--mode", "int8", "-o", out)
+    result = cli("quantize", fp32_export, "--mode", "INT8", "-o", out)
     assert result.exit_code == 0, result.output
     assert "int8" in result.stdout and "wrote" in result.stdout
+    assert "INT8" not in result.stdout, "the mode is shown normalised"
     report = tmp_path / "report.json"
     result = cli("validate", out, "--checkpoint", checkpoint, "--json", report)
     data = json.loads(report.read_text())
@@ -302,6 +304,28 @@ def test_fp16_may_keep_every_weight(fp32_export, tmp_path):
     everything = sorted({w.module.split(".")[0] for w in find_weights(model_of(fp32_export))})
     manifest = quantize_export(fp32_export, tmp_path / "fp16", "fp16", keep=everything)
     assert manifest["quantization"]["quantized_weights"] == [] and manifest["dtype"] == "float16"
+
+
+def test_validate_bad_inputs_exit_2_and_write_nothing(checkpoint, quantized, tmp_path):
+    report = tmp_path / "report.json"
+
+    def validate(path: Path, *options):
+        return cli("validate", path, "--checkpoint", checkpoint, "--json", report, *options)
+
+    assert_refused(validate(quantized["int8"], "--bytes", 100, "--window", 256), report,
+                   "--bytes 100", "window of 256")
+    broken = tmp_path / "broken"
+    shutil.copytree(quantized["int8"], broken)
+    manifest = manifest_of(broken)
+    for value, words in ((["int8"], ("sessa_config.json", '"quantization"', "list")),
+                         ({**manifest["quantization"], "mode": "int3"}, ("sessa_config.json", "int3", "int8"))):
+        (broken / "sessa_config.json").write_text(json.dumps({**manifest, "quantization": value}))
+        assert_refused(validate(broken), report, *words)
+
+
+def test_text_ids_refuses_fewer_bytes_than_a_window():
+    with pytest.raises(SessaExportError, match="--bytes 100 is less than one window of 256"):
+        quality.text_ids(heldout_bytes(), 100, 256, 256)
 
 
 def test_api_refuses_fp16_source(quantized, tmp_path):
