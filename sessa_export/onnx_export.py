@@ -26,7 +26,8 @@ from .errors import SessaExportError
 from .model import SessaMixer
 from .ops import causal_attention as causal_op
 from .ops import feedback_attention as fa_op
-from .stepgraph import BINARY, STATE_FIELDS, Node, StepGraph, layer_norm_affine, past_name, present_name
+from .stepgraph import (BINARY, STATE_FIELDS, Node, StepGraph, feature_widths, layer_norm_affine, past_name,
+                        present_name, split_sizes)
 
 OPSET = 23
 IR_VERSION = 10
@@ -167,7 +168,7 @@ class _Builder:
                         for a in args]
             return self.op(ONNX_OPS[node.op], operands)
         if node.op == "split":
-            sizes = _split_sizes(node, self.widths[node.inputs[0]])
+            sizes = split_sizes(node, self.widths[node.inputs[0]])
             return tuple(self.tape.op_multi_out("Split", [args[0], self.const(np.array(sizes), f"sizes.{sizes}")],
                                                 attributes={"axis": -1}, num_outputs=len(sizes)))
         if node.op == "getitem":
@@ -187,7 +188,7 @@ class _Builder:
         self.state_shapes = [layer["shapes"] for layer in g.state_layout()]
         self.past = [{f: self.new_input(past_name(i, f), dtype, shape) for f, shape in shapes.items()}
                      for i, shapes in enumerate(self.state_shapes)]
-        self.widths = _feature_widths(g)
+        self.widths = feature_widths(g)
         for node in g.nodes:
             self.values[node.output] = self.node(node)
         results = []
@@ -205,37 +206,6 @@ class _Builder:
         InlinePass(criteria=lambda function: function.domain == causal_op.DOMAIN)(model)
         del model.graph.opset_imports[causal_op.DOMAIN]
         return model
-
-def _feature_widths(graph: StepGraph) -> dict[str, int]:
-    """Last-dim width of each value, for resolving splits."""
-    widths: dict[str, int] = {}
-    if graph.input_width:
-        widths[graph.input_name] = graph.input_width
-    for node in graph.nodes:
-        first = node.inputs[0] if node.inputs and isinstance(node.inputs[0], str) else None
-        if node.op == "embedding":
-            widths[node.output] = node.module.embedding_dim
-        elif node.op == "linear":
-            widths[node.output] = node.module.out_features
-        elif node.op == "mixer":
-            widths[node.output] = node.module.D
-        elif node.op == "getitem":
-            split = next(n for n in graph.nodes if n.output == node.inputs[0])
-            widths[node.output] = _split_sizes(split, widths[split.inputs[0]])[node.attrs["index"]]
-        elif first in widths:
-            widths[node.output] = widths[first]
-    return widths
-
-
-def _split_sizes(node: Node, width: int) -> list[int]:
-    """Piece widths of `x.split(size_or_sizes, -1)` or `x.chunk(k, -1)` on a width-`width` value."""
-    if "chunk" in node.attrs:
-        size = -(-width // int(node.attrs["chunk"]))
-    elif isinstance(node.attrs["split"], (list, tuple)):
-        return [int(x) for x in node.attrs["split"]]
-    else:
-        size = int(node.attrs["split"])
-    return [min(size, width - start) for start in range(0, width, size)]
 
 
 def build_onnx(graph: StepGraph, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Model:

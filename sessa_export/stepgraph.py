@@ -82,3 +82,35 @@ class StepGraph:
     def max_len(self) -> int | None:
         limits = [m.max_len for m in self.mixers if m.max_len is not None]
         return min(limits) if limits else None
+
+
+def feature_widths(graph: StepGraph) -> dict[str, int]:
+    """Last-dim width of each value (when known), for resolving splits and typing outputs."""
+    widths: dict[str, int] = {}
+    if graph.input_width:
+        widths[graph.input_name] = graph.input_width
+    for node in graph.nodes:
+        first = node.inputs[0] if node.inputs and isinstance(node.inputs[0], str) else None
+        if node.op == "embedding":
+            widths[node.output] = node.module.embedding_dim
+        elif node.op == "linear":
+            widths[node.output] = node.module.out_features
+        elif node.op == "mixer":
+            widths[node.output] = node.module.D
+        elif node.op == "getitem":
+            split = next(n for n in graph.nodes if n.output == node.inputs[0])
+            widths[node.output] = split_sizes(split, widths[split.inputs[0]])[node.attrs["index"]]
+        elif first in widths:
+            widths[node.output] = widths[first]
+    return widths
+
+
+def split_sizes(node: Node, width: int) -> list[int]:
+    """Piece widths of `x.split(size_or_sizes, -1)` or `x.chunk(k, -1)` on a width-`width` value."""
+    if "chunk" in node.attrs:
+        size = -(-width // int(node.attrs["chunk"]))
+    elif isinstance(node.attrs["split"], (list, tuple)):
+        return [int(x) for x in node.attrs["split"]]
+    else:
+        size = int(node.attrs["split"])
+    return [min(size, width - start) for start in range(0, width, size)]

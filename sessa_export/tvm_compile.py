@@ -46,7 +46,7 @@ import torch
 from .checkpoint import atomic_directory
 from .errors import SessaExportError
 from .model import SessaMixer
-from .stepgraph import BINARY, STATE_FIELDS, Node, StepGraph, layer_norm_affine
+from .stepgraph import BINARY, STATE_FIELDS, Node, StepGraph, feature_widths, layer_norm_affine, split_sizes
 from .targets import AARCH64_LINUX, ARCHS
 
 CONFIG_NAME = "sessa_config.json"
@@ -309,9 +309,7 @@ class _Builder:
             fn = {"add": op.add, "sub": op.subtract, "mul": op.multiply, "div": op.divide}[node.op]
             return self.emit(fn(lhs, rhs))
         if node.op == "split":
-            from .onnx_export import _split_sizes
-
-            sizes = _split_sizes(node, self.widths[node.inputs[0]])
+            sizes = split_sizes(node, self.widths[node.inputs[0]])
             indices = list(np.cumsum(sizes)[:-1].tolist())
             parts = self.emit(op.split(args[0], indices, axis=-1))
             return tuple(self.emit(rx.TupleGetItem(parts, k)) for k in range(len(sizes)))
@@ -360,10 +358,8 @@ class _Builder:
         The two bodies differ in their kernels only: FeedbackAttention's decode kernel, and
         matmuls scheduled as matrix-vector products, for S = 1.
         """
-        from .onnx_export import _feature_widths
-
         rx, tirx = self.rx, self.tirx
-        self.widths = _feature_widths(self.graph)
+        self.widths = feature_widths(self.graph)
         for mixer in self.graph.mixers:  # kernels first: one that fails to build fails before any function
             self.attention_kernel(mixer)
             for decode in (True, False):
