@@ -17,6 +17,8 @@ from typing import Mapping
 
 import numpy as np
 
+from .errors import SessaExportError
+
 ROUNDS = 4  # turns each runner takes: one prefill and one block of decode steps per turn
 SETTLE_S = 0.5  # pause before each turn: the previous runner's spinning thread pool goes idle
 
@@ -55,16 +57,25 @@ def time_runners(runners: Mapping[str, object], vocab_size: int, context: int = 
 
     Each runner first prefills once untimed (first-run allocations) and takes `warmup` untimed
     decode steps from that prefill; its timed decode then continues from the same prefill, so
-    every runner decodes the same tokens at the same positions.
+    every runner decodes the same tokens at the same positions. `decode_steps` is rounded up to
+    a multiple of `rounds` (one block of steps per round). A runner whose `max_len` is shorter
+    than the positions this needs is refused before anything runs.
     """
     per_block = -(-decode_steps // rounds)
-    ids = np.random.default_rng(seed).integers(0, vocab_size, (batch, context + decode_positions(decode_steps, rounds)))
+    positions = context + decode_positions(decode_steps, rounds)
+    for name, runner in runners.items():
+        limit = getattr(runner, "max_len", None)
+        if limit is not None and positions > limit:
+            raise SessaExportError(f"{name} runs at most {limit} positions; the benchmark needs {positions} (a context "
+                                   f"of {context}, then {positions - context} for decode): lower --context or "
+                                   "--decode-steps")
+    ids = np.random.default_rng(seed).integers(0, vocab_size, (batch, positions))
     timings = {name: Timing(context, batch) for name in runners}
     states, position = {}, dict.fromkeys(runners, context)
     for name, runner in runners.items():
         _, prefilled = runner.step(ids[:, :context], runner.empty_state(batch))
-        for t in range(warmup):  # from the prefilled state each time: it stays the one decode starts from
-            runner.step(ids[:, context + t:context + t + 1], prefilled)
+        for _ in range(warmup):  # the same step from the prefilled state: it stays the one decode starts from
+            runner.step(ids[:, context:context + 1], prefilled)
         states[name] = prefilled
     for _ in range(rounds):
         for name, runner in runners.items():

@@ -28,6 +28,7 @@ class TorchRunner:
     def __init__(self, model: SessaLM) -> None:
         self.model = model.eval()
         self.config = model.config
+        self.max_len = model.config.max_len  # None: no limit
 
     def empty_state(self, batch: int) -> list[LayerState]:
         return self.model.empty_state(batch)

@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 
-
 @dataclass(frozen=True)
 class Tolerance:
     atol: float

@@ -61,5 +61,9 @@ def one_tvm_thread(one_torch_thread):
     """1 TVM worker thread as well, for the same reason."""
     import tvm
 
-    tvm.get_global_func("runtime.config_threadpool")(1, 1)
+    from sessa_export.runtime import available_cores
+
+    configure = tvm.get_global_func("runtime.config_threadpool")
+    configure(1, 1)
     yield
+    configure(1, available_cores())  # what a runner gets by default: later modules time at full width

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from typer.testing import CliRunner
 
 from sessa_export.cli import app
-import torch
-
 from sessa_export.runtime import TorchRunner
 
 ATOL = 1e-4  # the issues' fp32 bar: max |back end - PyTorch| on logits and on every state tensor

@@ -203,6 +203,8 @@ def test_bench_command_times_and_refuses_a_context_past_max_len(make_lm, tmp_pat
     text = " ".join(result.output.split())  # rich wraps lines at the console width
     assert "tokens/s at T=48" in text and "ms/token at context 48" in text
     assert_clean_error(cli("bench", out, "--context", 90), "96 positions", "--context")
+    checkpoint = save_checkpoint(model, tmp_path / "ckpt")  # the PyTorch runner is held to max_len too
+    assert_clean_error(cli("bench", checkpoint, "--context", 90), "96 positions", "--context")
 
 
 # -- portability: ONNX Runtime and numpy only -----------------------------------------------------------------
@@ -272,7 +274,8 @@ def test_weights_past_the_limit_go_to_external_data(make_lm, monkeypatch, tmp_pa
     assert max_abs(logits, forward_logits(model, ids)) <= ATOL
     quantize.quantize_export(shipped, tmp_path / "int8", "int8")
     assert "model.onnx.data" in leftovers(tmp_path / "int8")
-    logits, _ = OrtRunner(tmp_path / "int8", threads=1).step(ids, OrtRunner(tmp_path / "int8").empty_state(1))
+    runner = OrtRunner(tmp_path / "int8", threads=1)
+    logits, _ = runner.step(ids, runner.empty_state(1))
     assert np.argmax(logits, -1).shape == (1, 12) and np.isfinite(logits).all()
 
 
