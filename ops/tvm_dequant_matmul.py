@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-MODES = {"q8": 8, "q4": 4}
-GROUP_SIZE = 32
+MODES = {"q8": 8, "q4": 4}  # bits per stored weight
+GROUP_SIZE = 32  # inputs per quantization group (along the input dim), one scale each
 
 
 def quantize(weight: np.ndarray, mode: str, panel: int, group_size: int = GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:

@@ -46,17 +46,16 @@ import torch
 from .checkpoint import atomic_directory
 from .errors import SessaExportError
 from .model import SessaMixer
+from .ops.tvm_dequant_matmul import GROUP_SIZE, MODES
 from .stepgraph import BINARY, STATE_FIELDS, Node, StepGraph, feature_widths, layer_norm_affine, split_sizes
-from .targets import AARCH64_LINUX, ARCHS
+from .targets import AARCH64_LINUX, ARCHS, METAL_HOSTS
 
 CONFIG_NAME = "sessa_config.json"
 ENTRY = "step"
 DEFAULT_CAPACITY = 2048
 TARGETS = ("cpu", "cuda", "metal")
 HOSTS = {AARCH64_LINUX: f"{AARCH64_LINUX}-g++"}
-METAL_HOSTS = ("arm64-apple-darwin", "arm64-apple-ios")
-QUANTIZATIONS = ("q8", "q4")  # --quantization: int8 / packed int4 linear weights, one scale per group
-GROUP_SIZE = 32  # inputs per quantization group (along the input dim)
+QUANTIZATIONS = tuple(MODES)  # --quantization: int8 / packed int4 linear weights
 
 
 # -- targets -------------------------------------------------------------------------------------
@@ -739,12 +738,13 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
         })
         if quantization is not None:
             values = sum(k * n for k, n in builder.quantized.values())
+            bits = MODES[quantization]
             manifest["quantization"] = {
-                "mode": quantization, "group_size": GROUP_SIZE, "bits": 8 if quantization == "q8" else 4,
+                "mode": quantization, "group_size": GROUP_SIZE, "bits": bits,
                 "symmetric": True, "packed": quantization == "q4",
                 "quantized_weights": sorted(builder.quantized), "kept": builder.kept,
                 "float_weight_bytes": 4 * values,
-                "quantized_weight_bytes": values // (1 if quantization == "q8" else 2) + 4 * values // GROUP_SIZE,
+                "quantized_weight_bytes": values * bits // 8 + 4 * values // GROUP_SIZE,
             }
         (tmp / CONFIG_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return out

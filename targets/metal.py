@@ -11,9 +11,9 @@ from tvm import tirx
 from tvm.target import Target
 
 from sessa_export.ops.tvm_kernels import FeedbackTiling, feedback_attention_kernels
-from sessa_export.targets import cuda
+from sessa_export.targets import METAL_HOSTS, cuda
 
-HOST_TRIPLE = "arm64-apple-darwin"
+HOST_TRIPLE = METAL_HOSTS[0]
 THREADS = 256
 KEY_TILE_BYTES = 8 * 1024  # of 32 KiB threadgroup memory
 
