@@ -144,6 +144,23 @@ def feedback_attention_module(kernels: Mapping[str, tirx.PrimFunc]) -> tvm.IRMod
     return tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in kernels.items()})
 
 
+def scheduled_kernels(
+    target_name: str,
+    d_model: int,
+    dtype: str = "float32",
+    scale: float | None = None,
+    **options: object,
+) -> tuple[tvm.target.Target, dict[str, tirx.PrimFunc]]:
+    """The target and both kernels, tiled and scheduled by ``sessa_export.targets.<target_name>``.
+
+    ``target_name`` is "cpu", "cuda" or "metal"; ``options`` go to that module's
+    ``scheduled_feedback_attention`` (cpu: ``triple``, ``d_chunks``; cuda: ``arch``; metal:
+    ``triple``). The target modules import this one, hence the import by name.
+    """
+    rule = importlib.import_module(f"sessa_export.targets.{target_name}")
+    return rule.scheduled_feedback_attention(d_model, dtype, scale, **options)
+
+
 def build_feedback_attention(
     target_name: str,
     d_model: int,
@@ -151,13 +168,8 @@ def build_feedback_attention(
     scale: float | None = None,
     **options: object,
 ) -> tvm.runtime.Executable:
-    """Compile both kernels with the rule of ``sessa_export.targets.<target_name>``.
-
-    ``target_name`` is "cpu", "cuda" or "metal"; ``options`` go to that module's
-    ``scheduled_feedback_attention`` (cpu: ``triple``, ``d_chunks``; cuda: ``arch``).
-    """
-    rule = importlib.import_module(f"sessa_export.targets.{target_name}")
-    tgt, kernels = rule.scheduled_feedback_attention(d_model, dtype, scale, **options)
+    """Compile both kernels as ``scheduled_kernels`` schedules them, for its target."""
+    tgt, kernels = scheduled_kernels(target_name, d_model, dtype, scale, **options)
     return tvm.compile(feedback_attention_module(kernels), target=tgt)
 
 

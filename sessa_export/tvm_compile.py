@@ -100,21 +100,20 @@ class CompileTarget:
         return "model.so"
 
     def host_target(self):
-        """The LLVM target of the host code: this machine, or the cross-compilation triple."""
-        from .targets import cpu
-
-        return cpu.target(self.host)
+        """The LLVM target of the host code: this machine for cpu, else as `tvm_target` sets it."""
+        target = self.tvm_target()
+        return target.host if self.gpu else target
 
     def tvm_target(self):
-        import tvm
+        """The TVM target, as the target's module in targets/ builds it: cpu for this machine (its
+        CPU model) or a generic CPU of the --host triple; GPU host code for a generic CPU."""
+        from .targets import cpu, cuda, metal
 
-        host = self.host_target()
         if self.name == "cuda":
-            return tvm.target.Target({"kind": "cuda", "arch": self.arch, "max_threads_per_block": 1024,
-                                      "max_shared_memory_per_block": 49152, "thread_warp_size": 32}, host=host)
+            return cuda.target(self.arch)
         if self.name == "metal":
-            return tvm.target.Target({"kind": "metal"}, host=host)
-        return host
+            return metal.target(self.host)
+        return cpu.target(self.host)
 
     def describe(self) -> str:
         if self.name == "cuda":
@@ -384,36 +383,18 @@ class _Builder:
 
 
 def feedback_kernels(target: CompileTarget, d_model: int, dtype: str = "float32") -> dict:
-    """Both FeedbackAttention PrimFuncs (decode, prefill) tiled and scheduled for `target`.
-
-    Uses `sessa_export.targets.<name>.scheduled_feedback_attention(d_model, dtype, scale, ...)`;
-    without a target module, CPU falls back to the unscheduled kernels (serial, still exact).
-    """
-    import importlib
-    import inspect
-
+    """Both FeedbackAttention PrimFuncs (decode, prefill) tiled and scheduled for `target` by its
+    module in targets/ (`ops/tvm_kernels.scheduled_kernels`)."""
     from .ops import tvm_kernels
 
-    scale = d_model ** -0.5
+    options = {"cpu": {"triple": target.host}, "cuda": {"arch": target.arch},
+               "metal": {"triple": target.host}}[target.name]
     try:
-        module = importlib.import_module(f"sessa_export.targets.{target.name}")
-    except ImportError:
-        module = None
-    build = getattr(module, "scheduled_feedback_attention", None)
-    if build is None:
-        if target.gpu:
-            raise SessaExportError(f"no FeedbackAttention schedule for {target.name}: sessa_export/targets/"
-                                   f"{target.name}.py is missing scheduled_feedback_attention")
-        kernels = tvm_kernels.feedback_attention_kernels(d_model, dtype, scale)
-    else:
-        wanted = {"triple": target.host, "arch": target.arch}
-        accepted = inspect.signature(build).parameters
-        try:
-            _, kernels = build(d_model, dtype, scale, **{k: v for k, v in wanted.items() if k in accepted and v})
-        except Exception as exc:  # s_tir raises ScheduleError & co. with the whole PrimFunc in the message
-            raise SessaExportError(f"the FeedbackAttention kernels (D={d_model}) could not be scheduled for "
-                                   f"{target.describe()}: {_last_line(exc)}") from None
-    return {name: func.with_attr("tirx.is_scheduled", True) for name, func in kernels.items()}
+        _, kernels = tvm_kernels.scheduled_kernels(target.name, d_model, dtype, d_model ** -0.5, **options)
+    except Exception as exc:  # s_tir raises ScheduleError & co. with the whole PrimFunc in the message
+        raise SessaExportError(f"the FeedbackAttention kernels (D={d_model}) could not be scheduled for "
+                               f"{target.describe()}: {_last_line(exc)}") from None
+    return kernels
 
 
 def check_quantization(quantization: str | None, target: CompileTarget | None = None) -> str | None:

@@ -23,20 +23,24 @@ from sessa_export.ops.tvm_kernels import (
     FeedbackTiling,
     feedback_attention_kernels,
 )
-from sessa_export.targets.cpu import has_block
+from sessa_export.targets.cpu import has_block, host_triple
 from sessa_export.targets.cpu import target as host_target
 
 THREADS = 256
-KEY_TILE_BYTES = 16 * 1024  # shared memory for the key tile (48 KiB per block without opt-in)
+SHARED_MEMORY_BYTES = 48 * 1024  # per block without opt-in, on every arch in ARCHS
+KEY_TILE_BYTES = 16 * 1024  # shared memory for the key tile
 
 
 def target(arch: str = "sm_80") -> Target:
     """CUDA target for compute capability ``arch`` ("sm_80", "sm_90").
 
-    Host code targets a generic CPU of this machine's triple, so the library runs on any host
-    of that architecture, not only on this CPU model.
+    It states the per-block limits (threads, shared memory, warp size) that dlight's GPU rules
+    size the position-wise kernels by. Host code targets a generic CPU of this machine's triple
+    (no -mcpu), so the library runs on any host of that architecture, not only on this CPU model.
     """
-    return Target({"kind": "cuda", "arch": arch}, host=host_target())
+    limits = {"max_threads_per_block": 1024, "max_shared_memory_per_block": SHARED_MEMORY_BYTES,
+              "thread_warp_size": 32}
+    return Target({"kind": "cuda", "arch": arch, **limits}, host=host_target(host_triple()))
 
 
 def feedback_tilings(

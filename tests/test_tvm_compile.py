@@ -205,6 +205,24 @@ def cross_model(make_lm):
     return make_lm(seed=7, std=0.2, n_heads=4, n_kv_heads=2, mlp_ratio=1.0)
 
 
+@pytest.mark.parametrize("name", ["cuda", "metal"])
+def test_gpu_host_code_is_for_any_cpu_of_its_triple(name):
+    """A GPU library's host code must run on every CPU of its architecture: no -mcpu=native, and
+    the compiler's target is the one targets/<name>.py builds."""
+    from sessa_export.targets import cpu, cuda, metal
+
+    target = CompileTarget(name)
+    tvm_target = target.tvm_target()
+    host = dict(tvm_target.host.attrs)
+    assert "mcpu" not in host, f"{name} host code is for {host['mcpu']} CPUs only"
+    assert cpu.host_cpu() not in str(tvm_target)
+    assert str(target.host_target()) == str(tvm_target.host)
+    built = cuda.target(target.arch) if name == "cuda" else metal.target(target.host)
+    assert str(tvm_target) == str(built)
+    if name == "cuda":
+        assert host["mtriple"] == cpu.host_triple()
+
+
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="needs g++-aarch64-linux-gnu")
 def test_aarch64_cross_compile_is_an_aarch64_elf(cross_model, tmp_path):
     out = compile_graph(trace(cross_model), tmp_path / "arm", CompileTarget("cpu", host="aarch64-linux-gnu"),
