@@ -37,9 +37,10 @@ from common import (DECODE_CONTEXT, DECODE_STEPS, config_125m,  # noqa: E402
 
 from sessa_export.bench import time_runners  # noqa: E402
 from sessa_export.model import SessaLM, init_weights  # noqa: E402
-from sessa_export.onnx_export import export_onnx  # noqa: E402
+from sessa_export.onnx_export import MODEL_NAME, export_onnx  # noqa: E402
 from sessa_export.quantize import export_size, linear_weight_bytes, quantize_export  # noqa: E402
-from sessa_export.runtime import OrtRunner, available_cores  # noqa: E402
+from sessa_export.runtime import OrtRunner, available_cores, read_manifest  # noqa: E402
+from sessa_export.stepgraph import STATE_FIELDS  # noqa: E402
 from sessa_export.tracer import trace  # noqa: E402
 
 TARGETS = {"int8": 2.0, "int4": 2.5}
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             model = init_weights(SessaLM(config), seed=0, std=0.02).eval()
             export_onnx(trace(model), fp32)
             del model
-        print(f"exported 125M-class model ({config.n_layers} layers, d_model {config.d_model}, vocab "
-              f"{config.vocab_size}) in {time.perf_counter() - start:.1f} s", flush=True)
+            print(f"exported 125M-class model ({config.n_layers} layers, d_model {config.d_model}, vocab "
+                  f"{config.vocab_size}) in {time.perf_counter() - start:.1f} s", flush=True)
         variants = {"fp32": fp32}
         modes = ["int8", "int4"] + (["fp16"] if args.fp16 else [])
         for mode in modes:
@@ -84,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             quantize_export(fp32, variants[mode], mode, args.block_size if mode == "int4" else None)
             print(f"quantized {mode} in {time.perf_counter() - start:.1f} s", flush=True)
 
-        fp32_size, fp32_linear = export_size(fp32), linear_weight_bytes(fp32)
         sizes = {name: (export_size(path), linear_weight_bytes(path)) for name, path in variants.items()}
+        fp32_size, fp32_linear = sizes["fp32"]
         tables = []
         for context in args.contexts:
             runners = {name: OrtRunner(path, threads) for name, path in variants.items()}
@@ -124,7 +125,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def profile_decode(paths: dict[str, Path], context: int, threads: int, vocab: int, steps: int = 8) -> dict:
-    """ms/token by op type over `steps` decode steps after a prefill of `context`, from ORT's profiler."""
+    """ms/token by op type over `steps` decode steps after a prefill of `context`, from ORT's profiler.
+
+    Each model gets one session, built here with the profiler on (OrtRunner takes no SessionOptions),
+    stepped as OrtRunner.step does: the state stays in ORT's buffers between steps.
+    """
     import collections
     import json
     import os
@@ -132,19 +137,28 @@ def profile_decode(paths: dict[str, Path], context: int, threads: int, vocab: in
     import onnxruntime as ort
 
     ids = np.random.default_rng(0).integers(0, vocab, (1, context + steps + 1))
+    chunks = [ids[:, :context]] + [ids[:, t:t + 1] for t in range(context, context + steps + 1)]
     result = {}
     for name, path in paths.items():
-        runner = OrtRunner(path, threads)
+        manifest = read_manifest(path)
         options = ort.SessionOptions()
         options.enable_profiling = True
         options.intra_op_num_threads = threads
         options.profile_file_prefix = str(path / "profile")
-        runner.session = ort.InferenceSession(str(path / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        _, state = runner.step(ids[:, :context], runner.empty_state(1))
-        _, state = runner.step(ids[:, context:context + 1], state)
-        for t in range(steps):
-            _, state = runner.step(ids[:, context + 1 + t:context + 2 + t], state)
-        trace_file = runner.session.end_profiling()
+        session = ort.InferenceSession(str(path / manifest.get("model_file", MODEL_NAME)), options,
+                                       providers=["CPUExecutionProvider"])
+        outputs = [o.name for o in session.get_outputs()]
+        dtype = np.float16 if manifest.get("dtype") == "float16" else np.float32
+        layout = [(layer["past"][f], layer["present"][f], layer["shapes"][f])
+                  for layer in manifest["state"] for f in STATE_FIELDS]
+        state = {past: ort.OrtValue.ortvalue_from_numpy(np.zeros([1 if d == "batch" else 0 if d == "past" else d
+                                                                  for d in shape], dtype))
+                 for past, _, shape in layout}
+        for chunk in chunks:
+            feed = {manifest["input"]["name"]: ort.OrtValue.ortvalue_from_numpy(chunk), **state}
+            named = dict(zip(outputs, session.run_with_ort_values(outputs, feed)))
+            state = {past: named[present] for past, present, _ in layout}
+        trace_file = session.end_profiling()
         events = json.loads(Path(trace_file).read_text())
         os.remove(trace_file)
         runs = [e for e in events if e.get("name") == "model_run"][-steps:]
