@@ -184,10 +184,11 @@ class _Builder:
                 y = self.emit(op.add(y, self.const(module.bias, f"{path}.bias")))
             return y
         # CPU: the weight in panels (targets/cpu.py)
-        weight = cpu.pack_weight(module.weight.detach().cpu().float().numpy(), panel)
+        weight = self.consts.get(f"{path}.weight")
+        if weight is None:  # the decode and prefill bodies both emit this layer: pack its weight once
+            weight = self.const(cpu.pack_weight(module.weight.detach().cpu().float().numpy(), panel), f"{path}.weight")
         bias = None if module.bias is None else self.const(module.bias.reshape(-1, panel), f"{path}.bias")
-        return cpu.emit_linear(self.bb, x, self.const(weight, f"{path}.weight"), bias,
-                               [self.batch, self.seq, module.out_features])
+        return cpu.emit_linear(self.bb, x, weight, bias, [self.batch, self.seq, module.out_features])
 
     def quantized_linear(self, x, module: torch.nn.Linear, path: str, panel: int):
         """x @ W^T + b through ops/tvm_dequant_matmul.py: int8 / packed int4 weight in panels of
