@@ -122,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     threads = set_threads(args.threads)
-    os.environ.setdefault("TVM_NUM_THREADS", str(threads))
-    print(f"machine: {machine_description()}; TVM threads {os.environ['TVM_NUM_THREADS']}", flush=True)
+    os.environ["TVM_NUM_THREADS"] = str(threads)  # the size of TVM's thread pool: set before TVM is imported
+    print(f"machine: {machine_description()}", flush=True)
     single, bandwidth = read_bandwidth(threads)
     print(f"read bandwidth (numpy sum over 1 GiB): {single / 1e9:.1f} GB/s on one thread, "
           f"{bandwidth / 1e9:.1f} GB/s on {threads} threads (the bound uses the latter)", flush=True)
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                   progress=lambda msg: print(f"  tvm: {msg}", flush=True))
     print(f"TVM compile: {time.perf_counter() - start:.1f} s", flush=True)
     runners = [("TVM CPU", TvmRunner(work / "tvm", threads))]
+    print(f"TVM threads: {runners[0][1].threads}", flush=True)
     for mode in ("q8", "q4") if args.quantized else ():
         compile_graph(graph, work / f"tvm-{mode}", CompileTarget("cpu"), max_len=args.capacity, quantization=mode)
         runners.append((f"TVM CPU {mode}", TvmRunner(work / f"tvm-{mode}", threads)))

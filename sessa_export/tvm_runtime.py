@@ -11,6 +11,7 @@ stays valid as long as no two continuations are run from it (a fork needs `state
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,14 +53,17 @@ class TvmRunner:
         library = path / manifest.get("library", "model.so")
         if not library.is_file():
             raise SessaExportError(f"{path}: {library.name} is missing; re-run `sessa-export compile`")
-        # TVM's default pool is half the cores (it assumes hyperthreads): use what this process may use.
-        threads = threads or int(os.environ.get("TVM_NUM_THREADS", 0)) or available_cores()
-        os.environ["TVM_NUM_THREADS"] = str(threads)
+        threads = threads or available_cores()
+        if "tvm" not in sys.modules:
+            # TVM sizes its thread pool from TVM_NUM_THREADS when the pool starts (default: half the
+            # cores, it assumes hyperthreads) and config_threadpool below can only use fewer workers.
+            os.environ.setdefault("TVM_NUM_THREADS", str(max(threads, available_cores())))
         import tvm
+        import tvm_ffi
         from tvm import relax
 
         tvm.get_global_func("runtime.config_threadpool")(1, threads)
-        self.threads = threads
+        self.threads = int(tvm.get_global_func("runtime.NumThreads")())  # what runs: at most the pool's size
 
         try:
             self.library = tvm.runtime.load_module(str(library))
@@ -67,13 +71,14 @@ class TvmRunner:
         except Exception as exc:  # TVM raises its own error types for broken or foreign libraries
             raise SessaExportError(f"{library}: the TVM runtime cannot load it "
                                    f"({str(exc).strip().splitlines()[-1]}); re-run `sessa-export compile`") from None
-        self._tvm = tvm
+        self._tvm, self._shape = tvm, tvm_ffi.Shape
         self._step = self.vm[manifest.get("entry", "step")]
         self.capacity = int(manifest["capacity"])
         self.max_len = self.capacity  # the longest context this library runs (<= the model's max_len)
         self.layout = manifest["state"]
         self.input_kind = manifest["input"]["kind"]
         self.input_name = manifest["input"]["name"]
+        self.vocab_size = manifest["input"].get("vocab_size")  # the embedding's rows (config is None for custom models)
         self.dtype = np.float32
 
     def empty_state(self, batch: int) -> TvmState:
@@ -87,15 +92,13 @@ class TvmRunner:
         return TvmState(tuple(caches), 0, batch)
 
     def step(self, input_ids: np.ndarray, state: TvmState) -> tuple[np.ndarray, TvmState]:
-        import tvm_ffi
-
         input_ids = np.asarray(input_ids)
         if self.input_kind == "tokens":
             if input_ids.ndim != 2 or input_ids.dtype.kind not in "iu":
                 raise SessaExportError(f"{self.input_name} must be integer token ids [batch, sequence], "
                                        f"got {input_ids.dtype} {list(input_ids.shape)}")
             data = np.ascontiguousarray(input_ids, dtype=np.int64)
-            vocab = (self.manifest.get("config") or {}).get("vocab_size")
+            vocab = self.vocab_size
             if vocab is not None and data.size and (data.min() < 0 or data.max() >= vocab):
                 raise SessaExportError(f"token ids must lie in [0, {vocab}), got {int(data.min())}..{int(data.max())}")
         else:
@@ -109,7 +112,7 @@ class TvmRunner:
         if total > self.capacity:
             raise SessaExportError(f"context of {total} positions exceeds the compiled capacity of {self.capacity}; "
                                    "re-run `sessa-export compile --max-len N` with a larger N")
-        logits = self._step(self._tvm.runtime.tensor(data), tvm_ffi.Shape([state.past]), *state.caches)
+        logits = self._step(self._tvm.runtime.tensor(data), self._shape([state.past]), *state.caches)
         return logits.numpy(), TvmState(state.caches, total, batch)
 
     def state_arrays(self, state: TvmState) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ TVM builds are slow on a small machine: every build is module-scoped and shared.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 import tarfile
@@ -106,6 +107,18 @@ def test_context_past_capacity_is_refused(cpu_builds):
         runner._step(runner._tvm.runtime.tensor(ids[:, :2]), tvm_ffi.Shape([CAPACITY - 1]), *state.caches)
 
 
+def test_a_runner_thread_count_is_its_own(cpu_builds):
+    """TvmRunner(threads=None) uses the available cores whatever an earlier runner asked for, and no
+    runner rewrites TVM_NUM_THREADS once TVM is loaded."""
+    _, out = cpu_builds["H1"]
+    before = os.environ.get("TVM_NUM_THREADS")
+    default = TvmRunner(out).threads
+    assert TvmRunner(out, threads=1).threads == 1
+    assert TvmRunner(out).threads == default, "the default thread count followed an earlier runner's"
+    assert os.environ.get("TVM_NUM_THREADS") == before
+    TvmRunner(out, threads=1)  # back to this module's one TVM thread
+
+
 # -- the CLI ------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -160,6 +173,9 @@ def test_custom_model_compiled_by_the_cli(tmp_path):
     with torch.inference_mode():
         want = module(torch.from_numpy(ids)).numpy()
     assert max_abs(np.concatenate(pieces, axis=1), want) <= ATOL
+    # no model config in a custom model's manifest: ids are still checked against its embedding's rows
+    with pytest.raises(SessaExportError, match=rf"token ids must lie in \[0, {custom_models.VOCAB}\)"):
+        runner.step(np.full((2, 1), custom_models.VOCAB), state)
 
 
 # -- bad input ---------------------------------------------------------------------------------------------
