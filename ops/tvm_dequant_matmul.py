@@ -14,12 +14,12 @@ so a decode step streams each panel once. One float32 scale per group of G input
   point 0; the scale of each group is searched around peak / -8 for the least squared error);
 - ``scales`` float32 [N / P, K / G, P].
 
-The PrimFunc has three blocks: ``dequantize`` (the float weight, injective), the matmul over it
-(an einsum into [B, S, N / P, P], named like the float path's packed matmul) and the bias
-epilogue. The CPU pipeline's `CpuMatmul` rule schedules it like the float32 matmuls (a GEMV
-for S = 1, tiles for prefill) and inlines ``dequantize`` into the reduction: the compiled
-kernel has no float32 weight buffer; each weight is widened and scaled in registers as it is
-used. The caller views the result as [B, S, N].
+The PrimFunc has two blocks, three with a bias: ``dequantize`` (the float weight, injective),
+the matmul over it (an einsum into [B, S, N / P, P], named like the float path's packed matmul)
+and the bias epilogue. The CPU pipeline's `CpuMatmul` rule schedules it like the float32
+matmuls (a GEMV for S = 1, tiles for prefill) and inlines ``dequantize`` into the reduction:
+the compiled kernel has no float32 weight buffer; each weight is widened and scaled in
+registers as it is used. The caller views the result as [B, S, N].
 """
 
 from __future__ import annotations

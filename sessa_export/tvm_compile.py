@@ -139,7 +139,7 @@ class _Builder:
         self.graph, self.capacity, self.target, self.dtype = graph, capacity, target, dtype
         self.quantization = check_quantization(quantization, target)
         self.quantized: dict[str, tuple[int, int]] = {}  # path -> (in, out) of each quantized weight
-        self.kept: list[str] = []  # linear layers left in float32 (LM head, widths not a group multiple)
+        self.kept: list[str] = []  # linear layers left in float32 under --quantization (see `linear`)
         self.rx, self.tirx = relax, tirx
         self.bb = relax.BlockBuilder()
         self.decode = False
@@ -174,6 +174,9 @@ class _Builder:
         op = self.rx.op
         panel = None if self.target.gpu else cpu.weight_panel(module.out_features)
         if self.quantization is not None:  # CPU only (check_quantization)
+            # Kept in float32: the LM head; layers whose inputs are not whole groups or whose outputs
+            # fill no panel; and layers with fewer than 16 outputs (gamma_ctx has one), which hold a
+            # negligible share of the weights.
             if not head and module.in_features % GROUP_SIZE == 0 and module.out_features >= 16 and panel:
                 return self.quantized_linear(x, module, path, panel)
             if path not in self.kept:
@@ -423,8 +426,9 @@ def lower(mod, target: CompileTarget):
 
     GPU targets use the target's default Relax pipeline, which schedules the position-wise
     PrimFuncs with dlight's default rules (Matmul, GEMV, Reduction, GeneralReduction, Fallback);
-    the attention kernels are marked scheduled and left alone. CPU adds `cpu_schedule` (parallel,
-    vectorised matmuls) to the default LLVM pipeline.
+    the attention kernels are marked scheduled and left alone. CPU uses `cpu_pipeline`: the default
+    LLVM pipeline with targets/cpu.py's CpuMatmul (parallel, vectorised matmuls) and CpuElementwise
+    (parallel position-wise functions) rules.
     """
     import tvm
 

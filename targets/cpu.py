@@ -242,7 +242,8 @@ class CpuMatmul(dl.ScheduleRule):
 
 
 class CpuElementwise(dl.ScheduleRule):
-    """Injective functions: the outer loops in parallel, the last dim vectorised when static."""
+    """Injective functions of one block: the outer loops fused and run in parallel; the last loop is
+    left as it is (no explicit vectorisation)."""
 
     def apply(self, func, target, _tunable):
         if target.kind.name != "llvm":
