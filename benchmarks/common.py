@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Sequence
+import statistics
+import time
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from sessa_export.config import SessaConfig
@@ -33,6 +36,48 @@ def set_threads(threads: int | None) -> int:
     threads = threads or available_cores()
     torch.set_num_threads(threads)
     return threads
+
+
+def call_seconds(fn: Callable[[], object], repeat: int) -> list[float]:
+    """Wall time of each of `repeat` calls of `fn`, in seconds, after one untimed call (warm-up)."""
+    fn()
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def median_ms(fn: Callable[[], object], repeat: int) -> float:
+    """Median of `call_seconds(fn, repeat)`, in milliseconds."""
+    return 1e3 * statistics.median(call_seconds(fn, repeat))
+
+
+def tvm_linear(weight: np.ndarray, rows: int, packed: bool = True) -> Callable:
+    """x [1, rows, in] (a TVM tensor) -> x @ W^T for W = `weight` [out, in] (torch's layout), built the
+    way the TVM compiler emits a CPU linear layer: W in panels (targets/cpu.py's layout and CpuMatmul
+    rule), or with `packed=False` W^T as [in, out] through Relax's matmul (what GPUs get)."""
+    import tvm
+    from tvm import relax
+
+    from sessa_export.targets import cpu
+    from sessa_export.tvm_compile import CompileTarget, cpu_pipeline
+
+    outputs, inputs = weight.shape
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, rows, inputs], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            if packed:
+                y = cpu.emit_linear(bb, x, relax.const(cpu.pack_weight(weight, 32)), None, [1, rows, outputs])
+            else:
+                y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(weight.T))))
+            out = bb.emit_output(y)
+        bb.emit_func_output(out)
+    target = CompileTarget("cpu").tvm_target()
+    executable = tvm.compile(bb.get(), target=target, relax_pipeline=cpu_pipeline(target))
+    return relax.VirtualMachine(executable, tvm.cpu())["main"]
 
 
 def cpu_model() -> str:

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DECODE_CONTEXT, DECODE_STEPS, config_125m, machine_description, print_table, set_threads  # noqa: E402
+from common import (DECODE_CONTEXT, DECODE_STEPS, call_seconds, config_125m, machine_description,  # noqa: E402
+                    median_ms, print_table, set_threads, tvm_linear)
 
 from sessa_export.bench import time_runners  # noqa: E402
 from sessa_export.model import SessaLM, init_weights  # noqa: E402
@@ -48,18 +49,11 @@ def read_bandwidth(threads: int, gigabytes: float = 1.0, repeat: int = 5) -> tup
     from concurrent.futures import ThreadPoolExecutor
 
     array = np.ones(int(gigabytes * 2**30) // 4, dtype=np.float32)
-    array.sum()
-    single = array.nbytes / min(_timed(array.sum) for _ in range(repeat))
+    single = array.nbytes / min(call_seconds(array.sum, repeat))
     slices = np.array_split(array, threads)
     with ThreadPoolExecutor(threads) as pool:
-        parallel = array.nbytes / min(_timed(lambda: list(pool.map(np.sum, slices))) for _ in range(repeat))
+        parallel = array.nbytes / min(call_seconds(lambda: list(pool.map(np.sum, slices)), repeat))
     return single, parallel
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def matmul_rates(rows: int = 1024, inputs: int = 768, outputs: int = 2304, repeat: int = 10) -> dict[str, float]:
@@ -67,30 +61,16 @@ def matmul_rates(rows: int = 1024, inputs: int = 768, outputs: int = 2304, repea
     q/k/v projections) with torch (the reference's kernels) and with TVM (targets/cpu.py's packed
     weight panels and CpuMatmul rule): what the dense layers of a prefill can run at here."""
     import tvm
-    from tvm import relax
-
-    from sessa_export.targets import cpu
-    from sessa_export.tvm_compile import CompileTarget, cpu_pipeline
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((outputs, inputs)).astype(np.float32)
     x = rng.standard_normal((1, rows, inputs)).astype(np.float32)
-    bb = relax.BlockBuilder()
-    xv = relax.Var("x", relax.TensorType([1, rows, inputs], "float32"))
-    with bb.function("main", [xv]):
-        with bb.dataflow():
-            y = cpu.emit_linear(bb, xv, relax.const(cpu.pack_weight(weight, 32)), None, [1, rows, outputs])
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    target = CompileTarget("cpu").tvm_target()
-    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target, relax_pipeline=cpu_pipeline(target)), tvm.cpu())
+    linear = tvm_linear(weight, rows)
     x_tvm, x_torch, w_torch = tvm.runtime.tensor(x), torch.from_numpy(x), torch.from_numpy(weight)
     flops = 2 * rows * inputs * outputs
-    rates = {}
-    for name, fn in (("torch", lambda: torch.nn.functional.linear(x_torch, w_torch)), ("TVM", lambda: vm["main"](x_tvm))):
-        fn()
-        rates[name] = flops / statistics.median(_timed(fn) for _ in range(repeat))
-    return rates
+    return {name: flops / (median_ms(fn, repeat) / 1e3)
+            for name, fn in (("torch", lambda: torch.nn.functional.linear(x_torch, w_torch)),
+                             ("TVM", lambda: linear(x_tvm)))}
 
 
 def dense_flops(model: SessaLM, tokens: int) -> int:

@@ -21,29 +21,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DECODE_CONTEXT, print_table  # noqa: E402
+from common import DECODE_CONTEXT, median_ms, print_table, tvm_linear  # noqa: E402
 
 HEADS, HEAD_DIM, VOCAB = 12, 64, 32000
 D = HEADS * HEAD_DIM
-
-
-def median_ms(fn: Callable[[], object], repeat: int) -> float:
-    fn()
-    samples = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(samples)
 
 
 def attention_ms(seq: int, past: int, repeat: int) -> float:
@@ -82,26 +69,11 @@ def feedback_ms(seq: int, past: int, d_chunks: int, repeat: int) -> float:
 
 def lm_head_ms(layout: str, repeat: int) -> float:
     import tvm
-    from tvm import relax
-
-    from sessa_export.targets import cpu
-    from sessa_export.tvm_compile import CompileTarget, cpu_pipeline
 
     weight = np.random.default_rng(0).standard_normal((VOCAB, D)).astype(np.float32)  # torch layout [out, in]
-    bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([1, 1, D], "float32"))
-    with bb.function("main", [x]):
-        with bb.dataflow():
-            if layout == "packed":
-                y = cpu.emit_linear(bb, x, relax.const(cpu.pack_weight(weight, 32)), None, [1, 1, VOCAB])
-            else:
-                y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(weight.T))))
-            out = bb.emit_output(y)
-        bb.emit_func_output(out)
-    target = CompileTarget("cpu").tvm_target()
-    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target, relax_pipeline=cpu_pipeline(target)), tvm.cpu())
+    head = tvm_linear(weight, rows=1, packed=layout == "packed")
     data = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, 1, D)).astype(np.float32))
-    return median_ms(lambda: vm["main"](data), repeat)
+    return median_ms(lambda: head(data), repeat)
 
 
 def main(argv: list[str] | None = None) -> int:
