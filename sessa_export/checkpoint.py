@@ -146,10 +146,27 @@ def load_checkpoint(path: str | Path, config_path: str | Path | None = None) -> 
     return model.eval()
 
 
+def check_replaceable(out: Path, marker: str, kind: str) -> None:
+    """Refuse to replace `out` unless it is nothing, an empty directory or `kind` (holds `marker`).
+
+    Writers call it up front to fail before their work; `atomic_directory` calls it again."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or (out / marker).is_file()):
+        return
+    raise SessaExportError(f"{out} exists and is not {kind} (no {marker}); "
+                           "refusing to replace it: choose another -o or remove it first")
+
+
 @contextmanager
-def atomic_directory(out: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; on success it replaces `out`, on failure it is removed."""
+def atomic_directory(out: str | Path, marker: str, kind: str) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; on success it replaces `out`, on failure it is removed.
+
+    `out` must be nothing, an empty directory, or `kind` (a directory holding `marker`, what an
+    earlier run of the same writer left): anything else is refused before any work, never deleted.
+    """
     out = Path(out)
+    check_replaceable(out, marker, kind)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     umask = os.umask(0)
@@ -170,7 +187,7 @@ def save_checkpoint(model: SessaLM, out: str | Path) -> Path:
     state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state_dict.pop("lm_head.weight")
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, CONFIG_NAME, "a checkpoint directory") as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         save_file(state_dict, str(tmp / WEIGHTS_NAME))
     return Path(out)

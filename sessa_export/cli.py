@@ -483,11 +483,11 @@ def demo(
     step, generates through each and prints tokens/s beside the PyTorch reference.
     """
     from .bench import SETTLE_S
-    from .checkpoint import load_checkpoint
+    from .checkpoint import check_replaceable, load_checkpoint
     from .data import BUNDLED_MODEL, heldout_bytes
     from .generate import Sampling, generate
     from .onnx_export import export_onnx
-    from .runtime import OrtRunner, TorchRunner
+    from .runtime import ARTIFACT_KIND, MANIFEST_NAME, OrtRunner, TorchRunner
     from .tracer import trace
     from .tvm_compile import CompileTarget, compile_graph
     from .tvm_runtime import TvmRunner
@@ -495,6 +495,8 @@ def demo(
 
     sampling = Sampling(temperature, top_k=40, seed=seed)  # bad settings fail here, before any work
     prompt_ids = _prompt_ids(prompt, max_new_tokens, DEMO_CAPACITY, f"the demo compiles for {DEMO_CAPACITY}")
+    for artifact in (out / "onnx", out / "tvm-cpu"):
+        check_replaceable(artifact, MANIFEST_NAME, ARTIFACT_KIND)  # both, before either is written
     model = load_checkpoint(BUNDLED_MODEL)
     console.print(f"[bold]model[/bold] {BUNDLED_MODEL} ({model.num_parameters():,} parameters)")
     graph = trace(model)

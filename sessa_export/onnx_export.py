@@ -21,18 +21,18 @@ from onnx_ir.passes.common import InlinePass
 import torch
 
 from . import __version__
-from .checkpoint import atomic_directory
+from .checkpoint import atomic_directory, check_replaceable
 from .errors import SessaExportError
 from .model import SessaMixer
 from .ops import causal_attention as causal_op
 from .ops import feedback_attention as fa_op
+from .runtime import ARTIFACT_KIND, MANIFEST_NAME
 from .stepgraph import (BINARY, STATE_FIELDS, Node, StepGraph, feature_widths, layer_norm_affine, past_name,
                         present_name, split_sizes)
 
 OPSET = 23
 IR_VERSION = 10
 MODEL_NAME = "model.onnx"
-CONFIG_NAME = "sessa_config.json"
 EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf cannot hold more in one file
 ONNX_OPS = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "relu": "Relu", "tanh": "Tanh",
             "sigmoid": "Sigmoid", "identity": "Identity"}
@@ -217,27 +217,17 @@ def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], Non
                 source: str | None = None, factory: str | None = None) -> Path:
     """Write OUT/model.onnx and OUT/sessa_config.json; nothing is left at OUT on failure."""
     out = Path(out)
-    check_replaceable(out)
+    check_replaceable(out, MANIFEST_NAME, ARTIFACT_KIND)
     progress("building ONNX graph")
     model = build_onnx(graph)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
     try:
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out, MANIFEST_NAME, ARTIFACT_KIND) as tmp:
             _write(graph, model, tmp, size, progress, {"source": source, "factory": factory})
     except OSError as exc:  # unwritable place, full disk, a file where a directory should be
         raise SessaExportError(f"cannot write {out}: {exc.strerror or exc}"
                                f"{f' ({exc.filename})' if exc.filename else ''}; nothing was written") from None
     return out
-
-
-def check_replaceable(out: Path) -> None:
-    """OUT is replaced as a whole: refuse anything but nothing, an empty directory or an earlier export."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or (out / CONFIG_NAME).is_file()):
-        return
-    raise SessaExportError(f"{out} exists and is not an export directory (no {CONFIG_NAME}); "
-                           "refusing to replace it: choose another -o or remove it first")
 
 
 def _write(graph: StepGraph, model: ir.Model, tmp: Path, size: int, progress: Callable[[str], None],
@@ -250,7 +240,7 @@ def _write(graph: StepGraph, model: ir.Model, tmp: Path, size: int, progress: Ca
         onnx.checker.check_model(str(tmp / MODEL_NAME), full_check=True)
     except onnx.checker.ValidationError as exc:
         raise SessaExportError(f"exported model failed onnx.checker: {exc}") from None
-    (tmp / CONFIG_NAME).write_text(json.dumps(export_manifest(graph, "onnx", {"opset": OPSET, "model_file": MODEL_NAME, **origin}), indent=2) + "\n")
+    (tmp / MANIFEST_NAME).write_text(json.dumps(export_manifest(graph, "onnx", {"opset": OPSET, "model_file": MODEL_NAME, **origin}), indent=2) + "\n")
 
 
 def export_manifest(graph: StepGraph, backend: str, extra: dict) -> dict:

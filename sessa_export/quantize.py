@@ -42,11 +42,11 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
-from .checkpoint import atomic_directory
+from .checkpoint import atomic_directory, check_replaceable
 from .errors import SessaExportError
-from .onnx_export import EXTERNAL_DATA_LIMIT, MODEL_NAME, check_replaceable
+from .onnx_export import EXTERNAL_DATA_LIMIT, MODEL_NAME
 from .ops import feedback_attention as fa_op
-from .runtime import MANIFEST_NAME, read_manifest
+from .runtime import ARTIFACT_KIND, MANIFEST_NAME, read_manifest
 
 MODES = ("int8", "int4", "fp16")
 BLOCK_MODES = ("int8", "int4")
@@ -447,7 +447,7 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
         check_block_size(block)
     if src.exists() and out.exists() and src.resolve() == out.resolve():
         raise SessaExportError("-o/--out must differ from the source export (it would be overwritten)")
-    check_replaceable(out)
+    check_replaceable(out, MANIFEST_NAME, ARTIFACT_KIND)
     keep = list(dict.fromkeys(k.strip() for k in keep if k and k.strip()))
 
     progress(f"reading {src}")
@@ -505,7 +505,7 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
                     "model_file": MODEL_NAME}
 
     try:
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out, MANIFEST_NAME, ARTIFACT_KIND) as tmp:
             _write(qmodel, new_manifest, tmp, progress)
     except OSError as exc:  # unwritable place, full disk
         raise SessaExportError(f"cannot write {out}: {exc.strerror or exc}"

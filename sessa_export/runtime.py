@@ -17,7 +17,8 @@ from .errors import SessaExportError
 from .model import LayerState, SessaLM
 from .stepgraph import STATE_FIELDS, past_name
 
-MANIFEST_NAME = "sessa_config.json"
+MANIFEST_NAME = "sessa_config.json"  # beside every artifact: what a runner needs besides the model
+ARTIFACT_KIND = "an export directory"  # what an export, quantize or compile may replace at -o
 
 
 class TorchRunner:

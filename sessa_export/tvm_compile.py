@@ -43,14 +43,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .checkpoint import atomic_directory
+from .checkpoint import atomic_directory, check_replaceable
 from .errors import SessaExportError
 from .model import SessaMixer
 from .ops.tvm_dequant_matmul import GROUP_SIZE, MODES
+from .runtime import ARTIFACT_KIND, MANIFEST_NAME
 from .stepgraph import BINARY, STATE_FIELDS, Node, StepGraph, feature_widths, layer_norm_affine, split_sizes
 from .targets import AARCH64_LINUX, ARCHS, METAL_HOSTS
 
-CONFIG_NAME = "sessa_config.json"
 ENTRY = "step"
 DEFAULT_CAPACITY = 2048
 TARGETS = ("cpu", "cuda", "metal")
@@ -687,6 +687,7 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
     target = target or CompileTarget()
     quantization = check_quantization(quantization, target)
     out = Path(out)
+    check_replaceable(out, MANIFEST_NAME, ARTIFACT_KIND)  # before minutes of compiling, not after
     capacity = resolve_capacity(graph, max_len)
     started = time.perf_counter()
     progress(f"building the Relax module (capacity {capacity}"
@@ -702,7 +703,7 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
         raise SessaExportError(f"TVM could not compile the model for {target.describe()}: "
                                f"{_last_line(exc)}") from None
     library = target.library_name
-    with atomic_directory(out) as tmp, tempfile.TemporaryDirectory(prefix="sessa-tvm-") as work:
+    with atomic_directory(out, MANIFEST_NAME, ARTIFACT_KIND) as tmp, tempfile.TemporaryDirectory(prefix="sessa-tvm-") as work:
         progress(f"writing {library}")
         export = {"cpu": _export_cpu, "cuda": _export_cuda, "metal": _export_metal}[target.name]
         try:
@@ -732,7 +733,7 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
                 "float_weight_bytes": 4 * values,
                 "quantized_weight_bytes": values * bits // 8 + 4 * values // GROUP_SIZE,
             }
-        (tmp / CONFIG_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
 

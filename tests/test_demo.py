@@ -36,3 +36,12 @@ def test_demo_refuses_bad_settings_before_any_work(tmp_path):
         assert result.exit_code == 2, result.output
         assert all(name in result.output for name in names), result.output
         assert "Traceback" not in result.output and not out.exists()
+
+
+def test_demo_never_replaces_what_is_not_its_output(tmp_path):
+    out = tmp_path / "demo"
+    (out / "tvm-cpu").mkdir(parents=True)
+    (out / "tvm-cpu" / "notes.txt").write_text("mine")
+    result = cli("demo", "-o", out)
+    assert result.exit_code == 2 and "not an export directory" in result.output, result.output
+    assert sorted(p.name for p in out.rglob("*")) == ["notes.txt", "tvm-cpu"]  # nothing written, nothing removed

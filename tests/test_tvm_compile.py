@@ -201,6 +201,14 @@ def test_bad_target_arch_host_or_capacity(small_checkpoint, tmp_path, args, name
     assert list(parent.iterdir()) == [], "a refused compile must leave nothing behind"
 
 
+def test_compile_never_replaces_a_directory_that_is_not_an_export(small_checkpoint, tmp_path):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert_clean_error(cli("compile", small_checkpoint, "-o", out), str(out), "not an export directory")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+
+
 def test_refused_model_leaves_nothing(tmp_path):
     import custom_models
 
