@@ -42,7 +42,7 @@ pytestmark = pytest.mark.usefixtures("one_tvm_thread")
 
 @pytest.fixture(scope="module")
 def cpu_builds(make_lm, tmp_path_factory):
-    """One CPU library per config (capacity 520), shared by the parity tests."""
+    """One CPU library per config (capacity CAPACITY), shared by the parity tests."""
     root = tmp_path_factory.mktemp("tvm_cpu")
     return {name: (model, compile_graph(trace(model), root / name, CompileTarget("cpu"), max_len=CAPACITY))
             for name, model in models_per_config(make_lm).items()}
