@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.inliner
 import onnxruntime as ort
 import pytest
 import torch
@@ -31,6 +32,7 @@ from sessa_export.data import BUNDLED_MODEL, heldout_bytes
 from sessa_export.errors import SessaExportError
 from sessa_export.model import feedback_attention
 from sessa_export.onnx_export import export_onnx
+from sessa_export.ops import causal_attention as causal_op
 from sessa_export.ops import feedback_attention as fa_op
 from sessa_export.runtime import OrtRunner
 from sessa_export.stepgraph import STATE_FIELDS
@@ -107,6 +109,44 @@ def test_feedback_attention_function_matches_reference(past, new, gain):
             assert err <= ATOL, f"{name} (P={past}, S={new}, gain {gain}): max abs error {err:.3g}"
     if past == 0:
         np.testing.assert_array_equal(got[0][:, 0], f[:, 0])  # s_0 = f_0 exactly
+
+
+def causal_attention_model(function: bool, heads: int, kv_heads: int, head_dim: int) -> bytes:
+    """One forward attention as the exporter writes it (the inlined CausalAttention), or as one Attention."""
+    width, kv_width = heads * head_dim, kv_heads * head_dim
+    inputs = [helper.make_tensor_value_info("query", TensorProto.FLOAT, ["B", "S", width]),
+              helper.make_tensor_value_info("key", TensorProto.FLOAT, ["B", "S", kv_width]),
+              helper.make_tensor_value_info("value", TensorProto.FLOAT, ["B", "S", kv_width]),
+              helper.make_tensor_value_info("visible", TensorProto.BOOL, ["S", "T"]),
+              helper.make_tensor_value_info("past_key", TensorProto.FLOAT, ["B", kv_heads, "P", head_dim]),
+              helper.make_tensor_value_info("past_value", TensorProto.FLOAT, ["B", kv_heads, "P", head_dim])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("output", "present_key", "present_value")]
+    attrs = dict(q_num_heads=heads, kv_num_heads=kv_heads, scale=head_dim ** -0.5)
+    node = helper.make_node(causal_op.OP_TYPE if function else "Attention", [i.name for i in inputs],
+                            [o.name for o in outputs], domain=causal_op.DOMAIN if function else "", **attrs)
+    model = helper.make_model(helper.make_graph([node], "attention", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 23), helper.make_opsetid(causal_op.DOMAIN, 1)],
+                              functions=[causal_op.function_proto()] if function else [], ir_version=10)
+    if function:
+        model = onnx.inliner.inline_local_functions(model)
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("past, new", [(0, 600), (37, 300), (0, 256), (1024, 1), (0, 1)])
+def test_causal_blocks_give_the_same_bits_as_one_attention(past, new):
+    """The blocks change which scores are computed, never a row's result (ops/causal_attention.py)."""
+    heads, kv_heads, head_dim, batch = 4, 2, 16, 2
+    rng = np.random.default_rng(past + new)
+    feeds = {"query": rng.standard_normal((batch, new, heads * head_dim), dtype=np.float32),
+             "key": rng.standard_normal((batch, new, kv_heads * head_dim), dtype=np.float32),
+             "value": rng.standard_normal((batch, new, kv_heads * head_dim), dtype=np.float32),
+             "visible": np.arange(past + new)[None, :] <= (past + np.arange(new))[:, None],
+             "past_key": rng.standard_normal((batch, kv_heads, past, head_dim), dtype=np.float32),
+             "past_value": rng.standard_normal((batch, kv_heads, past, head_dim), dtype=np.float32)}
+    blocked, single = (ort.InferenceSession(causal_attention_model(f, heads, kv_heads, head_dim),
+                                            providers=["CPUExecutionProvider"]).run(None, feeds) for f in (True, False))
+    for name, got, want in zip(("output", "present_key", "present_value"), blocked, single):
+        np.testing.assert_array_equal(got, want, err_msg=name)
 
 
 # -- parity on random models -------------------------------------------------------------------------------
