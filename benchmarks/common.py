@@ -62,7 +62,8 @@ def tvm_linear(weight: np.ndarray, rows: int, packed: bool = True) -> Callable:
     from tvm import relax
 
     from sessa_export.targets import cpu
-    from sessa_export.tvm_compile import CompileTarget, cpu_pipeline
+    from sessa_export.ops.tvm_matmul import pack_weight
+    from sessa_export.to_tvm import CompileTarget
 
     outputs, inputs = weight.shape
     bb = relax.BlockBuilder()
@@ -70,13 +71,13 @@ def tvm_linear(weight: np.ndarray, rows: int, packed: bool = True) -> Callable:
     with bb.function("main", [x]):
         with bb.dataflow():
             if packed:
-                y = cpu.emit_linear(bb, x, relax.const(cpu.pack_weight(weight, 32)), None, [1, rows, outputs])
+                y = cpu.emit_linear(bb, x, relax.const(pack_weight(weight, 32)), None, [1, rows, outputs])
             else:
                 y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(weight.T))))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     target = CompileTarget("cpu").tvm_target()
-    executable = tvm.compile(bb.get(), target=target, relax_pipeline=cpu_pipeline(target))
+    executable = tvm.compile(bb.get(), target=target, relax_pipeline=cpu.pipeline(target))
     return relax.VirtualMachine(executable, tvm.cpu())["main"]
 
 

@@ -1,7 +1,7 @@
 """ONNX Runtime against the PyTorch reference step path (`SessaLM.step`), on CPU, float32.
 
 For the bundled model and a 125M-class model with random weights (vocab 32000, d_model 768,
-12 layers, 12 heads), it exports the model with `sessa_export.onnx_export`, then prints:
+12 layers, 12 heads), it exports the model with `sessa_export.to_onnx`, then prints:
 - prefill tokens/s: one step over T = 1024 tokens from an empty state (median of --rounds, 4);
 - decode ms/token at a context of 1024: prefill 1024 tokens, then one token per step
   (median over --decode-steps steps, the context growing from 1024);
@@ -38,7 +38,7 @@ from reference import benchmark_models  # noqa: E402
 
 from sessa_export.bench import ROUNDS, SETTLE_S, decode_positions, time_runners  # noqa: E402
 from sessa_export.model import SessaLM  # noqa: E402
-from sessa_export.onnx_export import export_onnx  # noqa: E402
+from sessa_export.to_onnx import export_onnx  # noqa: E402
 from sessa_export.runtime import OrtRunner, TorchRunner  # noqa: E402
 from sessa_export.tracer import trace  # noqa: E402
 

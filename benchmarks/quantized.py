@@ -37,10 +37,10 @@ from common import (DECODE_CONTEXT, DECODE_STEPS, config_125m,  # noqa: E402
 
 from sessa_export.bench import time_runners  # noqa: E402
 from sessa_export.model import SessaLM, init_weights  # noqa: E402
-from sessa_export.onnx_export import MODEL_NAME, export_onnx  # noqa: E402
-from sessa_export.quantize import export_size, linear_weight_bytes, quantize_export  # noqa: E402
-from sessa_export.runtime import OrtRunner, available_cores, read_manifest  # noqa: E402
-from sessa_export.stepgraph import STATE_FIELDS  # noqa: E402
+from sessa_export.to_onnx import MODEL_NAME, export_onnx  # noqa: E402
+from sessa_export.to_onnx.quantize import export_size, linear_weight_bytes, quantize_export  # noqa: E402
+from sessa_export.artifact import member, read_manifest, state_layout  # noqa: E402
+from sessa_export.runtime import OrtRunner, available_cores  # noqa: E402
 from sessa_export.tracer import trace  # noqa: E402
 
 TARGETS = {"int8": 2.0, "int4": 2.5}
@@ -145,19 +145,16 @@ def profile_decode(paths: dict[str, Path], context: int, threads: int, vocab: in
         options.enable_profiling = True
         options.intra_op_num_threads = threads
         options.profile_file_prefix = str(path / "profile")
-        session = ort.InferenceSession(str(path / manifest.get("model_file", MODEL_NAME)), options,
+        session = ort.InferenceSession(str(member(path, manifest, "model_file", MODEL_NAME)), options,
                                        providers=["CPUExecutionProvider"])
         outputs = [o.name for o in session.get_outputs()]
         dtype = np.float16 if manifest.get("dtype") == "float16" else np.float32
-        layout = [(layer["past"][f], layer["present"][f], layer["shapes"][f])
-                  for layer in manifest["state"] for f in STATE_FIELDS]
-        state = {past: ort.OrtValue.ortvalue_from_numpy(np.zeros([1 if d == "batch" else 0 if d == "past" else d
-                                                                  for d in shape], dtype))
-                 for past, _, shape in layout}
+        layout = state_layout(manifest)
+        state = {past: ort.OrtValue.ortvalue_from_numpy(array) for past, array in layout.zeros(1, 0, dtype).items()}
         for chunk in chunks:
             feed = {manifest["input"]["name"]: ort.OrtValue.ortvalue_from_numpy(chunk), **state}
             named = dict(zip(outputs, session.run_with_ort_values(outputs, feed)))
-            state = {past: named[present] for past, present, _ in layout}
+            state = {past: named[present] for present, past in layout.present_of().items()}
         trace_file = session.end_profiling()
         events = json.loads(Path(trace_file).read_text())
         os.remove(trace_file)

@@ -1,7 +1,7 @@
 """TVM CPU against ONNX Runtime and the PyTorch reference, float32, for the 125M-class config.
 
 The model (vocab 32000, d_model 768, 12 layers, 12 heads, random weights) is compiled with
-`sessa_export.tvm_compile` (`--target cpu`, capacity 2048) and exported to ONNX; then, for each
+`sessa_export.to_tvm` (`--target cpu`, capacity 2048) and exported to ONNX; then, for each
 back end (TVM `TvmRunner`, ONNX Runtime `OrtRunner`, PyTorch `TorchRunner`), timed in turns by
 `sessa_export.bench.time_runners`:
 - prefill tokens/s: one step over T = 1024 tokens from an empty state (median of 4);
@@ -113,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sessa-bench-tvm-"))
     vocab = model.config.vocab_size
 
-    from sessa_export.tvm_compile import CompileTarget, compile_graph
-    from sessa_export.tvm_runtime import TvmRunner
+    from sessa_export.to_tvm import CompileTarget, compile_graph
+    from sessa_export.runtime.tvm_runner import TvmRunner
 
     start = time.perf_counter()
     compile_graph(graph, work / "tvm", CompileTarget("cpu"), max_len=args.capacity,
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     got, _ = runners[0][1].step(ids.numpy(), runners[0][1].empty_state(1))
     print(f"TVM parity on a 64-token prefill: max |logits - PyTorch| = {np.abs(got - ref).max():.2e}", flush=True)
     if not args.skip_onnx:
-        from sessa_export.onnx_export import export_onnx
+        from sessa_export.to_onnx import export_onnx
         from sessa_export.runtime import OrtRunner
 
         export_onnx(graph, work / "onnx")

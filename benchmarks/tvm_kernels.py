@@ -39,8 +39,8 @@ def attention_ms(seq: int, past: int, repeat: int) -> float:
     from sessa_export.ops import tvm_attention
     from sessa_export.targets import cpu
 
-    func = tvm_attention.forward_attention_kernel(HEADS, HEADS, HEAD_DIM, True).with_attr("global_symbol", "attn")
-    lib = tvm.compile(tvm.IRModule({"attn": func}), target=cpu.target())
+    func = tvm_attention.forward_attention_kernel(HEADS, HEADS, HEAD_DIM, True, "float32", cpu.attention_tiling(HEAD_DIM)).with_attr("global_symbol", "attn")
+    lib = tvm.compile(tvm.IRModule({"attn": func}), target=cpu.tvm_target())
     rng = np.random.default_rng(0)
     capacity = past + seq
     q, k, v = (rng.standard_normal((1, seq, D)).astype(np.float32) for _ in range(3))
@@ -55,8 +55,9 @@ def feedback_ms(seq: int, past: int, d_chunks: int, repeat: int) -> float:
     import tvm
 
     from sessa_export.ops import tvm_kernels
+    from sessa_export.targets import build_feedback_attention
 
-    lib = tvm_kernels.build_feedback_attention("cpu", D, "float32", d_chunks=d_chunks)
+    lib = build_feedback_attention("cpu", D, "float32", d_chunks=d_chunks)
     rng = np.random.default_rng(0)
     steps = [rng.standard_normal((1, seq, D)).astype(np.float32) for _ in range(3)]
     gain = rng.uniform(-0.9, 0.9, (1, seq, 1)).astype(np.float32)

@@ -31,6 +31,8 @@ writes out of bounds.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from tvm import tirx
 from tvm.script import tirx as T
 
@@ -40,7 +42,6 @@ NAME = "forward_attention"
 DTYPES = ("float32", "float16")
 CAPACITY_MESSAGE = "sessa: context exceeds the compiled capacity (past + new > capacity)"
 _NEG = -3.4028234663852886e38  # float32 lowest: the running max before any key
-GPU_THREADS = 64
 
 
 def inplace_indices() -> list[int]:
@@ -48,8 +49,22 @@ def inplace_indices() -> list[int]:
     return [4, 5, -1]
 
 
+@dataclass(frozen=True)
+class AttentionTiling:
+    """How the kernel spreads its work; each target picks its own (``targets.*.attention_tiling``).
+
+    ``threads`` None: tasks are parallel CPU loops, vectorised ``lanes`` wide, the scratch in
+    memory and the exp of ops/tvm_fastmath.py; else every task is one GPU thread, ``threads`` to
+    a block, the scratch in registers, the device's exp.
+    """
+
+    lanes: int = 1  # vector lanes of the d-wide products and updates; divides head_dim
+    key_tile: int = 16  # keys per online-softmax step
+    threads: int | None = None  # GPU threads per block
+
+
 def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope: bool,
-                             dtype: str = "float32", gpu: bool = False) -> tirx.PrimFunc:
+                             dtype: str = "float32", tiling: AttentionTiling = AttentionTiling()) -> tirx.PrimFunc:
     """The append + attention PrimFunc for one head layout (symbolic batch, seq_len, capacity).
 
     Signature: ``(q, k, v, inv_freq, key_cache, value_cache, past_len: int64, out)`` with
@@ -65,14 +80,16 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
     G = H // Hkv
     half = max(1, d // 2)
     scale = float(d) ** -0.5
-    lanes = 1 if gpu else next(n for n in (16, 8, 4, 2, 1) if d % n == 0)
-    tile = 4 if gpu else 16  # keys per online-softmax step
+    gpu = tiling.threads is not None
+    lanes, tile = tiling.lanes, tiling.key_tile
+    if d % lanes:
+        raise ValueError(f"{lanes} lanes do not divide the head width {d}")
     R = 4  # CPU: query rows of one head per task, sharing each key and value load
     chunks = d // lanes
     exp = T.exp if gpu else fastmath.exp  # CPU: an exp that vectorises (ops/tvm_fastmath.py)
     f32 = "float32"
     scope = "local" if gpu else "global"
-    threads = GPU_THREADS
+    threads = tiling.threads
 
     def rotate(x_even, x_odd, position, inv):
         """(x'[2i], x'[2i+1]) for the pair at `position`, in the activation dtype."""

@@ -26,13 +26,15 @@ from __future__ import annotations
 
 import numpy as np
 
-MODES = {"q8": 8, "q4": 4}  # bits per stored weight
-GROUP_SIZE = 32  # inputs per quantization group (along the input dim), one scale each
+from ..quantization import MODES
+from .tvm_matmul import PACKED_MATMUL
+
+GROUP_SIZE = MODES["q8"].block_size  # inputs per quantization group (along the input dim), one scale each
 
 
 def quantize(weight: np.ndarray, mode: str, panel: int, group_size: int = GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
     """weight [N, K] (torch layout, out x in) -> (stored q, scales) in panels of `panel` columns, as above."""
-    bits = MODES[mode]
+    bits = MODES[mode].bits
     weight = np.asarray(weight, dtype=np.float32)
     n, k = weight.shape
     if k % group_size:
@@ -75,7 +77,7 @@ def quantize(weight: np.ndarray, mode: str, panel: int, group_size: int = GROUP_
 def dequantize(q: np.ndarray, scales: np.ndarray, mode: str, group_size: int = GROUP_SIZE) -> np.ndarray:
     """The float32 weight [N, K] (torch layout) a stored (q, scales) pair stands for."""
     q, scales = _from_panels(q), _from_panels(scales)
-    if MODES[mode] == 8:
+    if MODES[mode].bits == 8:
         values = q.astype(np.float32)
     else:
         low, high = (q & 15).astype(np.int32) - 8, (q >> 4).astype(np.int32) - 8
@@ -101,9 +103,7 @@ def dequant_matmul_kernel(in_features: int, out_features: int, mode: str, bias: 
     """The PrimFunc ``(x [B, S, K], q, scales, [bias [N / P, P]], y [B, S, N / P, P])``; S = 1 when `decode`."""
     from tvm import te, tirx
 
-    from ..targets.cpu import PACKED_MATMUL
-
-    bits = MODES[mode]
+    bits = MODES[mode].bits
     K, N, G, P = int(in_features), int(out_features), int(group_size), int(panel)
     if K % G or N % P:
         raise ValueError(f"widths {K} x {N} do not fit groups of {G} inputs and panels of {P} columns")
@@ -139,4 +139,4 @@ def dequant_matmul_kernel(in_features: int, out_features: int, mode: str, bias: 
     return te.create_prim_func([*args, y])
 
 
-__all__ = ["MODES", "GROUP_SIZE", "quantize", "dequantize", "dequant_matmul_kernel"]
+__all__ = ["GROUP_SIZE", "quantize", "dequantize", "dequant_matmul_kernel"]

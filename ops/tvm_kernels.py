@@ -33,8 +33,8 @@ worker per task; a GPU runs a thread block per task and a thread per worker, the
 shared memory (TVM inserts the barriers between stages).
 
 The PrimFuncs are S-TIR with named (opaque) blocks and no schedule;
-``sessa_export.targets.{cpu,cuda,metal}`` pick the tile sizes (``feedback_tilings``) and
-schedule them (``schedule_feedback_attention``).
+each target in ``sessa_export/targets/`` picks the tile sizes (``feedback_tilings``) and
+schedules them (``schedule_feedback_attention``); ``targets.scheduled_kernels`` finds the rule.
 
 Calling convention, shared by both kernels (``batch``, ``seq_len`` and ``capacity`` symbolic;
 ``seq_len`` is 1 for decode)::
@@ -57,7 +57,6 @@ freshly allocated outputs (``inplace_indices`` -1) are appended after them::
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -142,35 +141,6 @@ def feedback_attention_kernels(
 def feedback_attention_module(kernels: Mapping[str, tirx.PrimFunc]) -> tvm.IRModule:
     """One IRModule holding the given (scheduled) kernels under their global symbols."""
     return tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in kernels.items()})
-
-
-def scheduled_kernels(
-    target_name: str,
-    d_model: int,
-    dtype: str = "float32",
-    scale: float | None = None,
-    **options: object,
-) -> tuple[tvm.target.Target, dict[str, tirx.PrimFunc]]:
-    """The target and both kernels, tiled and scheduled by ``sessa_export.targets.<target_name>``.
-
-    ``target_name`` is "cpu", "cuda" or "metal"; ``options`` go to that module's
-    ``scheduled_feedback_attention`` (cpu: ``triple``, ``d_chunks``; cuda: ``arch``; metal:
-    ``triple``). The target modules import this one, hence the import by name.
-    """
-    rule = importlib.import_module(f"sessa_export.targets.{target_name}")
-    return rule.scheduled_feedback_attention(d_model, dtype, scale, **options)
-
-
-def build_feedback_attention(
-    target_name: str,
-    d_model: int,
-    dtype: str = "float32",
-    scale: float | None = None,
-    **options: object,
-) -> tvm.runtime.Executable:
-    """Compile both kernels as ``scheduled_kernels`` schedules them, for its target."""
-    tgt, kernels = scheduled_kernels(target_name, d_model, dtype, scale, **options)
-    return tvm.compile(feedback_attention_module(kernels), target=tgt)
 
 
 def _feedback_attention(

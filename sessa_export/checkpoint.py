@@ -10,18 +10,14 @@ Torch files load with `weights_only=True`: a checkpoint never runs code.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .artifact import atomic_directory
 from .config import SessaConfig
 from .errors import SessaExportError
 from .model import SessaLM
@@ -144,42 +140,6 @@ def load_checkpoint(path: str | Path, config_path: str | Path | None = None) -> 
     state_dict = check_state_dict(model, state_dict, source)
     model.load_state_dict(state_dict, strict=not config.tie_embeddings)
     return model.eval()
-
-
-def check_replaceable(out: Path, marker: str, kind: str) -> None:
-    """Refuse to replace `out` unless it is nothing, an empty directory or `kind` (holds `marker`).
-
-    Writers call it up front to fail before their work; `atomic_directory` calls it again."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or (out / marker).is_file()):
-        return
-    raise SessaExportError(f"{out} exists and is not {kind} (no {marker}); "
-                           "refusing to replace it: choose another -o or remove it first")
-
-
-@contextmanager
-def atomic_directory(out: str | Path, marker: str, kind: str) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; on success it replaces `out`, on failure it is removed.
-
-    `out` must be nothing, an empty directory, or `kind` (a directory holding `marker`, what an
-    earlier run of the same writer left): anything else is refused before any work, never deleted.
-    """
-    out = Path(out)
-    check_replaceable(out, marker, kind)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: give the result the usual permissions
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_checkpoint(model: SessaLM, out: str | Path) -> Path:

@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional
 
 import typer
 from rich.console import Console
@@ -18,9 +17,7 @@ from rich.table import Table
 
 from .errors import SessaExportError
 from .quality import format_bytes
-
-if TYPE_CHECKING:
-    import numpy as np
+from .targets import TARGETS
 
 app = typer.Typer(
     help="Take Sessa models from a PyTorch checkpoint to ONNX Runtime and TVM, exactly.\n\n"
@@ -33,7 +30,6 @@ console = Console(emoji=False)  # paths, prompts and generated text are shown as
 err_console = Console(stderr=True, emoji=False)
 
 EXIT_CHECK_FAILED = 1
-DEMO_CAPACITY = 1024  # positions the demo's TVM build holds
 EXIT_BAD_INPUT = 2
 
 
@@ -60,10 +56,10 @@ def inspect(
 
     Given an export or compile directory, print its manifest: format, inputs, outputs, state layout, files.
     """
+    from .artifact import is_artifact
     from .checkpoint import load_checkpoint
-    from .runtime import MANIFEST_NAME
 
-    if checkpoint.is_dir() and (checkpoint / MANIFEST_NAME).exists():
+    if is_artifact(checkpoint):
         _inspect_artifact(checkpoint)
         return
     model = load_checkpoint(checkpoint, config)
@@ -88,7 +84,7 @@ def inspect(
 
 
 def _inspect_artifact(path: Path) -> None:
-    from .runtime import read_manifest
+    from .artifact import read_manifest
 
     manifest = read_manifest(path)
     table = Table(title=f"{path} ({manifest['format']})", show_header=False)
@@ -111,18 +107,6 @@ def _inspect_artifact(path: Path) -> None:
     console.print(layers)
 
 
-def _load_model(checkpoint: Optional[Path], config: Optional[Path], model: Optional[str]):
-    """The source model: a SessaLM checkpoint, or `--model package.module:factory` with weights."""
-    from .checkpoint import load_checkpoint
-    from .tracer import load_factory_model
-
-    if model is not None:
-        return load_factory_model(model, checkpoint)
-    if checkpoint is None:
-        raise SessaExportError("give a checkpoint (or --model package.module:factory with weights)")
-    return load_checkpoint(checkpoint, config)
-
-
 @command
 def export(
     checkpoint: Optional[Path] = typer.Argument(None, help="Checkpoint (directory, .safetensors or torch file); "
@@ -133,11 +117,12 @@ def export(
                                         "whose positions meet only in Sessa mixers."),
 ) -> None:
     """Export to OUT/model.onnx + OUT/sessa_config.json: one step graph for prefill, chunks and decode."""
-    from .onnx_export import export_onnx
+    from .sources import load_model
+    from .to_onnx import export_onnx
     from .tracer import trace
 
     with console.status("loading model") as status:
-        source = _load_model(checkpoint, config, model)
+        source = load_model(checkpoint, config, model)
         status.update("tracing")
         graph = trace(source)
         export_onnx(graph, out, progress=lambda msg: status.update(msg),
@@ -152,10 +137,12 @@ def compile(  # noqa: A001 - the command is called `compile`
     source: Optional[Path] = typer.Argument(None, help="Checkpoint, or an export directory (its recorded "
                                             "source checkpoint is compiled); with --model, the weights."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (replaced when it exists)."),
-    target: str = typer.Option("cpu", "--target", help="cpu, cuda or metal."),
+    target: str = typer.Option("cpu", "--target", help=f"{', '.join(TARGETS)}: "
+                               + "; ".join(f"{t.name}: {t.summary}" for t in TARGETS.values()) + "."),
     arch: Optional[str] = typer.Option(None, "--arch", help="CUDA arch: sm_80 (default) or sm_90."),
-    host: Optional[str] = typer.Option(None, "--host", help="Host triple: cpu aarch64-linux-gnu (cross compile), "
-                                       "metal arm64-apple-darwin (default) or arm64-apple-ios."),
+    host: Optional[str] = typer.Option(None, "--host", help="Host triple to cross compile for: "
+                                       + "; ".join(f"{t.name} {' or '.join(t.hosts)}" for t in TARGETS.values()
+                                                   if t.hosts) + "."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Compiled capacity in positions (default: "
                                           "the model's max_len, else 2048)."),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json for a bare state_dict."),
@@ -170,60 +157,27 @@ def compile(  # noqa: A001 - the command is called `compile`
     With --quantization q8|q4 check the result with `sessa-export validate OUT` (quality thresholds:
     q8 as int8, q4 as int4).
     """
+    from .artifact import read_manifest
+    from .sources import compile_source, load_model
+    from .to_tvm import CompileTarget, check_quantization, compile_graph
     from .tracer import trace
-    from .tvm_compile import CompileTarget, check_quantization, compile_graph
 
     compile_target = CompileTarget(target, arch, host)  # checks target/arch/host before any work
-    quantization = check_quantization(quantization, compile_target)
-    checkpoint, recorded = _compile_source(source) if source is not None and model is None else (source, None)
+    check_quantization(quantization, compile_target)
+    checkpoint, recorded = compile_source(source) if source is not None and model is None else (source, None)
     model = model or recorded
     with console.status("loading model") as status:
-        loaded = _load_model(checkpoint, config, model)
+        loaded = load_model(checkpoint, config, model)
         status.update("tracing")
         graph = trace(loaded)
         compile_graph(graph, out, compile_target, max_len, progress=lambda msg: status.update(msg),
                       source=str(checkpoint.resolve()) if checkpoint else None, quantization=quantization,
                       factory=model)
-    from .runtime import read_manifest
-
     manifest = read_manifest(out)
     size = sum(f.stat().st_size for f in out.iterdir())
     console.print(f"wrote {out}/ ({format_bytes(size)}): {manifest['library']} for {compile_target.describe()}, "
                   f"capacity {manifest['capacity']} positions, {len(graph.mixers)} Sessa layers, "
                   f"compiled in {manifest['compile_seconds']:.1f} s")
-
-
-def _compile_source(path: Path) -> tuple[Path, Optional[str]]:
-    """A checkpoint as given, or the source checkpoint (and custom model factory) an export records."""
-    from .runtime import MANIFEST_NAME, read_manifest
-
-    if not (path.is_dir() and (path / MANIFEST_NAME).is_file()):
-        return path, None
-    manifest = read_manifest(path)
-    if manifest.get("quantization"):
-        raise SessaExportError(f"{path} is a quantized export; compile the float checkpoint it came from")
-    if not manifest.get("source"):
-        raise SessaExportError(f"{path} records no source checkpoint: pass the checkpoint itself")
-    checkpoint = Path(manifest["source"])
-    if not checkpoint.exists():
-        raise SessaExportError(f"{path} was exported from {checkpoint}, which no longer exists: "
-                               "pass the checkpoint itself")
-    return checkpoint, manifest.get("factory")
-
-
-def _prompt_ids(prompt: str, max_new_tokens: int, max_len: int | None, limit: str) -> np.ndarray:
-    """The prompt's byte ids [1, T]; refuses an empty prompt, or one that leaves no room for the new tokens."""
-    import numpy as np
-
-    from .data import encode
-
-    ids = encode(prompt)
-    if not ids:
-        raise SessaExportError("--prompt is empty")
-    if max_len is not None and len(ids) + max_new_tokens - 1 > max_len:
-        raise SessaExportError(f"the prompt ({len(ids)} tokens) and --max-new-tokens {max_new_tokens} need "
-                               f"{len(ids) + max_new_tokens - 1} positions; {limit}")
-    return np.array([ids], dtype=np.int64)
 
 
 @command
@@ -237,12 +191,12 @@ def run(
     seed: int = typer.Option(0, help="Sampling seed."),
 ) -> None:
     """Generate from a prompt, streaming the output: prefill, then decode with the state."""
-    from .generate import Sampling, generate
+    from .generate import Sampling, generate, prompt_ids
     from .runtime import open_runner, vocab_size
 
     runner = open_runner(artifact)
-    max_len = getattr(runner, "max_len", None) or getattr(getattr(runner, "config", None), "max_len", None)
-    ids = _prompt_ids(prompt, max_new_tokens, max_len, f"{artifact} has max_len={max_len}")
+    max_len = runner.max_len
+    ids = prompt_ids(prompt, max_new_tokens, max_len, f"{artifact} has max_len={max_len}")
     if vocab_size(runner) < 256:
         raise SessaExportError(f"--prompt is read as UTF-8 bytes, but {artifact} has a vocabulary of "
                                f"{vocab_size(runner)} tokens: run needs a byte-level model (vocab_size 256)")
@@ -300,63 +254,30 @@ def validate(
     """
     import json
 
-    from .checkpoint import load_checkpoint
+    from .artifact import read_manifest
     from .data import heldout_bytes
-    from .runtime import ForwardRunner, TorchRunner, open_runner, read_manifest, vocab_size
-    from .tracer import load_factory_model
-    from .validate import Tolerance, cases, report_dict, run_case
+    from .runtime import open_runner, vocab_size
+    from .sources import reference_runner
+    from .validate import Tolerance, cases, render, report_dict, run_case
 
     candidate = open_runner(artifact)
     manifest = read_manifest(artifact)
-    source = checkpoint or (Path(manifest["source"]) if manifest.get("source") else None)
-    factory = model or manifest.get("factory")
-    if factory is not None:
-        if manifest["input"]["kind"] != "tokens":
-            raise SessaExportError(f"{artifact} takes embeddings; validate compares models that take token ids")
-        reference = ForwardRunner(load_factory_model(factory, source))
-    elif source is None:
-        raise SessaExportError(f"{artifact} records no source checkpoint: pass --checkpoint CKPT")
-    else:
-        reference = TorchRunner(load_checkpoint(source))
-    _check_same_weights(reference, manifest, source or factory)
+    reference = reference_runner(artifact, manifest, checkpoint, model)
     text_bytes = _read_text(text) if text is not None else heldout_bytes()
     if manifest.get("quantization"):
         _validate_quantized(artifact, manifest, reference, candidate, text_bytes, eval_bytes, window, chunk, json_out)
         return
     tol = Tolerance(atol, rtol)
     reports = []
-    limits = [n for n in (manifest.get("max_len"), getattr(candidate, "max_len", None)) if n]  # TVM: capacity
+    limits = [n for n in (manifest.get("max_len"), candidate.max_len) if n]  # TVM: capacity
     for name, ids, steps in track(cases(vocab_size(candidate), prefill, decode_steps, text_bytes,
                                         seed, min(limits) if limits else None), "validating"):
         reports.append(run_case(name, reference, candidate, ids, steps, tol))
-    _print_report(reports, tol)
+    render(reports, tol, console)
     if json_out is not None:
         json_out.write_text(json.dumps(report_dict(reports, tol), indent=2) + "\n")
     if not all(r.ok for r in reports):
         raise typer.Exit(EXIT_CHECK_FAILED)
-
-
-def _check_same_weights(reference, manifest: dict, source) -> None:
-    from .onnx_export import weights_hash
-    from .tracer import trace
-
-    if manifest.get("weights_sha256") and weights_hash(trace(reference.model)) != manifest["weights_sha256"]:
-        raise SessaExportError(f"{source} is not what this export was made from (weights hash differs)")
-
-
-def _print_report(reports, tol) -> None:
-    console.print(f"parity: a tensor passes when max abs <= {tol.atol:g} + {tol.rtol:g} * max|reference|")
-    for r in reports:
-        table = Table(title=f"{r.name}: {len(r.steps)} steps, argmax agreement {r.argmax_agreement:.2%}",
-                      title_justify="left")
-        for col in ("tensor", "max abs", "max rel", "first bad step", "worst at"):
-            table.add_column(col)
-        for name, e in r.tensors.items():
-            bad = "-" if e.first_bad_step is None else f"[red]{e.first_bad_step}[/red]"
-            table.add_row(name, f"{e.max_abs:.2e}", f"{e.max_rel:.2e}", bad, e.worst.removeprefix("past_key_values."))
-        console.print(table)
-    failed = [r.name for r in reports if not r.ok]
-    console.print("[green]PASS[/green]" if not failed else f"[red]FAIL[/red]: {'; '.join(failed)}")
 
 
 def _read_text(path: Path) -> bytes:
@@ -365,43 +286,16 @@ def _read_text(path: Path) -> bytes:
     return path.read_bytes()
 
 
-TVM_QUALITY_MODES = {"q8": "int8", "q4": "int4"}  # compile --quantization -> quality.THRESHOLDS mode
-
-
 def _validate_quantized(artifact: Path, manifest: dict, reference, candidate, text: bytes, eval_bytes: int,
                         window: int, chunk: int, json_out: Optional[Path]) -> None:
     """Quality of a quantized export against the float32 reference; exit 1 when the mode's threshold fails."""
     import json
 
-    from .quality import THRESHOLDS, describe, evaluate, render
-    from .quantize import export_size
-    from .runtime import MANIFEST_NAME
+    from .quality import describe, evaluate_artifact, render
 
-    quant, where = manifest["quantization"], artifact / MANIFEST_NAME
-    if not isinstance(quant, dict):
-        raise SessaExportError(f"{where}: \"quantization\" must be an object, got {type(quant).__name__}; "
-                               "re-run the quantization")
-    tvm = manifest.get("format") == "tvm"  # compile --quantization: q8 is held to int8's bar, q4 to int4's
-    modes = TVM_QUALITY_MODES if tvm else THRESHOLDS
-    if not isinstance(quant.get("mode"), str) or quant["mode"] not in modes:
-        raise SessaExportError(f"{where}: unknown \"quantization\".\"mode\" {quant.get('mode')!r}; "
-                               f"expected one of {', '.join(modes)}")
-    mode = TVM_QUALITY_MODES[quant["mode"]] if tvm else quant["mode"]
-    size_reference, size_quantized = quant.get("source_size_bytes"), None
-    if tvm:
-        library = artifact / manifest.get("library", "model.so")
-        size_quantized = library.stat().st_size if library.is_file() else None
-        if quant.get("float_weight_bytes") and size_quantized:  # the library with float32 weights instead
-            size_reference = size_quantized - quant["quantized_weight_bytes"] + quant["float_weight_bytes"]
-    else:
-        size_quantized = export_size(artifact, manifest)
-    with console.status(f"evaluating {mode} against float32 (the report says on how many bytes)"):
-        report = evaluate(reference, candidate, mode, text, eval_bytes, window, chunk,
-                          size_reference=size_reference, size_quantized=size_quantized)
-    group = quant.get("block_size") or quant.get("group_size")
-    block = f", block {group}" if group else ""
-    kept = f", kept in full precision: {', '.join(quant['keep'])}" if quant.get("keep") else ""
-    render(report, console, title=f"{artifact}: {mode}{block}{kept} vs float32 reference, {describe(report)}")
+    with console.status("evaluating against float32 (the report says on how many bytes)"):
+        report, title = evaluate_artifact(artifact, manifest, reference, candidate, text, eval_bytes, window, chunk)
+    render(report, console, title=f"{title}, {describe(report)}")
     if json_out is not None:
         json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     if not report.ok:
@@ -428,7 +322,7 @@ def quantize(
     and recurrence accumulate in float32. The ai.sessa.FeedbackAttention nodes and function are
     kept. Check the result with `sessa-export validate OUT2 --checkpoint CKPT`.
     """
-    from .quantize import quantize_export
+    from .to_onnx.quantize import quantize_export
 
     names = [part.strip() for item in keep for part in item.split(",") if part.strip()]
     with console.status("quantizing") as status:
@@ -482,48 +376,12 @@ def demo(
     Exports to ONNX and compiles with TVM for this CPU, validates both against PyTorch step by
     step, generates through each and prints tokens/s beside the PyTorch reference.
     """
-    from .bench import SETTLE_S
-    from .checkpoint import check_replaceable, load_checkpoint
-    from .data import BUNDLED_MODEL, heldout_bytes
-    from .generate import Sampling, generate
-    from .onnx_export import export_onnx
-    from .runtime import ARTIFACT_KIND, MANIFEST_NAME, OrtRunner, TorchRunner
-    from .tracer import trace
-    from .tvm_compile import CompileTarget, compile_graph
-    from .tvm_runtime import TvmRunner
-    from .validate import FP32, cases, run_case
+    from .demo import CAPACITY, run_demo
+    from .generate import Sampling, prompt_ids
 
     sampling = Sampling(temperature, top_k=40, seed=seed)  # bad settings fail here, before any work
-    prompt_ids = _prompt_ids(prompt, max_new_tokens, DEMO_CAPACITY, f"the demo compiles for {DEMO_CAPACITY}")
-    for artifact in (out / "onnx", out / "tvm-cpu"):
-        check_replaceable(artifact, MANIFEST_NAME, ARTIFACT_KIND)  # both, before either is written
-    model = load_checkpoint(BUNDLED_MODEL)
-    console.print(f"[bold]model[/bold] {BUNDLED_MODEL} ({model.num_parameters():,} parameters)")
-    graph = trace(model)
-    with console.status("exporting to ONNX") as status:
-        export_onnx(graph, out / "onnx", source=str(BUNDLED_MODEL))
-        status.update("compiling with TVM for this CPU")
-        compile_graph(graph, out / "tvm-cpu", CompileTarget("cpu"), DEMO_CAPACITY, source=str(BUNDLED_MODEL))
-    reference = TorchRunner(model)
-    ok, figures = True, {}
-    for runner, path in ((OrtRunner(out / "onnx"), out / "onnx"), (TvmRunner(out / "tvm-cpu"), out / "tvm-cpu")):
-        console.rule(f"[bold]{runner.name}[/bold]: {path}")
-        demo_cases = cases(model.config.vocab_size, 384, 64, heldout_bytes(), 0, DEMO_CAPACITY)  # 384: see validate
-        reports = [run_case(name, reference, runner, ids, steps, FP32)
-                   for name, ids, steps in track(demo_cases, "validating")]
-        _print_report(reports, FP32)
-        ok = ok and all(r.ok for r in reports)
-        sys.stdout.write(prompt)
-        time.sleep(SETTLE_S)  # the thread pools that just ran go idle first: fair speed figures
-        figures[runner.name] = generate(runner, prompt_ids, max_new_tokens, sampling, on_tokens=_stream)
-        sys.stdout.write("\n")
-    time.sleep(SETTLE_S)
-    figures[reference.name] = generate(reference, prompt_ids, max_new_tokens, sampling)
-    console.rule("[bold]speed[/bold] (sampling the same tokens on each)")
-    for name, r in figures.items():
-        console.print(f"{name:12} prefill {r.prompt_tokens} tokens {r.prefill_s * 1e3:6.1f} ms, "
-                      f"decode {r.decode_tokens_per_s:6.0f} tokens/s")
-    if not ok:
+    ids = prompt_ids(prompt, max_new_tokens, CAPACITY, f"the demo compiles for {CAPACITY}")
+    if not run_demo(out, prompt, ids, max_new_tokens, sampling, console, track, _stream):
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 

@@ -8,6 +8,9 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from .data import encode
+from .errors import SessaExportError
+
 
 class StepRunner(Protocol):
     """A back end that runs the step graph: logits of S new tokens and the state of P + S positions."""
@@ -99,3 +102,15 @@ def generate(
         if i + 1 < max_new_tokens:
             logits, state = runner.step(token[:, None], state)
     return Generation(out, prompt_ids.shape[1], prefill_s, time.perf_counter() - start)
+
+
+def prompt_ids(prompt: str, max_new_tokens: int, max_len: int | None, limit: str) -> np.ndarray:
+    """The prompt's byte ids [1, T]; refuses an empty prompt, or one that leaves no room for the new
+    tokens (`limit` says where the limit comes from)."""
+    ids = encode(prompt)
+    if not ids:
+        raise SessaExportError("--prompt is empty")
+    if max_len is not None and len(ids) + max_new_tokens - 1 > max_len:
+        raise SessaExportError(f"the prompt ({len(ids)} tokens) and --max-new-tokens {max_new_tokens} need "
+                               f"{len(ids) + max_new_tokens - 1} positions; {limit}")
+    return np.array([ids], dtype=np.int64)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -211,6 +212,26 @@ def evaluate(reference, candidate, mode: str, text: bytes, length: int = DEFAULT
     ids = text_ids(text, length, vocab, window, getattr(config, "max_len", None))
     return compare(mode, run_logits(reference, ids, chunk), run_logits(candidate, ids, chunk), ids, chunk,
                    size_reference, size_quantized)
+
+
+def evaluate_artifact(artifact: Path, manifest: dict, reference, candidate, text: bytes,
+                      length: int = DEFAULT_BYTES, window: int = DEFAULT_WINDOW,
+                      chunk: int = DEFAULT_CHUNK) -> tuple[QualityReport, str]:
+    """The quality report of a quantized artifact (its mode's bar, quantization.MODES) and a title."""
+    from .artifact import MANIFEST_NAME
+    from .quantization import MODES
+
+    quant = manifest["quantization"]
+    mode = MODES.get(quant.get("mode")) if isinstance(quant.get("mode"), str) else None
+    if mode is None or mode.backend != manifest["format"]:
+        names = [name for name, m in MODES.items() if m.backend == manifest["format"]]
+        raise SessaExportError(f"{artifact / MANIFEST_NAME}: unknown \"quantization\".\"mode\" {quant.get('mode')!r}; "
+                               f"expected one of {', '.join(names)}")
+    report = evaluate(reference, candidate, mode.quality, text, length, window, chunk,
+                      size_reference=quant.get("source_size_bytes"), size_quantized=quant.get("size_bytes"))
+    block = f", block {quant['block_size']}" if quant.get("block_size") else ""
+    kept = f", kept in full precision: {', '.join(quant['keep'])}" if quant.get("keep") else ""
+    return report, f"{artifact}: {mode.name}{block}{kept} vs float32 reference"
 
 
 def describe(report: QualityReport) -> str:

@@ -8,29 +8,18 @@ names the module or operation: it is never exported wrong.
 
 from __future__ import annotations
 
-import importlib
 import operator
-from pathlib import Path
 
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import SessaExportError
 from .model import SessaLM, SessaMixer
+from .ops import registry
 from .stepgraph import Node, StepGraph
 
 # A module is a Sessa mixer by class, or by carrying the reference SessaMixer's parameters.
 MIXER_STRUCTURE = ("q_proj", "k_proj", "v_proj", "proj_fb", "gamma_bias", "gamma_ctx")
 
-UNARY_MODULES = {nn.GELU: "gelu", nn.ReLU: "relu", nn.SiLU: "silu", nn.Tanh: "tanh",
-                 nn.Sigmoid: "sigmoid", nn.Dropout: "identity", nn.Identity: "identity"}
-UNARY_FUNCTIONS = {F.gelu: "gelu", F.relu: "relu", torch.relu: "relu", F.silu: "silu",
-                   torch.tanh: "tanh", torch.sigmoid: "sigmoid", F.dropout: "identity"}
-UNARY_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
-BINARY_FUNCTIONS = {operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
-                    operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div"}
-BINARY_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div"}
 POSITION_MIXERS = {nn.Conv1d: "a convolution over time", nn.Conv2d: "a convolution",
                    nn.MultiheadAttention: "an attention that is not a Sessa mixer",
                    nn.RNN: "a recurrent layer", nn.LSTM: "a recurrent layer", nn.GRU: "a recurrent layer"}
@@ -173,25 +162,21 @@ def trace(model: nn.Module) -> StepGraph:
                 nodes.append(Node("layer_norm", n.name, (name_of(args[0]),), module, n.target,
                                   {"eps": module.eps}))
                 input_width = input_width or (module.normalized_shape[0] if args[0] is placeholders[0] else None)
-            elif type(module) in UNARY_MODULES:
-                attrs = {"approximate": module.approximate} if isinstance(module, nn.GELU) else {}
-                nodes.append(Node(UNARY_MODULES[type(module)], n.name, (name_of(args[0]),), attrs=attrs))
+            elif (op := registry.for_module(module)) is not None and op.arity == 1:
+                nodes.append(Node(op.name, n.name, (name_of(args[0]),), attrs=op.module_attrs(module)))
             else:
                 why = POSITION_MIXERS.get(type(module), "is not a position-wise module the tracer knows")
                 why = f"is {why}" if type(module) in POSITION_MIXERS else why
                 raise _refuse(f"module `{n.target}` ({type(module).__name__})", why)
             continue
-        if n.op == "call_function" and n.target in UNARY_FUNCTIONS:
-            attrs = {"approximate": n.kwargs.get("approximate", "none")} if n.target is F.gelu else {}
-            nodes.append(Node(UNARY_FUNCTIONS[n.target], n.name, (name_of(n.args[0]),), attrs=attrs))
-        elif n.op == "call_function" and n.target in BINARY_FUNCTIONS and not n.kwargs:
-            nodes.append(Node(BINARY_FUNCTIONS[n.target], n.name, tuple(name_of(a) for a in n.args)))
-        elif n.op == "call_method" and n.target in BINARY_METHODS and not n.kwargs:
-            nodes.append(Node(BINARY_METHODS[n.target], n.name, tuple(name_of(a) for a in n.args)))
-        elif n.op == "call_method" and n.target in UNARY_METHODS and len(n.args) == 1:
-            nodes.append(Node(UNARY_METHODS[n.target], n.name, (name_of(n.args[0]),)))
-        elif n.op == "call_method" and n.target in ("split", "chunk"):
+        op = (registry.for_function(n.target) if n.op == "call_function"
+              else registry.for_method(n.target) if n.op == "call_method" else None)
+        if op is not None and op.name == "split":
             nodes.append(_split_node(n, name_of))
+        elif op is not None and op.arity == 2 and not n.kwargs:
+            nodes.append(Node(op.name, n.name, tuple(name_of(a) for a in n.args)))
+        elif op is not None and op.arity == 1 and (n.op == "call_function" or len(n.args) == 1):
+            nodes.append(Node(op.name, n.name, (name_of(n.args[0]),), attrs=op.call_attrs(n.kwargs)))
         elif n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int) \
                 and isinstance(n.args[0], fx.Node) and n.args[0].target in ("split", "chunk"):
             nodes.append(Node("getitem", n.name, (n.args[0].name,), attrs={"index": n.args[1]}))
@@ -213,26 +198,3 @@ def _split_node(n: fx.Node, name_of) -> Node:
                       "splits something other than the feature dim (-1)")
     amount = n.args[1] if len(n.args) > 1 else n.kwargs.get("split_size", n.kwargs.get("chunks"))
     return Node("split", n.name, (name_of(n.args[0]),), attrs={n.target: amount})
-
-
-def load_factory_model(spec: str, weights: str | Path | None) -> nn.Module:
-    """Build `package.module:factory()` and load weights (safetensors or torch state_dict) into it."""
-    from .checkpoint import read_state_dict
-
-    module_name, _, factory_name = spec.partition(":")
-    if not module_name or not factory_name:
-        raise SessaExportError(f"--model must look like package.module:factory, got {spec!r}")
-    try:
-        factory = getattr(importlib.import_module(module_name), factory_name)
-    except (ImportError, AttributeError) as exc:
-        raise SessaExportError(f"cannot import {spec}: {exc}") from None
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise SessaExportError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
-    if weights is not None:
-        state_dict, _ = read_state_dict(Path(weights))
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError as exc:
-            raise SessaExportError(f"{weights} does not fit {spec}(): {exc}") from None
-    return model.eval()

@@ -66,6 +66,7 @@ def run_case(name: str, reference, candidate, ids: np.ndarray, steps: list[int],
     errors = report.tensors
     errors["logits"] = TensorError()
     ref_state, got_state = reference.empty_state(ids.shape[0]), candidate.empty_state(ids.shape[0])
+    layout = candidate.layout
     agree, total, pos = 0, 0, 0
     for index, size in enumerate(steps):
         chunk = ids[:, pos:pos + size]
@@ -76,13 +77,12 @@ def run_case(name: str, reference, candidate, ids: np.ndarray, steps: list[int],
         total += ref_logits.shape[0] * ref_logits.shape[1]
         ref_arrays, got_arrays = reference.state_arrays(ref_state), candidate.state_arrays(got_state)
         last = index == len(steps) - 1
-        for key, ref in ref_arrays.items():
-            got = got_arrays[key]
+        for key, ref in ref_arrays.items():  # a reference without step state (ForwardRunner) has none
+            got, field = got_arrays[key], layout.field_of(key)
             if not last:  # the rows this step wrote; the last step compares the whole state
-                axis = 2 if ref.ndim == 4 else 1
+                axis = layout.position_axis(field)
                 ref, got = np.take(ref, range(pos, pos + size), axis), np.take(got, range(pos, pos + size), axis)
-            # one entry per state kind; a reference without step state (ForwardRunner) has none
-            errors.setdefault(key.rsplit(".", 1)[1], TensorError()).update(key, ref, got, index, tol)
+            errors.setdefault(field, TensorError()).update(key, ref, got, index, tol)  # one entry per field
         pos += size
     report.argmax_agreement = agree / max(total, 1)
     return report
@@ -115,3 +115,21 @@ def report_dict(reports: list[CaseReport], tol: Tolerance) -> dict:
     return {"ok": all(r.ok for r in reports), "tolerance": asdict(tol),
             "cases": [{"name": r.name, "ok": r.ok, "steps": len(r.steps), "argmax_agreement": r.argmax_agreement,
                        "tensors": {k: asdict(v) for k, v in r.tensors.items()}} for r in reports]}
+
+
+def render(reports: list[CaseReport], tol: Tolerance, console) -> None:
+    """The parity tables and the verdict on a rich console."""
+    from rich.table import Table
+
+    console.print(f"parity: a tensor passes when max abs <= {tol.atol:g} + {tol.rtol:g} * max|reference|")
+    for r in reports:
+        table = Table(title=f"{r.name}: {len(r.steps)} steps, argmax agreement {r.argmax_agreement:.2%}",
+                      title_justify="left")
+        for col in ("tensor", "max abs", "max rel", "first bad step", "worst at"):
+            table.add_column(col)
+        for name, e in r.tensors.items():
+            bad = "-" if e.first_bad_step is None else f"[red]{e.first_bad_step}[/red]"
+            table.add_row(name, f"{e.max_abs:.2e}", f"{e.max_rel:.2e}", bad, e.worst.removeprefix("past_key_values."))
+        console.print(table)
+    failed = [r.name for r in reports if not r.ok]
+    console.print("[green]PASS[/green]" if not failed else f"[red]FAIL[/red]: {'; '.join(failed)}")

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-from tvm import relax, s_tir, te, tirx
+from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
 from tvm.target.codegen import llvm_get_system_cpu, llvm_get_system_triple, llvm_get_vector_width
 
+from sessa_export.ops.tvm_attention import AttentionTiling
 from sessa_export.ops.tvm_kernels import DECODE, PREFILL, FeedbackTiling, feedback_attention_kernels
+from sessa_export.ops.tvm_matmul import PACKED_MATMUL, packed_matmul
+
+from . import packaging
 
 PANELS = (32, 16, 8)  # columns per weight panel, by preference: 32 = two AVX-512 or eight NEON registers
-PACKED_MATMUL = "packed_matmul"  # the block name CpuMatmul recognises
 ROW_TILE = 8  # prefill rows per register tile (8 x 32 accumulators: 16 AVX-512 registers)
 
 
@@ -41,15 +43,19 @@ def host_cpu() -> str:
         return "generic"
 
 
-def target(triple: str | None = None) -> Target:
-    """LLVM target for this host (its triple and CPU), or a generic CPU of ``triple``.
+def tvm_target(arch: str | None = None, host: str | None = None) -> Target:
+    """LLVM target for this machine (its triple and CPU), or a generic CPU of the ``host`` triple.
 
-    ``target("aarch64-linux-gnu")`` cross-compiles for 64-bit ARM Linux (NEON baseline);
-    ``target("arm64-apple-darwin")`` is the host side of a Metal build.
+    ``tvm_target(host="aarch64-linux-gnu")`` cross-compiles for 64-bit ARM Linux (NEON baseline).
     """
-    if triple is None:
+    if host is None:
         return Target({"kind": "llvm", "mtriple": host_triple(), "mcpu": host_cpu()})
-    return Target({"kind": "llvm", "mtriple": triple})
+    return Target({"kind": "llvm", "mtriple": host})
+
+
+def attention_tiling(head_dim: int) -> AttentionTiling:
+    """Parallel CPU tasks with the widest vector that divides the head width, 16 keys a tile."""
+    return AttentionTiling(lanes=next(n for n in (16, 8, 4, 2, 1) if head_dim % n == 0), key_tile=16)
 
 
 def vector_lanes(tgt: Target) -> int:
@@ -102,11 +108,12 @@ def scheduled_feedback_attention(
     d_model: int,
     dtype: str = "float32",
     scale: float | None = None,
-    triple: str | None = None,
+    arch: str | None = None,
+    host: str | None = None,
     d_chunks: int | None = None,
 ) -> tuple[Target, dict[str, tirx.PrimFunc]]:
     """The CPU target and both kernels, tiled and scheduled for it (keyed by global symbol)."""
-    tgt = target(triple)
+    tgt = tvm_target(host=host)
     kernels = feedback_attention_kernels(d_model, dtype, scale, feedback_tilings(d_model, tgt, d_chunks))
     return tgt, {name: schedule_feedback_attention(func, tgt) for name, func in kernels.items()}
 
@@ -127,19 +134,6 @@ def _vectorize(sch: s_tir.Schedule, loop: s_tir.LoopRV, lanes: int) -> None:
 def weight_panel(columns: int) -> int | None:
     """Columns per panel for a weight with ``columns`` outputs (None: keep the plain [in, out] layout)."""
     return next((panel for panel in PANELS if columns % panel == 0), None)
-
-
-def pack_weight(weight: np.ndarray, panel: int) -> np.ndarray:
-    """W [out, in] (torch's layout) as panels [out / panel, in, panel]: panels[p, k, j] = W[p·panel + j, k]."""
-    out, inputs = weight.shape
-    return np.ascontiguousarray(weight.reshape(out // panel, panel, inputs).transpose(0, 2, 1))
-
-
-def packed_matmul(x: te.Tensor, panels: te.Tensor) -> te.Tensor:
-    """x [B, S, in] @ W^T with W packed by ``pack_weight``: y [B, S, out / panel, panel]."""
-    k = te.reduce_axis((0, x.shape[-1]), "k")
-    return te.compute((*x.shape[:-1], *panels.shape[::2]),
-                      lambda b, s, p, j: te.sum(x[b, s, k] * panels[p, k, j], axis=k), name=PACKED_MATMUL)
 
 
 def emit_linear(bb: relax.BlockBuilder, x: relax.Expr, panels: relax.Expr, bias: relax.Expr | None,
@@ -239,6 +233,33 @@ class CpuMatmul(dl.ScheduleRule):
         sch.vectorize(sch.split(col_i, [None, lanes])[1] if lanes < width else col_i)
         sch.decompose_reduction(matmul, red)
         return sch
+
+
+def pipeline(tvm_target):
+    """The default Relax CPU pipeline with this file's rules scheduling the matmuls (CpuMatmul) and
+    the position-wise functions (CpuElementwise)."""
+    import tvm
+    from tvm.relax.backend.cpu_generic import pipeline as backend
+
+    @tvm.transform.module_pass(opt_level=0, name="SessaCpuPipeline")
+    def _pipeline(mod, _ctx):
+        with tvm_target:
+            seq = tvm.transform.Sequential(
+                backend.library_dispatch_passes(tvm_target) + backend.legalize_passes(tvm_target)
+                + [dl.ApplyDefaultSchedule(CpuMatmul(), CpuElementwise())]
+                + backend.dataflow_lower_passes(tvm_target) + backend.finalize_passes(tvm_target))
+            return seq(mod)
+
+    return _pipeline
+
+
+def library_name(host: str | None) -> str:
+    return "model.so"
+
+
+def package(executable, path, arch: str | None, host: str | None, workspace) -> None:
+    """An ELF model.so for this machine or the ``host`` triple."""
+    packaging.export_elf(executable, path, host, workspace)
 
 
 class CpuElementwise(dl.ScheduleRule):

@@ -1,41 +1,86 @@
-"""Metal target (Apple GPUs): what to build for, and the FeedbackAttention schedule.
+"""Metal target (Apple GPUs): the TVM target, the GPU rules under Metal's limits, a static archive.
 
-The schedule rule is the GPU rule of ``sessa_export.targets.cuda`` (a threadgroup per task, a
-thread per worker, tiles in threadgroup memory) under Metal's limits: 256 threads per
-threadgroup in TVM's default Metal target and 32 KiB of threadgroup memory.
+The FeedbackAttention rule is targets/gpu.py's under Metal's limits: 256 threads per
+threadgroup in TVM's default Metal target and 32 KiB of threadgroup memory. dlight's Matmul rule
+is left out: its simdgroup matmul path crashes in TVM 0.27's tensorize, so Metal matmuls are
+scheduled by GEMV / Reduction / Fallback.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
 from tvm import tirx
 from tvm.target import Target
 
+from sessa_export.errors import SessaExportError
 from sessa_export.ops.tvm_kernels import FeedbackTiling, feedback_attention_kernels
-from sessa_export.targets import METAL_HOSTS, cuda
+
+from . import METAL_HOSTS, gpu, packaging
 
 HOST_TRIPLE = METAL_HOSTS[0]
 THREADS = 256
 KEY_TILE_BYTES = 8 * 1024  # of 32 KiB threadgroup memory
 
 
-def target(triple: str = HOST_TRIPLE) -> Target:
-    """Metal target with host code for ``triple`` (Apple silicon macOS by default)."""
-    return Target({"kind": "metal"}, host={"kind": "llvm", "mtriple": triple})
+def tvm_target(arch: str | None = None, host: str | None = None) -> Target:
+    """Metal target with host code for ``host`` (Apple silicon macOS by default)."""
+    return Target({"kind": "metal"}, host={"kind": "llvm", "mtriple": host or HOST_TRIPLE})
+
+
+def attention_tiling(head_dim: int):
+    return gpu.ATTENTION
 
 
 def feedback_tilings(d_model: int, dtype: str) -> dict[str, FeedbackTiling]:
-    """Tile sizes for Metal: the CUDA shapes with Metal's thread and memory limits."""
-    return cuda.feedback_tilings(d_model, dtype, threads=THREADS, key_tile_bytes=KEY_TILE_BYTES)
+    """Tile sizes for Metal: the GPU shapes with Metal's thread and memory limits."""
+    return gpu.feedback_tilings(d_model, dtype, THREADS, KEY_TILE_BYTES)
 
 
-def schedule_feedback_attention(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    """Apply the GPU rule with Metal's threadgroup size."""
-    return cuda.schedule_feedback_attention(func, threads=THREADS)
-
-
-def scheduled_feedback_attention(
-    d_model: int, dtype: str = "float32", scale: float | None = None, triple: str = HOST_TRIPLE
-) -> tuple[Target, dict[str, tirx.PrimFunc]]:
-    """The Metal target (host ``triple``) and both kernels, tiled and scheduled for it."""
+def scheduled_feedback_attention(d_model: int, dtype: str = "float32", scale: float | None = None,
+                                 arch: str | None = None, host: str | None = None) -> tuple[Target, dict[str, tirx.PrimFunc]]:
+    """The Metal target (host ``host``) and both kernels, tiled and scheduled for it."""
     kernels = feedback_attention_kernels(d_model, dtype, scale, feedback_tilings(d_model, dtype))
-    return target(triple), {name: schedule_feedback_attention(func) for name, func in kernels.items()}
+    return tvm_target(host=host), {name: gpu.schedule_feedback_attention(func, THREADS)
+                                   for name, func in kernels.items()}
+
+
+def pipeline(target: Target):
+    return gpu.pipeline(target, matmul=False)
+
+
+def llvm_ar() -> str | None:
+    """An llvm-ar on PATH (it writes Darwin archives), or None."""
+    return shutil.which("llvm-ar") or next((shutil.which(f"llvm-ar-{v}") for v in range(22, 13, -1)
+                                            if shutil.which(f"llvm-ar-{v}")), None)
+
+
+def library_name(host: str | None) -> str:
+    return "model.a" if llvm_ar() else "model.tar"
+
+
+def package(executable, path: Path, arch: str | None, host: str | None, workspace: Path) -> None:
+    """Mach-O arm64 objects (host code + the import blob with the Metal source) as model.a / model.tar,
+    and model.metal beside."""
+    from tvm.support import tar as tar_util
+
+    (path.parent / "model.metal").write_text(packaging.device_source(executable, "metal"))
+    tar_path = workspace / "model.tar"
+    (workspace / "objects").mkdir()
+    executable.export_library(str(tar_path), fcompile=tar_util.tar, workspace_dir=str(workspace / "objects"))
+    if path.suffix == ".tar":
+        shutil.copyfile(tar_path, path)
+        return
+    members = workspace / "members"
+    members.mkdir()
+    with tarfile.open(tar_path) as archive:
+        names = [m.name for m in archive.getmembers() if m.isfile()]
+        archive.extractall(members, filter="data")
+    objects = sorted(str(members / name) for name in names)
+    result = subprocess.run([llvm_ar(), "rcs", "--format=darwin", str(path), *objects],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SessaExportError(f"llvm-ar failed: {result.stderr.strip()}")

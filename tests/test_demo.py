@@ -12,7 +12,7 @@ import re
 
 from parity import cli
 
-from sessa_export.runtime import MANIFEST_NAME
+from sessa_export.artifact import MANIFEST_NAME
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path):

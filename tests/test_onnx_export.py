@@ -31,11 +31,11 @@ from sessa_export.cli import app
 from sessa_export.data import BUNDLED_MODEL, heldout_bytes
 from sessa_export.errors import SessaExportError
 from sessa_export.model import feedback_attention
-from sessa_export.onnx_export import export_onnx
+from sessa_export.to_onnx import export_onnx
 from sessa_export.ops import causal_attention as causal_op
 from sessa_export.ops import feedback_attention as fa_op
 from sessa_export.runtime import OrtRunner
-from sessa_export.stepgraph import STATE_FIELDS
+from sessa_export.state import FIELDS as STATE_FIELDS
 from sessa_export.tracer import trace
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -301,7 +301,8 @@ def test_weights_past_the_limit_go_to_external_data(make_lm, monkeypatch, tmp_pa
     """Past EXTERNAL_DATA_LIMIT (2 GiB, protobuf's ceiling; lowered here so a small model crosses it)
     the weights go to model.onnx.data beside model.onnx: the copied artifact still runs with
     ONNX Runtime alone, and quantize reads it and writes its own external data."""
-    from sessa_export import onnx_export, quantize
+    from sessa_export import to_onnx as onnx_export
+    from sessa_export.to_onnx import quantize
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_LIMIT", 64 * 1024)
     monkeypatch.setattr(quantize, "EXTERNAL_DATA_LIMIT", 4 * 1024)
@@ -640,7 +641,7 @@ def test_unwritable_output_is_a_clear_error(byte_model, tmp_path):
 
 def test_export_failing_midway_leaves_nothing(byte_model, tmp_path, monkeypatch):
     model, _, good = byte_model
-    import sessa_export.onnx_export as onnx_export
+    import sessa_export.to_onnx as onnx_export
 
     def failing_check(*args, **kwargs):
         raise onnx.checker.ValidationError("injected failure")

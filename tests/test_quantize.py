@@ -29,9 +29,9 @@ from sessa_export.config import SessaConfig
 from sessa_export.data import BUNDLED_MODEL, heldout_bytes
 from sessa_export.errors import SessaExportError
 from sessa_export.model import SessaLM
-from sessa_export.onnx_export import export_onnx
+from sessa_export.to_onnx import export_onnx
 from sessa_export.ops import feedback_attention as fa_op
-from sessa_export.quantize import export_size, find_weights, linear_weight_bytes, quantize_export
+from sessa_export.to_onnx.quantize import export_size, find_weights, linear_weight_bytes, quantize_export
 from sessa_export.runtime import OrtRunner
 from sessa_export.tracer import trace
 

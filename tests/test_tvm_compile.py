@@ -1,4 +1,4 @@
-"""The TVM back end (sessa_export.tvm_compile, tvm_runtime, `sessa-export compile`) against PyTorch.
+"""The TVM back end (sessa_export.to_tvm, tvm_runtime, `sessa-export compile`) against PyTorch.
 
 CPU: the compiled library, run through TvmRunner, matches the PyTorch reference (SessaLM.step) at the
 ONNX export's tolerance - max abs error <= 1e-4 on the logits and on every state tensor - for the same
@@ -31,8 +31,8 @@ from sessa_export.checkpoint import save_checkpoint
 from sessa_export.errors import SessaExportError
 from sessa_export.runtime import TorchRunner, open_runner
 from sessa_export.tracer import trace
-from sessa_export.tvm_compile import CompileTarget, compile_graph
-from sessa_export.tvm_runtime import TvmRunner
+from sessa_export.to_tvm import CompileTarget, compile_graph
+from sessa_export.runtime.tvm_runner import TvmRunner
 
 CAPACITY = 640  # room for the longest parity check (600 tokens)
 
@@ -233,7 +233,7 @@ def cross_model(make_lm):
 def test_gpu_host_code_is_for_any_cpu_of_its_triple(name):
     """A GPU library's host code must run on every CPU of its architecture: no -mcpu=native, and
     the compiler's target is the one targets/<name>.py builds."""
-    from sessa_export.targets import cpu, cuda, metal
+    from sessa_export.targets import TARGETS, cpu
 
     target = CompileTarget(name)
     tvm_target = target.tvm_target()
@@ -241,7 +241,7 @@ def test_gpu_host_code_is_for_any_cpu_of_its_triple(name):
     assert "mcpu" not in host, f"{name} host code is for {host['mcpu']} CPUs only"
     assert cpu.host_cpu() not in str(tvm_target)
     assert str(target.host_target()) == str(tvm_target.host)
-    built = cuda.target(target.arch) if name == "cuda" else metal.target(target.host)
+    built = TARGETS[name].implementation().tvm_target(target.arch, target.host)
     assert str(tvm_target) == str(built)
     if name == "cuda":
         assert host["mtriple"] == cpu.host_triple()

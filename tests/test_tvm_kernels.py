@@ -16,7 +16,8 @@ from tvm import relax, tirx
 from tvm.script import relax as R
 
 from sessa_export.ops import tvm_kernels as K
-from sessa_export.targets import AARCH64_LINUX, ARCHS, cpu, cuda
+from sessa_export.ops.tvm_matmul import pack_weight
+from sessa_export.targets import AARCH64_LINUX, ARCHS, build_feedback_attention, cpu, cuda
 
 D = 64
 SCALE = D**-0.5
@@ -99,7 +100,7 @@ def check_step(lib, kernel: str, batch: int, past: int, seq: int, dtype: str, sc
 @pytest.fixture(scope="module", params=["float32", "float16"])
 def cpu_lib(request):
     """(dtype, both kernels built for this host), once per dtype."""
-    return request.param, K.build_feedback_attention("cpu", D, request.param)
+    return request.param, build_feedback_attention("cpu", D, request.param)
 
 
 def _cases():
@@ -126,7 +127,7 @@ CUDA_TILES = {name: dataclasses.replace(t, workers=1) for name, t in cuda.feedba
 
 @pytest.mark.parametrize("tilings", [SMALL_TILES, CUDA_TILES], ids=["small", "cuda-geometry"])
 def test_cpu_other_tilings_match_reference(tilings):
-    tgt = cpu.target()
+    tgt = cpu.tvm_target()
     kernels = K.feedback_attention_kernels(D, "float32", None, tilings)
     scheduled = {name: cpu.schedule_feedback_attention(func, tgt) for name, func in kernels.items()}
     lib = tvm.compile(K.feedback_attention_module(scheduled), target=tgt)
@@ -137,14 +138,14 @@ def test_cpu_other_tilings_match_reference(tilings):
 
 def test_cpu_scale_attribute():
     """The op's `scale` attribute replaces D^-0.5."""
-    lib = K.build_feedback_attention("cpu", D, "float32", scale=0.3)
+    lib = build_feedback_attention("cpu", D, "float32", scale=0.3)
     for past, seq in ((9, 1), (9, 20)):
         check_step(lib, K.DECODE if seq == 1 else K.PREFILL, 2, past, seq, "float32", scale=0.3)
 
 
 def test_chunked_steps_equal_full_sequence():
     """Prefill, decodes and another chunk through the kernels' own caches give the full-sequence s."""
-    lib = K.build_feedback_attention("cpu", D, "float32")
+    lib = build_feedback_attention("cpu", D, "float32")
     total = 90
     whole = make_step(2, 0, total, "float32", seed=7)
     expected = reference_states(
@@ -202,7 +203,7 @@ def test_relax_call_tir_inplace_updates_caches():
 
 
 def test_aarch64_cross_build():
-    ex = K.build_feedback_attention("cpu", D, "float16", triple=AARCH64_LINUX)
+    ex = build_feedback_attention("cpu", D, "float16", host=AARCH64_LINUX)
     asm = ex.mod.inspect_source("asm")
     assert "fmla" in asm  # NEON multiply-add: the dot products and accumulators vectorised
     assert all(name in asm for name in (K.DECODE, K.PREFILL))
@@ -217,7 +218,7 @@ GPU_KERNELS = (
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_cuda_build_holds_device_code(arch):
-    ex = K.build_feedback_attention("cuda", D, "float16", arch=arch)
+    ex = build_feedback_attention("cuda", D, "float16", arch=arch)
     (device,) = ex.mod.imports
     assert device.kind == "cuda"
     source = device.inspect_source()
@@ -227,14 +228,14 @@ def test_cuda_build_holds_device_code(arch):
         pytest.skip("nvcc not found: CUDA source checked, not compiled")
     from tvm.support import nvcc
 
-    with cuda.target(arch):
+    with cuda.tvm_target(arch):
         ptx = bytes(nvcc.compile_cuda(source, target_format="ptx", arch=arch, compiler="nvcc")).decode()
     assert f".target {arch}" in ptx
     assert all(f".entry {name}(" in ptx for name in GPU_KERNELS)
 
 
 def test_metal_build_holds_shader_source():
-    ex = K.build_feedback_attention("metal", D, "float16")
+    ex = build_feedback_attention("metal", D, "float16")
     (device,) = ex.mod.imports
     assert device.kind == "metal"
     source = device.inspect_source()
@@ -248,7 +249,7 @@ def test_cuda_kernels_match_reference(dtype):
     dev = tvm.cuda(0)
     if not dev.exist:
         pytest.skip("no CUDA device")
-    lib = K.build_feedback_attention("cuda", D, dtype, arch="sm_" + dev.compute_version.replace(".", ""))
+    lib = build_feedback_attention("cuda", D, dtype, arch="sm_" + dev.compute_version.replace(".", ""))
     for past, seq, batch in _cases():
         check_step(lib, K.DECODE if seq == 1 else K.PREFILL, batch, past, seq, dtype, dev=dev)
         if seq == 1:
@@ -260,7 +261,7 @@ def test_cuda_kernels_match_reference(dtype):
 def test_cpu_linear_layout_matches_numpy(columns):
     """x @ W^T + b as the CPU build emits it, for decode (S = 1) and a prefill whose rows are not
     a multiple of the row tile, against float64 NumPy."""
-    from sessa_export.tvm_compile import CompileTarget, cpu_pipeline
+    from sessa_export.to_tvm import CompileTarget
 
     rng = np.random.default_rng(columns)
     weight = rng.standard_normal((columns, 64)).astype("float32")
@@ -275,12 +276,12 @@ def test_cpu_linear_layout_matches_numpy(columns):
                 y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(weight.T))))
                 y = bb.emit(relax.op.add(y, relax.const(bias)))
             else:
-                y = cpu.emit_linear(bb, x, relax.const(cpu.pack_weight(weight, panel)),
+                y = cpu.emit_linear(bb, x, relax.const(pack_weight(weight, panel)),
                                     relax.const(bias.reshape(-1, panel)), [1, seq, columns])
             out = bb.emit_output(y)
         bb.emit_func_output(out)
     target = CompileTarget("cpu").tvm_target()
-    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target, relax_pipeline=cpu_pipeline(target)), tvm.cpu())
+    vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target, relax_pipeline=cpu.pipeline(target)), tvm.cpu())
     for rows in (1, 13):
         data = rng.standard_normal((1, rows, 64)).astype("float32")
         got = vm["main"](tvm.runtime.tensor(data)).numpy()
@@ -298,7 +299,7 @@ def test_fast_exp_matches_numpy():
     args = np.concatenate([np.linspace(-90.0, 88.0, 20001), [0.0, -1e-8, 1e-8, -87.0, -87.5, -3.4e38, 88.0, 100.0]])
     x = te.placeholder((args.size,), "float32", name="x")
     y = te.compute(x.shape, lambda i: tvm_fastmath.exp(x[i]), name="y")
-    lib = tvm.compile(tvm.IRModule({"main": te.create_prim_func([x, y])}), target=cpu.target())
+    lib = tvm.compile(tvm.IRModule({"main": te.create_prim_func([x, y])}), target=cpu.tvm_target())
     out = tvm.runtime.tensor(np.zeros(args.size, "float32"))
     lib["main"](tvm.runtime.tensor(args.astype("float32")), out)
     got, x32 = out.numpy().astype(np.float64), args.astype("float32").astype(np.float64)

@@ -24,8 +24,8 @@ from sessa_export.ops import tvm_dequant_matmul as dq
 from sessa_export.quality import THRESHOLDS
 from sessa_export.targets import cpu
 from sessa_export.tracer import trace
-from sessa_export.tvm_compile import CompileTarget, build_module, compile_graph, cpu_pipeline
-from sessa_export.tvm_runtime import TvmRunner
+from sessa_export.to_tvm import CompileTarget, build_module, compile_graph
+from sessa_export.runtime.tvm_runner import TvmRunner
 
 CAPACITY = 256
 MODES = ("q8", "q4")
@@ -58,9 +58,9 @@ def test_libraries_are_smaller(builds):
 def test_manifest_records_the_quantization(builds, mode):
     manifest = json.loads((builds[mode] / "sessa_config.json").read_text())
     quant = manifest["quantization"]
-    assert quant["mode"] == mode and quant["group_size"] == 32
-    assert "lm_head" in quant["kept"] and "lm_head" not in quant["quantized_weights"]
-    assert "layers.0.mixer.q_proj" in quant["quantized_weights"] and "mlps.0.fc_in" in quant["quantized_weights"]
+    assert quant["mode"] == mode and quant["block_size"] == 32
+    assert "lm_head.weight" in quant["float_weights"] and "lm_head.weight" not in quant["quantized_weights"]
+    assert "layers.0.mixer.q_proj.weight" in quant["quantized_weights"] and "mlps.0.fc_in.weight" in quant["quantized_weights"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -70,7 +70,7 @@ def test_dequantize_is_inside_the_matmul_kernels(model, mode):
     import tvm
 
     mod = build_module(trace(model), 64, CompileTarget("cpu"), quantization=mode)
-    lowered = cpu_pipeline(CompileTarget("cpu").tvm_target())(mod)
+    lowered = cpu.pipeline(CompileTarget("cpu").tvm_target())(mod)
     constants = []
     for func in lowered.functions.values():
         if isinstance(func, tvm.relax.Function):
@@ -103,8 +103,8 @@ def test_kernels_exact_for_the_dequantized_weights(model, builds, mode):
     quant = json.loads((builds[mode] / "sessa_config.json").read_text())["quantization"]
     twin = copy.deepcopy(model)
     with torch.no_grad():
-        for path in quant["quantized_weights"]:
-            linear = twin.get_submodule(path)
+        for name in quant["quantized_weights"]:
+            linear = twin.get_submodule(name.removesuffix(".weight"))
             q, scales = dq.quantize(linear.weight.numpy(), mode, cpu.weight_panel(linear.out_features))
             linear.weight.copy_(torch.from_numpy(dq.dequantize(q, scales, mode)))
     ids = np.random.default_rng(3).integers(0, 256, (2, 40))

@@ -32,8 +32,6 @@ weights kept in full precision, and the sha256 and size of the source export.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -42,17 +40,15 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
-from .checkpoint import atomic_directory, check_replaceable
-from .errors import SessaExportError
-from .onnx_export import EXTERNAL_DATA_LIMIT, MODEL_NAME
-from .ops import feedback_attention as fa_op
-from .runtime import ARTIFACT_KIND, MANIFEST_NAME, read_manifest
+from ..artifact import (MANIFEST_NAME, atomic_directory, check_replaceable, files_sha256, member,
+                        quantization_record, read_manifest, write_manifest)
+from ..errors import SessaExportError
+from ..ops import feedback_attention as fa_op
+from ..ops.mixer import GAIN
+from ..quantization import keep_matches
+from ..quantization import mode as quant_mode
+from . import EXTERNAL_DATA_LIMIT, MODEL_NAME, ROLE_KEY, check_model
 
-MODES = ("int8", "int4", "fp16")
-BLOCK_MODES = ("int8", "int4")
-BITS = {"int8": 8, "int4": 4}
-DEFAULT_BLOCK_SIZE = 32
-MIN_BLOCK, MAX_BLOCK = 16, 256
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations per block, integer products
 
 # Ops that run in float32 inside a float16 model: the LayerNorm statistics and any softmax (the
@@ -69,30 +65,14 @@ def _is_forward_attention(node) -> bool:
 
 def export_files(path: Path, manifest: dict) -> list[Path]:
     """The model file and its external data files, if any."""
-    model_file = path / manifest.get("model_file", MODEL_NAME)
-    files = [model_file]
-    files += sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(model_file.name + "."))
-    return files
+    model_file = member(path, manifest, "model_file", MODEL_NAME)
+    return [model_file, *sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(model_file.name + "."))]
 
 
 def export_size(path: Path, manifest: dict | None = None) -> int:
     """Bytes on disk of the model (graph + weights) of an export directory."""
     manifest = manifest if manifest is not None else read_manifest(path)
-    return sum(f.stat().st_size for f in export_files(path, manifest) if f.is_file())
-
-
-def export_sha256(path: Path, manifest: dict) -> str:
-    digest = hashlib.sha256()
-    for file in export_files(path, manifest):
-        with file.open("rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def check_block_size(block_size: int) -> None:
-    if not isinstance(block_size, int) or not (MIN_BLOCK <= block_size <= MAX_BLOCK) or block_size & (block_size - 1):
-        raise SessaExportError(f"--block-size must be a power of 2 from {MIN_BLOCK} to {MAX_BLOCK}, got {block_size}")
+    return sum(f.stat().st_size for f in export_files(path, manifest))
 
 
 # -- the weights a mode quantizes -----------------------------------------------------------------
@@ -136,24 +116,17 @@ def find_weights(model: onnx.ModelProto) -> list[Weight]:
     return list(found.values())
 
 
-def matches(name: str, keep: str) -> bool:
-    """`keep` names a weight or a module path prefix: `lm_head`, `embed`, `layers.0`, `layers.0.W_in.weight`."""
-    keep = keep.strip().rstrip(".")
-    module = name.removesuffix(".weight")
-    return name == keep or module == keep or module.startswith(keep + ".")
-
-
 def split_kept(weights: list[Weight], keep: Iterable[str]) -> tuple[list[Weight], list[Weight]]:
     """(weights to quantize, weights kept in full precision); an unmatched --keep name is an error."""
     keep = [k for k in keep if k.strip()]
-    unmatched = [k for k in keep if not any(matches(w.name, k) for w in weights)]
+    unmatched = [k for k in keep if not any(keep_matches(w.name, k) for w in weights)]
     if unmatched:
         modules = sorted({w.module for w in weights})
         tops = sorted({".".join(m.split(".")[:depth]) for m in modules for depth in (1, 2)})
         raise SessaExportError(f"--keep {', '.join(unmatched)} matches no linear or embedding weight; "
                                f"names are module paths or prefixes such as {', '.join(tops[:12])}"
                                + (" ..." if len(tops) > 12 else ""))
-    kept = [w for w in weights if any(matches(w.name, k) for k in keep)]
+    kept = [w for w in weights if any(keep_matches(w.name, k) for k in keep)]
     return [w for w in weights if w not in kept], kept
 
 
@@ -236,21 +209,8 @@ def _gather_block_quantized_8bit(model: onnx.ModelProto, weight: Weight, block_s
 # -- fp16 ---------------------------------------------------------------------------------------------
 
 def _gain_nodes(graph) -> set:
-    """Nodes that compute FeedbackAttention's gain γ and nothing else (gamma_ctx, + gamma_bias, tanh, × gamma_max)."""
-    chain = set()
-    for node in graph:
-        if node.domain == fa_op.DOMAIN and node.op_type == fa_op.OP_TYPE and len(node.inputs) > 3:
-            todo = [node.inputs[3]]
-            while todo:
-                value = todo.pop()
-                producer = value.producer() if value is not None else None
-                if producer is None or producer in chain:
-                    continue
-                if not all(user is node or user in chain for user, _ in value.uses()):
-                    continue
-                chain.add(producer)
-                todo.extend(v for v in producer.inputs if v is not None and not v.is_initializer())
-    return chain
+    """The nodes the exporter tagged as computing FeedbackAttention's gain γ (ops/mixer.py's GAIN)."""
+    return {node for node in graph if node.metadata_props.get(ROLE_KEY) == GAIN}
 
 
 def to_float16(model: onnx.ModelProto, keep: list[Weight]) -> onnx.ModelProto:
@@ -413,15 +373,11 @@ def _load_source(src: Path) -> tuple[dict, onnx.ModelProto]:
                                "(`sessa-export export`)")
     quant = manifest.get("quantization")
     if quant:
-        mode = quant.get("mode", "?") if isinstance(quant, dict) else quant
-        origin = quant.get("source_export") if isinstance(quant, dict) else None
-        raise SessaExportError(f"{src} is already quantized (mode {mode}); quantize the float32 export "
-                               + (f"it came from ({origin})" if origin else "it came from") + " instead")
+        raise SessaExportError(f"{src} is already quantized (mode {quant.get('mode', '?')}); quantize the float32 "
+                               f"export it came from ({quant.get('source_export') or 'its source'}) instead")
     if manifest.get("dtype", "float32") != "float32":
         raise SessaExportError(f"{src} holds a {manifest['dtype']} model; quantize starts from a float32 export")
-    model_file = src / manifest.get("model_file", MODEL_NAME)
-    if not model_file.is_file():
-        raise SessaExportError(f"{src}: {model_file.name} is missing; re-run the export")
+    model_file = member(src, manifest, "model_file", MODEL_NAME)
     try:
         model = onnx.load(str(model_file))
     except Exception as exc:  # protobuf decode errors have many types
@@ -437,17 +393,11 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
     Nothing is left at `out` on failure.
     """
     src, out = Path(src), Path(out)
-    mode = str(mode).lower()
-    if mode not in MODES:
-        raise SessaExportError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)}")
-    if block_size is not None and mode not in BLOCK_MODES:
-        raise SessaExportError(f"--block-size applies to int4 and int8 only, not to {mode}")
-    block = DEFAULT_BLOCK_SIZE if block_size is None else block_size
-    if mode in BLOCK_MODES:
-        check_block_size(block)
+    qmode = quant_mode(mode, "onnx", "mode")
+    block = qmode.resolve_block_size(block_size)
     if src.exists() and out.exists() and src.resolve() == out.resolve():
         raise SessaExportError("-o/--out must differ from the source export (it would be overwritten)")
-    check_replaceable(out, MANIFEST_NAME, ARTIFACT_KIND)
+    check_replaceable(out)
     keep = list(dict.fromkeys(k.strip() for k in keep if k and k.strip()))
 
     progress(f"reading {src}")
@@ -457,86 +407,70 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
     if not weights:
         raise SessaExportError(f"{src}: no linear (MatMul) or embedding (Gather) weights to quantize")
     to_quantize, kept = split_kept(weights, keep)
-    if mode in BLOCK_MODES and not to_quantize:
+    if qmode.blocks and not to_quantize:
         raise SessaExportError(f"--keep {', '.join(keep)} keeps all {len(weights)} linear and embedding weights in "
-                               f"full precision: {mode} would quantize nothing; keep fewer")
-    if mode in BLOCK_MODES:
+                               f"full precision: {qmode.name} would quantize nothing; keep fewer")
+    if qmode.blocks:
         bad = [w for w in to_quantize if w.input_width % block]
         if bad:
             listing = ", ".join(f"{w.name} (input width {w.input_width})" for w in bad[:6])
             more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
             raise SessaExportError(f"--block-size {block} does not divide the input width of {listing}{more}; "
                                    f"choose a block size that divides it, or --keep those layers")
+    elif not any(_role(node) == GAIN for node in model.graph.node):
+        raise SessaExportError(f"{src} was exported by an older sessa-export that did not tag the feedback gain; "
+                               "re-run `sessa-export export` before converting to fp16")
     fa_nodes = _feedback_attention_nodes(model)
-    source_size = export_size(src, manifest)
-    source_sha = export_sha256(src, manifest)
+    files = export_files(src, manifest)
+    source_size = sum(f.stat().st_size for f in files)
+    source_sha = files_sha256(files)
 
-    if mode in BLOCK_MODES:
-        progress(f"{mode}: MatMulNBits, block {block}, {len(to_quantize)} weights")
-        qmodel = quantize_nbits(model, to_quantize, BITS[mode], block)
-    else:
-        progress("fp16: converting weights, activations and state to float16")
-        qmodel = to_float16(model, kept)
+    progress(f"{qmode.name}: {qmode.summary}" + (f", block {block}" if block else "") + f", {len(to_quantize)} weights")
+    qmodel = quantize_nbits(model, to_quantize, qmode.bits, block) if qmode.blocks else to_float16(model, kept)
     _ensure_function(qmodel, fa_nodes)
     still_float32 = {w.name for w in find_weights(qmodel)}
-    done = [w for w in to_quantize if w.name not in still_float32]
     qmodel.producer_name = model.producer_name
     qmodel.producer_version = model.producer_version
 
-    quantization = {
-        "mode": mode,
-        "block_size": block if mode in BLOCK_MODES else None,
-        "keep": keep,
-        "kept_weights": [w.name for w in kept],
-        "quantized_weights": [w.name for w in done],
+    record = dict(
+        mode=qmode.name, bits=qmode.bits, block_size=block, keep=keep,
+        kept_weights=[w.name for w in kept],
+        quantized_weights=[w.name for w in to_quantize if w.name not in still_float32],
         # weights a mode leaves in float32 by design: fp16 computes the feedback gain in float32
-        "float32_weights": [w.name for w in to_quantize if w.name in still_float32],
-        "method": (f"onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer(bits={BITS[mode]}, "
-                   f"block_size={block}, asymmetric, round to nearest, accuracy_level={ACCURACY_LEVEL})"
-                   if mode in BLOCK_MODES else
-                   "sessa_export.quantize.to_float16 (float32 softmax, LayerNorm, Gelu, gain, RoPE angles, "
-                   "feedback recurrence)"),
-        "source_export": str(src.resolve()),
-        "source_sha256": source_sha,
-        "source_size_bytes": source_size,
-    }
-    new_manifest = {**manifest, "quantization": quantization,
-                    "dtype": "float16" if mode == "fp16" else manifest.get("dtype", "float32"),
+        float_weights=[w.name for w in to_quantize if w.name in still_float32],
+        method=(f"onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer(bits={qmode.bits}, "
+                f"block_size={block}, asymmetric, round to nearest, accuracy_level={ACCURACY_LEVEL})"
+                if qmode.blocks else
+                "sessa_export.to_onnx.quantize.to_float16 (float32 softmax, LayerNorm, Gelu, gain, RoPE angles, "
+                "feedback recurrence; the gain's weights stay float32)"),
+        source_export=str(src.resolve()), source_sha256=source_sha, source_size_bytes=source_size)
+    new_manifest = {**manifest, "dtype": "float16" if qmode.name == "fp16" else manifest.get("dtype", "float32"),
                     "model_file": MODEL_NAME}
-
-    try:
-        with atomic_directory(out, MANIFEST_NAME, ARTIFACT_KIND) as tmp:
-            _write(qmodel, new_manifest, tmp, progress)
-    except OSError as exc:  # unwritable place, full disk
-        raise SessaExportError(f"cannot write {out}: {exc.strerror or exc}"
-                               f"{f' ({exc.filename})' if exc.filename else ''}; nothing was written") from None
+    with atomic_directory(out) as tmp:
+        size = qmodel.ByteSize()
+        progress(f"saving {size / 2**20:.1f} MiB")
+        model_path = tmp / MODEL_NAME
+        if size > EXTERNAL_DATA_LIMIT:
+            onnx.save(qmodel, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=MODEL_NAME + ".data")
+        else:
+            onnx.save(qmodel, str(model_path))
+        check_model(model_path, progress)
+        new_manifest["quantization"] = quantization_record(**record, size_bytes=export_size(tmp, new_manifest))
+        new_manifest = write_manifest(tmp, new_manifest)
+        progress("loading in ONNX Runtime")
+        _smoke_test(tmp)
     return new_manifest
 
 
-def _write(qmodel: onnx.ModelProto, manifest: dict, tmp: Path, progress: Callable[[str], None]) -> None:
-    """Save, check with onnx.checker, write the manifest (with the size on disk), smoke-run in ONNX Runtime."""
-    size = qmodel.ByteSize()
-    progress(f"saving {size / 2**20:.1f} MiB")
-    model_path = tmp / MODEL_NAME
-    if size > EXTERNAL_DATA_LIMIT:
-        onnx.save(qmodel, str(model_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=MODEL_NAME + ".data")
-    else:
-        onnx.save(qmodel, str(model_path))
-    progress("checking with onnx.checker (full_check)")
-    try:
-        onnx.checker.check_model(str(model_path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise SessaExportError(f"quantized model failed onnx.checker: {str(exc).splitlines()[0]}") from None
-    manifest["quantization"]["size_bytes"] = export_size(tmp, manifest)
-    (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-    progress("loading in ONNX Runtime")
-    _smoke_test(tmp)
+def _role(node: onnx.NodeProto) -> str | None:
+    """The role the exporter tagged a node with (to_onnx.ROLE_KEY), or None."""
+    return next((p.value for p in node.metadata_props if p.key == ROLE_KEY), None)
 
 
 def _smoke_test(path: Path) -> None:
     """One step of two tokens through ONNX Runtime: the saved model loads and runs."""
-    from .runtime import OrtRunner
+    from ..runtime.ort_runner import OrtRunner
 
     runner = OrtRunner(path)
     kind = runner.manifest["input"]["kind"]
@@ -552,10 +486,10 @@ def _smoke_test(path: Path) -> None:
 def linear_weight_bytes(path: Path) -> int:
     """Bytes of the initializers that hold the linear and embedding weights (quantized or not)."""
     manifest = read_manifest(path)
-    model = onnx.load(str(path / manifest.get("model_file", MODEL_NAME)))
+    model = onnx.load(str(member(path, manifest, "model_file", MODEL_NAME)))
     quant = manifest.get("quantization") or {}
     if quant:
-        names = [n for key in ("quantized_weights", "kept_weights", "float32_weights") for n in quant.get(key, [])]
+        names = [n for key in ("quantized_weights", "kept_weights", "float_weights") for n in quant.get(key, [])]
     else:
         names = [w.name for w in find_weights(model)]
     total = 0
@@ -565,5 +499,5 @@ def linear_weight_bytes(path: Path) -> int:
     return total
 
 
-__all__ = ["MODES", "DEFAULT_BLOCK_SIZE", "quantize_export", "to_float16", "find_weights", "export_size",
+__all__ = ["quantize_export", "to_float16", "find_weights", "export_size",
            "linear_weight_bytes"]

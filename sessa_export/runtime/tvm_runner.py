@@ -1,6 +1,6 @@
 """Run a `sessa-export compile --target cpu` artifact from Python with the TVM runtime.
 
-`TvmRunner` has the runner interface of runtime.py (`empty_state`, `step`, `state_arrays`).
+`TvmRunner` has the runner interface of sessa_export/runtime (`empty_state`, `step`, `state_arrays`).
 Its state is a `TvmState`: the preallocated caches of every layer (capacity C rows each) and
 the number P of positions already in them. `step` hands the caches to the compiled `step`
 function, which writes rows P..P+S-1 in place, and returns a new TvmState over the *same*
@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import SessaExportError
-from .runtime import available_cores, read_manifest
-from .stepgraph import STATE_FIELDS, past_name
+from ..artifact import member, read_manifest, state_layout
+from ..errors import SessaExportError
+from ..targets import TARGETS
+from . import available_cores
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,14 @@ class TvmRunner:
     def __init__(self, path: str | Path, threads: int | None = None) -> None:
         path = Path(path)
         self.manifest = manifest = read_manifest(path)
-        if manifest.get("target") != "cpu":
+        target = TARGETS.get(manifest.get("target"))
+        if target is None or not target.runs_here:
+            here = ", ".join(t.name for t in TARGETS.values() if t.runs_here)
             raise SessaExportError(f"{path} was compiled for {manifest.get('target')!r}; the Python TVM runner "
-                                   "runs --target cpu artifacts")
+                                   f"runs --target {here} artifacts")
         if manifest.get("host"):
             raise SessaExportError(f"{path} was cross-compiled for {manifest['host']}; run it on that machine")
-        library = path / manifest.get("library", "model.so")
-        if not library.is_file():
-            raise SessaExportError(f"{path}: {library.name} is missing; re-run `sessa-export compile`")
+        library = member(path, manifest, "library", "model.so")
         threads = threads or available_cores()
         if "tvm" not in sys.modules:
             # TVM sizes its thread pool from TVM_NUM_THREADS when the pool starts (default: half the
@@ -75,7 +76,7 @@ class TvmRunner:
         self._step = self.vm[manifest.get("entry", "step")]
         self.capacity = int(manifest["capacity"])
         self.max_len = self.capacity  # the longest context this library runs (<= the model's max_len)
-        self.layout = manifest["state"]
+        self.layout = state_layout(manifest)
         self.input_kind = manifest["input"]["kind"]
         self.input_name = manifest["input"]["name"]
         self.vocab_size = manifest["input"].get("vocab_size")  # the embedding's rows (config is None for custom models)
@@ -83,12 +84,8 @@ class TvmRunner:
 
     def empty_state(self, batch: int) -> TvmState:
         """Caches for `batch` sequences, capacity rows each, uninitialised: only rows < P are read."""
-        caches = []
-        for layer in self.layout:
-            for f in STATE_FIELDS:
-                shape = [batch if d == "batch" else self.capacity if d == "past" else d
-                         for d in layer["shapes"][f]]
-                caches.append(self._tvm.runtime.empty(shape, "float32", self._tvm.cpu()))
+        caches = [self._tvm.runtime.empty(layer.shape(f, batch, self.capacity), "float32", self._tvm.cpu())
+                  for layer, f in self.layout.tensors()]
         return TvmState(tuple(caches), 0, batch)
 
     def step(self, input_ids: np.ndarray, state: TvmState) -> tuple[np.ndarray, TvmState]:
@@ -118,14 +115,13 @@ class TvmRunner:
     def state_arrays(self, state: TvmState) -> dict[str, np.ndarray]:
         """The first P positions of every cache, named past_key_values.{i}.{field}."""
         arrays = {}
-        for index, cache in enumerate(state.caches):
-            layer, f = divmod(index, len(STATE_FIELDS))
+        for name, (layer, field), cache in zip(self.layout.names(), self.layout.tensors(), state.caches):
             try:
                 array = np.from_dlpack(cache)  # a view: copy the first P rows only
             except (TypeError, BufferError, AttributeError):
                 array = cache.numpy()
-            rows = array[:, :, :state.past] if array.ndim == 4 else array[:, :state.past]
-            arrays[past_name(layer, STATE_FIELDS[f])] = np.array(rows, dtype=np.float32, copy=True)
+            rows = np.take(array, range(state.past), axis=self.layout.position_axis(field))
+            arrays[name] = np.asarray(rows, dtype=np.float32)
         return arrays
 
 

@@ -1,0 +1,203 @@
+"""The artifact contract: the directory every back end writes and every runner reads.
+
+An artifact is a directory holding the model (ONNX `model.onnx`, or a TVM library) and its
+manifest `sessa_config.json`: what a runner needs besides the model file. This module owns the
+manifest's schema (versioned), writing an artifact atomically, reading and checking it, the
+file hashes, and the quantization record (the same keys for ONNX and TVM artifacts).
+
+Manifest keys (schema version 2; version 1, written before "schema_version" existed, reads the
+same): format ("onnx" | "tvm"), tool, tool_version, config, input {name, kind, width,
+vocab_size}, outputs, state (`StateLayout.to_manifest()`), max_len, dtype, custom_ops,
+weights_sha256, source, factory, files {name: sha256}, quantization (None or the record),
+and each back end's own keys (ONNX: opset, model_file; TVM: target, capacity, library, ...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from . import __version__
+from .errors import SessaExportError
+from .state import StateLayout
+from .stepgraph import StepGraph
+
+MANIFEST_NAME = "sessa_config.json"
+SCHEMA_VERSION = 2
+FORMATS = ("onnx", "tvm")
+KIND = "an export directory"  # what export, quantize and compile may replace at -o
+REQUIRED = ("format", "state", "input", "outputs")
+QUANTIZATION_KEYS = ("mode", "bits", "block_size", "keep", "kept_weights", "quantized_weights", "float_weights", "method",
+                     "size_bytes", "source_size_bytes", "source_export", "source_sha256")
+
+
+# -- writing ------------------------------------------------------------------------------------
+def check_replaceable(out: Path, marker: str = MANIFEST_NAME, kind: str = KIND) -> None:
+    """Refuse to replace `out` unless it is nothing, an empty directory or `kind` (holds `marker`).
+
+    Writers call it up front to fail before their work; `atomic_directory` calls it again."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or (out / marker).is_file()):
+        return
+    raise SessaExportError(f"{out} exists and is not {kind} (no {marker}); "
+                           "refusing to replace it: choose another -o or remove it first")
+
+
+@contextmanager
+def atomic_directory(out: str | Path, marker: str = MANIFEST_NAME, kind: str = KIND) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; on success it replaces `out`, on failure it is removed.
+
+    `out` must be nothing, an empty directory, or `kind` (a directory holding `marker`, what an
+    earlier run of the same writer left): anything else is refused before any work, never deleted.
+    An OSError (unwritable place, full disk) becomes one line naming `out`.
+    """
+    out = Path(out)
+    check_replaceable(out, marker, kind)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: give the result the usual permissions
+    except OSError as exc:
+        raise _write_error(out, exc) from None
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(out, exc) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_error(out: Path, exc: OSError) -> SessaExportError:
+    return SessaExportError(f"cannot write {out}: {exc.strerror or exc}"
+                            f"{f' ({exc.filename})' if exc.filename else ''}; nothing was written")
+
+
+def files_sha256(paths: list[Path]) -> str:
+    """One sha256 over the files' bytes in order, read in 1 MiB blocks (one file: its own sha256)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_hash(graph: StepGraph) -> str:
+    """sha256 over every weight the graph uses, in graph order: ties an artifact to its checkpoint."""
+    digest = hashlib.sha256()
+    for node in graph.nodes:
+        if node.module is not None:
+            for name, tensor in node.module.state_dict().items():
+                digest.update(f"{node.path}.{name}".encode())
+                digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def new_manifest(graph: StepGraph, fmt: str, **fields) -> dict:
+    """The keys every artifact has, from the step graph, plus the back end's `fields`."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "format": fmt,
+        "tool": "sessa-export", "tool_version": __version__,
+        "config": graph.config.to_dict() if graph.config else None,
+        "input": {"name": graph.input_name, "kind": graph.input_kind, "width": graph.input_width,
+                  "vocab_size": graph.vocab_size},
+        "outputs": list(graph.outputs),
+        "state": graph.state.to_manifest(),
+        "max_len": graph.max_len,
+        "dtype": "float32",
+        "custom_ops": ["ai.sessa.FeedbackAttention"],
+        "weights_sha256": weights_hash(graph),
+        "quantization": None,
+        **fields,
+    }
+
+
+def write_manifest(directory: Path, manifest: dict) -> dict:
+    """Record the sha256 of every file in `directory` and write the manifest beside them."""
+    files = {p.name: files_sha256([p]) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    manifest = {**manifest, "files": files}
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def quantization_record(**fields) -> dict:
+    """The manifest's "quantization" object: exactly QUANTIZATION_KEYS, whatever the back end."""
+    if set(fields) != set(QUANTIZATION_KEYS):
+        raise ValueError(f"quantization record keys {sorted(fields)} != {sorted(QUANTIZATION_KEYS)}")
+    return {key: fields[key] for key in QUANTIZATION_KEYS}
+
+
+# -- reading ------------------------------------------------------------------------------------
+def is_artifact(path: Path) -> bool:
+    return path.is_dir() and (path / MANIFEST_NAME).is_file()
+
+
+def read_manifest(path: Path) -> dict:
+    """The artifact directory's manifest, checked: a clear error when it is missing, broken or newer."""
+    path = Path(path)
+    file = path / MANIFEST_NAME
+    if not file.is_file():
+        raise SessaExportError(f"{path}: no {MANIFEST_NAME}; is this a directory written by "
+                               "`sessa-export export` or `sessa-export compile`?")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SessaExportError(f"{file}: not valid JSON ({exc}); re-run the export") from None
+    if not isinstance(manifest, dict):
+        raise SessaExportError(f"{file}: not a JSON object; re-run the export")
+    for key in REQUIRED:
+        if key not in manifest:
+            raise SessaExportError(f"{file}: missing key {key!r}; re-run the export")
+    version = manifest.get("schema_version", 1)
+    if type(version) is not int or version > SCHEMA_VERSION:
+        raise SessaExportError(f"{file}: schema_version {version!r} is newer than this sessa-export reads "
+                               f"({SCHEMA_VERSION}); upgrade sessa-export")
+    if manifest["format"] not in FORMATS:
+        raise SessaExportError(f"{path}: unknown artifact format {manifest['format']!r}")
+    quant = manifest.get("quantization")
+    if quant is not None and not isinstance(quant, dict):
+        raise SessaExportError(f"{file}: \"quantization\" must be an object, got {type(quant).__name__}; "
+                               "re-run the quantization")
+    return manifest
+
+
+def state_layout(manifest: dict) -> StateLayout:
+    """The manifest's state contract."""
+    return StateLayout.from_manifest(manifest["state"])
+
+
+def member(path: Path, manifest: dict, key: str, default: str) -> Path:
+    """A file the manifest names (`model_file`, `library`), inside the artifact directory only."""
+    name = manifest.get(key, default)
+    if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+        raise SessaExportError(f"{path / MANIFEST_NAME}: {key!r} must name a file inside {path}, got {name!r}")
+    file = path / name
+    if not file.is_file():
+        raise SessaExportError(f"{path}: {name} is missing; re-run the export")
+    return file
+
+
+def quantization_mode(manifest: dict) -> str | None:
+    """The artifact's quantization mode, or None for float weights."""
+    quant = manifest.get("quantization")
+    return quant.get("mode") if quant else None
+
+
+__all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "KIND", "atomic_directory", "check_replaceable", "files_sha256",
+           "weights_hash", "new_manifest", "write_manifest", "quantization_record", "read_manifest",
+           "state_layout", "member", "is_artifact"]

@@ -1,0 +1,177 @@
+"""The state contract: what a step carries between calls, owned in one place (spec §2).
+
+Per Sessa layer the state is four tensors over the P positions already processed:
+
+    key, value        [batch, kv_heads, past, head_dim]   forward keys (after RoPE) and values
+    feedback_key      [batch, past, d_model]              k_b
+    feedback_state    [batch, past, d_model]              s
+
+`StateLayout` says, for every layer, those fields, their axes (symbolic "batch" and "past"; the
+rest fixed), the names of the past (input) and present (output) tensors, and which axis holds
+positions. The exporters, runners, validation, benchmarks and the C++ example read it (the
+manifest's "state" list is `StateLayout.to_manifest()`); nothing guesses a tensor's kind.
+
+Calling convention of a step: the data input, then the state tensors in `names()` order (layer
+by layer, fields in FIELDS order); the ONNX graph returns `present.{i}.{field}` with P + S
+positions, a TVM module takes preallocated caches of `capacity` positions and writes rows
+P..P+S-1 in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from .errors import SessaExportError
+
+FIELDS = ("key", "value", "feedback_key", "feedback_state")
+BATCH, PAST = "batch", "past"  # the symbolic axes of every state tensor
+
+
+def past_name(layer: int, field: str) -> str:
+    """The name of a state input: what a step reads."""
+    return f"past_key_values.{layer}.{field}"
+
+
+def present_name(layer: int, field: str) -> str:
+    """The name of a state output: what a step returns, fed back as `past_name` next step."""
+    return f"present.{layer}.{field}"
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """One Sessa layer's share of the state: its head layout and the axes of its four fields."""
+
+    layer: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_model: int
+    use_forward_rope: bool
+    gamma_max: float
+
+    def axes(self, field: str) -> list:
+        """Axes of `field`: "batch", "past" and fixed widths."""
+        if field in ("key", "value"):
+            return [BATCH, self.n_kv_heads, PAST, self.head_dim]
+        if field in ("feedback_key", "feedback_state"):
+            return [BATCH, PAST, self.d_model]
+        raise KeyError(field)
+
+    def shape(self, field: str, batch: int, positions: int) -> list[int]:
+        """The concrete shape of `field` for `batch` sequences of `positions` positions."""
+        return [batch if a == BATCH else positions if a == PAST else a for a in self.axes(field)]
+
+    def values_per_position(self) -> int:
+        """State values one position adds for one sequence: 2·Hkv·d + 2·D (spec §2)."""
+        return 2 * self.n_kv_heads * self.head_dim + 2 * self.d_model
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Every layer's state, in call order."""
+
+    layers: tuple[LayerLayout, ...]
+
+    @classmethod
+    def from_mixers(cls, mixers: Sequence) -> StateLayout:
+        """The layout of a model's Sessa mixers (sessa_export.model.SessaMixer), in order."""
+        return cls(tuple(LayerLayout(i, m.n_heads, m.n_kv_heads, m.head_dim, m.D, bool(m.use_forward_rope),
+                                    float(m.gamma_max)) for i, m in enumerate(mixers)))
+
+    @classmethod
+    def from_manifest(cls, entries: object, where: str = "sessa_config.json") -> StateLayout:
+        """Read the manifest's "state" list (what `to_manifest` wrote); a clear error when it does not fit."""
+        keys = ("n_heads", "n_kv_heads", "head_dim", "d_model")
+        if not isinstance(entries, list):
+            raise SessaExportError(f"{where}: \"state\" must be a list of layers; re-run the export")
+        layers = []
+        for i, entry in enumerate(entries):
+            ok = isinstance(entry, dict) and all(type(entry.get(k)) is int and entry[k] > 0 for k in keys)
+            if not ok:
+                raise SessaExportError(f"{where}: \"state\" entry {i} needs positive integers {', '.join(keys)}; "
+                                       "re-run the export")
+            layers.append(LayerLayout(i, *(entry[k] for k in keys), bool(entry.get("use_forward_rope", False)),
+                                     float(entry.get("gamma_max", 0.0))))
+        layout = cls(tuple(layers))
+        contract = ("past", "present", "shapes")  # manifests before "fields" was written hold the same
+        if any({k: e.get(k) for k in contract} != {k: w[k] for k in contract}
+               for e, w in zip(entries, layout.to_manifest())):
+            raise SessaExportError(f"{where}: \"state\" names or shapes differ from the state contract; "
+                                   "re-run the export")
+        return layout
+
+    def to_manifest(self) -> list[dict]:
+        """The manifest's "state" list: per layer its names, axes, fields in order and head layout."""
+        return [{
+            "layer": s.layer,
+            "fields": list(FIELDS),
+            "past": {f: past_name(s.layer, f) for f in FIELDS},
+            "present": {f: present_name(s.layer, f) for f in FIELDS},
+            "shapes": {f: s.axes(f) for f in FIELDS},
+            "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "head_dim": s.head_dim,
+            "d_model": s.d_model, "use_forward_rope": s.use_forward_rope, "gamma_max": s.gamma_max,
+        } for s in self.layers]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def tensors(self) -> Iterator[tuple[LayerLayout, str]]:
+        """(layer, field) of every state tensor, in call order."""
+        for layer in self.layers:
+            for field in FIELDS:
+                yield layer, field
+
+    def names(self) -> list[str]:
+        """The past (input) names in call order."""
+        return [past_name(layer.layer, field) for layer, field in self.tensors()]
+
+    def present_of(self) -> dict[str, str]:
+        """present name -> the past name it feeds next step."""
+        return {present_name(layer.layer, f): past_name(layer.layer, f) for layer, f in self.tensors()}
+
+    def field_of(self, name: str) -> str:
+        """The field of a past tensor name (`past_key_values.{i}.{field}`)."""
+        field = name.rsplit(".", 1)[-1]
+        if field not in FIELDS or name != past_name(int(name.split(".")[1]), field):
+            raise KeyError(name)
+        return field
+
+    @staticmethod
+    def position_axis(field: str) -> int:
+        """The axis of `field` that counts positions."""
+        return LayerLayout(0, 1, 1, 1, 1, False, 0.0).axes(field).index(PAST)
+
+    def zeros(self, batch: int, positions: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
+        """Every state tensor, zero-filled, named by `names()`."""
+        return {past_name(layer.layer, f): np.zeros(layer.shape(f, batch, positions), dtype)
+                for layer, f in self.tensors()}
+
+    def positions_held(self, batch: int, shapes: Mapping[str, Sequence[int]]) -> int:
+        """P, the positions a state of these tensor shapes holds; a clear error when it does not fit."""
+        expected = self.names()
+        missing = [name for name in expected if name not in shapes]
+        unexpected = [name for name in shapes if name not in expected]
+        if missing or unexpected:
+            raise SessaExportError("the state does not fit the model: "
+                                   + "; ".join(f"{what}: {', '.join(names)}" for what, names in
+                                               (("missing", missing), ("unexpected", unexpected)) if names))
+        held = set()
+        for layer, field in self.tensors():
+            name, shape, axes = past_name(layer.layer, field), list(shapes[past_name(layer.layer, field)]), layer.axes(field)
+            want = [batch if a == BATCH else a for a in axes]
+            if len(shape) != len(axes) or any(a != PAST and w != got for a, w, got in zip(axes, want, shape)):
+                raise SessaExportError(f"state tensor {name} has shape {shape}, expected {want} (past = P positions)")
+            held.add(shape[axes.index(PAST)])
+        if len(held) > 1:
+            raise SessaExportError(f"the state tensors hold different numbers of past positions: {sorted(held)}")
+        return held.pop() if held else 0
+
+    def values_per_position(self) -> int:
+        """State values one position adds for one sequence, over all layers."""
+        return sum(layer.values_per_position() for layer in self.layers)
+
+
+__all__ = ["FIELDS", "LayerLayout", "StateLayout", "past_name", "present_name"]

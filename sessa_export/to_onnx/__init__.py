@@ -1,0 +1,230 @@
+"""ONNX back end: lower a StepGraph to one ONNX model with the `ai.sessa.FeedbackAttention` op.
+
+Standard ops where ONNX has them (opset 23: LayerNormalization, Gelu, RotaryEmbedding with
+interleaved = 1, Attention with past key/value and grouped heads, in causal blocks of query rows
+written by ops/causal_attention.py and inlined here); the feedback recurrence is one
+`ai.sessa.FeedbackAttention` node per layer whose function body ships in the model, so stock
+ONNX Runtime runs it with nothing registered.
+
+`OnnxBuilder` walks the graph: each node is emitted by its op's `onnx` face (ops/registry.py);
+what only ONNX has is here: the state inputs and outputs of the state contract (sessa_export/
+state.py), the per-step positions, and the two attentions.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+from onnx_ir.passes.common import InlinePass
+
+from .. import __version__
+from ..artifact import atomic_directory, check_replaceable, new_manifest, write_manifest
+from ..errors import SessaExportError
+from ..model import SessaMixer
+from ..ops import causal_attention as causal_op
+from ..ops import feedback_attention as fa_op
+from ..ops.op import Applied
+from ..ops.registry import OPS
+from ..state import BATCH, FIELDS, PAST, past_name, present_name
+from ..stepgraph import StepGraph, feature_widths
+
+OPSET = 23
+IR_VERSION = 10
+MODEL_NAME = "model.onnx"
+EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf cannot hold more in one file
+ROLE_KEY = "sessa.role"  # node metadata: what a node computes (ops/mixer.py's GAIN), for the quantizers
+
+
+class OnnxBuilder:
+    """Emits ONNX nodes for one StepGraph on an onnx_ir tape."""
+
+    face = "onnx"
+
+    def __init__(self, graph: StepGraph) -> None:
+        self.graph = graph
+        self.tape = ir.tape.Tape()
+        self.values: dict[str, ir.Value] = {}
+        self.inputs: list[ir.Value] = []
+        self.outputs: list[ir.Value] = []
+        self.cache: dict[str, ir.Value] = {}
+        self.widths = feature_widths(graph)
+
+    # -- the builders' shared vocabulary (ops/op.py's Builder) -----------------------------------
+    def const(self, array: np.ndarray | torch.Tensor, name: str) -> ir.Value:
+        """An initializer (weights) or a small constant, named once."""
+        if name not in self.cache:
+            if isinstance(array, torch.Tensor):
+                array = array.detach().cpu().contiguous().numpy()
+            self.cache[name] = self.tape.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
+        return self.cache[name]
+
+    def operand(self, value: ir.Value | float) -> ir.Value:
+        """A value, or a Python number as a float32 constant."""
+        if isinstance(value, ir.Value):
+            return value
+        return self.const(np.array(value, dtype=np.float32), f"scalar.{value!r}")
+
+    def op(self, op_type: str, inputs: list, **attrs) -> ir.Value:
+        return self.tape.op(op_type, inputs, attributes=attrs or None)
+
+    def apply(self, name: str, *inputs, **attrs):
+        return OPS[name].onnx(self, Applied(attrs), *inputs)
+
+    def linear(self, x: ir.Value, module: torch.nn.Linear, path: str) -> ir.Value:
+        """x @ W^T + b, with W stored transposed ([in, out]) as MatMul quantizers expect."""
+        y = self.op("MatMul", [x, self.const(module.weight.T, f"{path}.weight")])
+        if module.bias is not None:
+            y = self.op("Add", [y, self.const(module.bias, f"{path}.bias")])
+        return y
+
+    def split(self, x: ir.Value, sizes: Sequence[int]) -> tuple[ir.Value, ...]:
+        return tuple(self.tape.op_multi_out("Split", [x, self.const(np.array(sizes), f"sizes.{list(sizes)}")],
+                                            attributes={"axis": -1}, num_outputs=len(sizes)))
+
+    @contextmanager
+    def role(self, name: str):
+        """Tag the nodes emitted inside with `sessa.role = name` (node metadata)."""
+        start = len(self.tape.nodes)
+        yield
+        for node in self.tape.nodes[start:]:
+            node.metadata_props[ROLE_KEY] = name
+
+    # -- what only ONNX has: per-step positions, the attentions over growing state ----------------
+    def positions(self) -> dict[str, ir.Value]:
+        """Shared per-step values: positions P..P+S-1 and the causal mask [S, P+S]."""
+        if "positions" not in self.cache:
+            past = self.op("Shape", [self.past[0]["feedback_key"]], start=1, end=2)
+            new = self.op("Shape", [self.data_input], start=1, end=2)
+            total = self.op("Add", [past, new])
+            one = self.const(np.array(1, dtype=np.int64), "one")
+            positions = self.op("Range", [self.op("Squeeze", [past]), self.op("Squeeze", [total]), one])
+            keys = self.op("Range", [self.const(np.array(0, dtype=np.int64), "zero"), self.op("Squeeze", [total]), one])
+            visible = self.op("LessOrEqual", [self.op("Unsqueeze", [keys, self.const(np.array([0]), "axis0")]),
+                                              self.op("Unsqueeze", [positions, self.const(np.array([1]), "axis1")])])
+            batch_seq = self.op("Shape", [self.data_input], start=0, end=2)
+            self.cache.update(positions=positions, visible=visible, batch_seq=batch_seq)
+        return self.cache
+
+    def rope_tables(self, head_dim: int, inv_freq: torch.Tensor, like: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """cos and sin [B, S, d/2] of θ = t·inv_freq (float32, then the activation dtype, as the reference)."""
+        key = f"rope{head_dim}"
+        if key not in self.cache:
+            p = self.positions()
+            theta = self.op("Mul", [self.op("Unsqueeze", [self.op("Cast", [p["positions"]], to=ir.DataType.FLOAT),
+                                                          self.const(np.array([1]), "axis1")]),
+                                    self.const(inv_freq.float()[None, :], f"rope_inv_freq.{head_dim}")])
+            theta = self.op("CastLike", [theta, like])
+            shape = self.op("Concat", [p["batch_seq"], self.const(np.array([head_dim // 2]), f"half_dim.{head_dim}")], axis=0)
+            self.cache[key] = (self.op("Expand", [self.op("Cos", [theta]), shape]),
+                               self.op("Expand", [self.op("Sin", [theta]), shape]))
+        return self.cache[key]
+
+    def forward_attention(self, q, k, v, mixer: SessaMixer, path: str, layer: int) -> ir.Value:
+        """RoPE, then the causal attention over the past and new keys; present key/value are outputs."""
+        H, Hkv, d = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
+        past = self.past[layer]
+        if mixer.use_forward_rope:
+            cos, sin = self.rope_tables(d, mixer.rope_inv_freq, q)
+            q = self.op("RotaryEmbedding", [q, cos, sin], interleaved=1, num_heads=H)
+            k = self.op("RotaryEmbedding", [k, cos, sin], interleaved=1, num_heads=Hkv)
+        heads, key, value = self.tape.op_multi_out(
+            causal_op.OP_TYPE, [q, k, v, self.positions()["visible"], past["key"], past["value"]],
+            attributes={"q_num_heads": H, "kv_num_heads": Hkv, "scale": float(d ** -0.5)},
+            domain=causal_op.DOMAIN, num_outputs=3)
+        self.present(layer, key=key, value=value)
+        return heads
+
+    def feedback_attention(self, q_b, k_b, f, gain, mixer: SessaMixer, layer: int) -> ir.Value:
+        """One ai.sessa.FeedbackAttention node: s of the new rows; present feedback key/state are outputs."""
+        past = self.past[layer]
+        s, feedback_key, feedback_state = self.tape.op_multi_out(
+            fa_op.OP_TYPE, [q_b, k_b, f, gain, past["feedback_key"], past["feedback_state"]],
+            attributes={"scale": float(mixer.D ** -0.5)}, domain=fa_op.DOMAIN, num_outputs=3)
+        self.present(layer, feedback_key=feedback_key, feedback_state=feedback_state)
+        return s
+
+    def present(self, layer: int, **values: ir.Value) -> None:
+        """Name state outputs `present.{layer}.{field}`, with P + S ("total") positions."""
+        for field, value in values.items():
+            shape = ["total" if a == PAST else a for a in self.graph.state.layers[layer].axes(field)]
+            self.outputs.append(self.typed(value, present_name(layer, field), shape))
+
+    # -- the walk ---------------------------------------------------------------------------------
+    def typed(self, value: ir.Value, name: str, shape: list) -> ir.Value:
+        """Name a graph output and give it the model's dtype and a symbolic shape."""
+        value.name, value.type, value.shape = name, ir.TensorType(self.dtype), ir.Shape(shape)
+        return value
+
+    def new_input(self, name: str, dtype: ir.DataType, shape: list) -> ir.Value:
+        value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+        self.inputs.append(value)
+        return value
+
+    def build(self, dtype: ir.DataType) -> ir.Model:
+        g, layout = self.graph, self.graph.state
+        self.dtype = dtype
+        if g.input_kind == "tokens":
+            self.data_input = self.new_input(g.input_name, ir.DataType.INT64, [BATCH, "sequence"])
+        else:
+            self.data_input = self.new_input(g.input_name, dtype, [BATCH, "sequence", g.input_width])
+        self.values[g.input_name] = self.data_input
+        self.past = [{f: self.new_input(past_name(layer.layer, f), dtype, layer.axes(f)) for f in FIELDS}
+                     for layer in layout.layers]
+        for node in g.nodes:
+            args = [self.values[i] if isinstance(i, str) else i for i in node.inputs]
+            self.values[node.output] = OPS[node.op].onnx(self, node, *args)
+        results = []
+        for out_name, value_name in g.outputs.items():
+            shape = [BATCH, "sequence", self.widths.get(value_name, "width")]
+            results.append(self.typed(self.op("Identity", [self.values[value_name]]), out_name, shape))
+        graph = ir.Graph(self.inputs, results + self.outputs, nodes=self.tape.nodes,
+                         initializers=self.tape.initializers,
+                         opset_imports={"": OPSET, fa_op.DOMAIN: fa_op.VERSION, causal_op.DOMAIN: 1},
+                         name="sessa_step")
+        functions = [ir.serde.deserialize_function(m.function_proto()) for m in (fa_op, causal_op)]
+        model = ir.Model(graph, ir_version=IR_VERSION, producer_name="sessa-export",
+                         producer_version=__version__, functions=functions)
+        # CausalAttention is only a way to write the forward attention: its standard ops replace it
+        InlinePass(criteria=lambda function: function.domain == causal_op.DOMAIN)(model)
+        del model.graph.opset_imports[causal_op.DOMAIN]
+        return model
+
+
+def build_onnx(graph: StepGraph, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Model:
+    """The step graph as an in-memory ONNX model."""
+    return OnnxBuilder(graph).build(dtype)
+
+
+def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], None] = lambda _: None,
+                source: str | None = None, factory: str | None = None) -> Path:
+    """Write OUT/model.onnx and OUT/sessa_config.json; nothing is left at OUT on failure."""
+    out = Path(out)
+    check_replaceable(out)
+    progress("building ONNX graph")
+    model = build_onnx(graph)
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
+    with atomic_directory(out) as tmp:
+        progress(f"saving {size / 2**20:.1f} MiB of weights")
+        ir.save(model, tmp / MODEL_NAME, external_data="model.onnx.data" if size > EXTERNAL_DATA_LIMIT else None)
+        check_model(tmp / MODEL_NAME, progress)
+        write_manifest(tmp, new_manifest(graph, "onnx", opset=OPSET, model_file=MODEL_NAME,
+                                         source=source, factory=factory))
+    return out
+
+
+def check_model(path: Path, progress: Callable[[str], None]) -> None:
+    """onnx.checker's full check (types and shapes too) on a saved model; one line when it fails."""
+    progress("checking with onnx.checker (full_check)")
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise SessaExportError(f"{path.name} failed onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
+__all__ = ["OPSET", "MODEL_NAME", "OnnxBuilder", "build_onnx", "export_onnx", "check_model"]

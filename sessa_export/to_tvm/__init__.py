@@ -1,0 +1,468 @@
+"""TVM back end: lower a StepGraph to one Relax function `step`, compile it for CPU, CUDA or Metal.
+
+The Relax module has one entry, `step`, for prefill, chunked prefill and decode alike::
+
+    step(input_ids [B, S] int64 (or embeddings [B, S, W]), past: R.Shape([P]),
+         key_0 [B, Hkv, C, d], value_0 [B, Hkv, C, d], feedback_key_0 [B, C, D],
+         feedback_state_0 [B, C, D], key_1, ...) -> logits [B, S, V]
+
+C is the capacity fixed at compile time. The caches are preallocated by the caller and the
+kernels write the S new rows (positions P..P+S-1) into them in place (`R.call_tir_inplace`,
+the function carries `relax.force_pure`): a step never copies the state. Rows < P are only
+read. Position-wise ops are plain Relax ops with the weights bound as constants (they live in
+the compiled library, so a deployment loads one file); the two attentions are TIR kernels:
+`ops/tvm_attention.py` (forward attention with RoPE, GQA and the KV append) and
+`ops/tvm_kernels.py` (FeedbackAttention, decode and blocked prefill). `RelaxBuilder` walks the
+graph: each node is emitted by its op's `relax` face (ops/registry.py); what only TVM has is here:
+the caches of the state contract (sessa_export/state.py) and the two attention kernels.
+With `quantization="q8"|"q4"` (CPU), linear weights are stored group-quantized (groups of 32
+inputs, one float32 scale each) and dequantized inside the matmul kernels
+(`ops/tvm_dequant_matmul.py`): no float copy of a quantized weight exists at run time.
+
+Artifacts (`compile_graph`), all in one directory written atomically: the library and device
+code the target's file in targets/ packages (targets/__init__.py's table lists them), and
+`sessa_config.json` (sessa_export/artifact.py) with target, arch, host, capacity, the library's
+name and the calling convention.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from .. import __version__
+from ..artifact import atomic_directory, check_replaceable, new_manifest, quantization_record, write_manifest
+from ..errors import SessaExportError
+from ..model import SessaMixer
+from ..ops.op import Applied
+from ..ops.registry import OPS
+from ..quantization import QuantMode
+from ..quantization import mode as quant_mode
+from ..state import FIELDS, PAST
+from ..stepgraph import StepGraph, feature_widths
+from ..targets import TARGETS, Target
+
+ENTRY = "step"
+DEFAULT_CAPACITY = 2048
+MIN_QUANTIZED_OUTPUTS = 16  # narrower layers (gamma_ctx has one output) stay float32: a negligible share
+
+
+# -- what to build for ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CompileTarget:
+    """What to build for: a target of targets.TARGETS by `name`, its CUDA `arch`, a `host` triple.
+
+    `host` cross-compiles host code for one of the target's hosts (default: the target's default,
+    or this machine).
+    """
+
+    name: str = "cpu"
+    arch: str | None = None
+    host: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in TARGETS:
+            raise SessaExportError(f"unknown target {self.name!r}; choose one of {', '.join(TARGETS)}")
+        entry = self.entry
+        if entry.archs:
+            arch = self.arch or entry.archs[0]
+            if arch not in entry.archs:
+                raise SessaExportError(f"unknown {self.name} arch {arch!r}; choose one of {', '.join(entry.archs)}")
+            object.__setattr__(self, "arch", arch)
+        elif self.arch is not None:
+            raise SessaExportError(f"--arch is for --target {', '.join(t.name for t in TARGETS.values() if t.archs)}, "
+                                   f"not {self.name}")
+        if self.host is not None and self.host not in entry.hosts:
+            if not entry.hosts:
+                raise SessaExportError(f"--host is not supported for --target {self.name} (host code is for this machine)")
+            raise SessaExportError(f"unknown --host {self.host!r} for --target {self.name}; "
+                                   f"choose one of {', '.join(entry.hosts)}")
+        if self.host is None and entry.default_host is not None:
+            object.__setattr__(self, "host", entry.default_host)
+
+    @property
+    def entry(self) -> Target:
+        return TARGETS[self.name]
+
+    @property
+    def gpu(self) -> bool:
+        return self.entry.gpu
+
+    @property
+    def library_name(self) -> str:
+        return self.entry.implementation().library_name(self.host)
+
+    def tvm_target(self):
+        """The TVM target, as the target's file in targets/ builds it."""
+        return self.entry.implementation().tvm_target(self.arch, self.host)
+
+    def host_target(self):
+        """The LLVM target of the host code."""
+        target = self.tvm_target()
+        return target.host if self.gpu else target
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.arch or self.host or 'this machine'})"
+
+
+# -- Relax builder -------------------------------------------------------------------------------
+class RelaxBuilder:
+    """Emits Relax bindings for one StepGraph on a BlockBuilder: a walker over the op table."""
+
+    face = "relax"
+
+    def __init__(self, graph: StepGraph, capacity: int, target: CompileTarget, dtype: str = "float32",
+                 quantization: QuantMode | None = None) -> None:
+        from tvm import relax, tirx
+
+        self.graph, self.capacity, self.target, self.dtype = graph, capacity, target, dtype
+        self.rules = target.entry.implementation()
+        self.quantization = quantization
+        self.quantized: dict[str, tuple[int, int]] = {}  # path -> (in, out) of each quantized weight
+        self.float_weights: list[str] = []  # linear layers left in float32 under --quantization (see `linear`)
+        self.heads = {n.path for n in graph.nodes if n.op == "linear" and n.output in graph.outputs.values()}
+        self.rx, self.tirx = relax, tirx
+        self.bb = relax.BlockBuilder()
+        self.decode = False
+        self.values: dict[str, object] = {}
+        self.kernels: dict[tuple, object] = {}
+        self.consts: dict[str, object] = {}
+        self.widths = feature_widths(graph)
+
+    # -- the builders' shared vocabulary (ops/op.py's Builder) -----------------------------------
+    def const(self, array, name: str, dtype: str | None = None):
+        """A weight or small constant bound into the module (named once)."""
+        if name not in self.consts:
+            if isinstance(array, torch.Tensor):
+                array = array.detach().cpu().float().numpy() if (dtype or self.dtype) == "float32" else array.detach().cpu().numpy()
+            array = np.ascontiguousarray(np.asarray(array, dtype=dtype or self.dtype))
+            self.consts[name] = self.rx.const(array)
+        return self.consts[name]
+
+    def operand(self, value):
+        """A Relax value, or a Python number as a scalar constant."""
+        return self.rx.const(np.array(value, dtype=self.dtype)) if isinstance(value, float) else value
+
+    def emit(self, expr, name: str = ""):
+        return self.bb.emit(expr, name_hint=name)
+
+    def apply(self, name: str, *inputs, **attrs):
+        return OPS[name].relax(self, Applied(attrs), *inputs)
+
+    def split(self, x, sizes: Sequence[int]) -> tuple:
+        parts = self.emit(self.rx.op.split(x, list(np.cumsum(sizes)[:-1].tolist()), axis=-1))
+        return tuple(self.emit(self.rx.TupleGetItem(parts, k)) for k in range(len(sizes)))
+
+    @contextmanager
+    def role(self, name: str):
+        """Relax needs no role tags: the policy is applied here (see `linear`)."""
+        yield
+
+    def tensor_type(self, shape, dtype: str | None = None):
+        return self.rx.TensorType(list(shape), dtype or self.dtype)
+
+    def linear(self, x, module: torch.nn.Linear, path: str):
+        """x @ W^T + b: W packed in panels on CPU, stored transposed ([in, out]) on GPUs,
+        group-quantized under --quantization."""
+        from ..ops.tvm_matmul import pack_weight
+        from ..targets import cpu
+
+        op = self.rx.op
+        panel = None if self.target.gpu else cpu.weight_panel(module.out_features)
+        if self.quantization is not None:  # CPU only (check_quantization)
+            # Kept in float32: the LM head; layers whose inputs are not whole groups or whose outputs
+            # fill no panel; and layers narrower than MIN_QUANTIZED_OUTPUTS.
+            if (path not in self.heads and module.in_features % self.quantization.block_size == 0
+                    and module.out_features >= MIN_QUANTIZED_OUTPUTS and panel):
+                return self.quantized_linear(x, module, path, panel)
+            if path not in self.float_weights:
+                self.float_weights.append(path)
+        if panel is None:
+            y = self.emit(op.matmul(x, self.const(module.weight.T, f"{path}.weight")))
+            if module.bias is not None:
+                y = self.emit(op.add(y, self.const(module.bias, f"{path}.bias")))
+            return y
+        weight = self.consts.get(f"{path}.weight")
+        if weight is None:  # the decode and prefill bodies both emit this layer: pack its weight once
+            weight = self.const(pack_weight(module.weight.detach().cpu().float().numpy(), panel), f"{path}.weight")
+        bias = None if module.bias is None else self.const(module.bias.reshape(-1, panel), f"{path}.bias")
+        return cpu.emit_linear(self.bb, x, weight, bias, [self.batch, self.seq, module.out_features])
+
+    def quantized_linear(self, x, module: torch.nn.Linear, path: str, panel: int):
+        """x @ W^T + b through ops/tvm_dequant_matmul.py: int8 / packed int4 weight in panels of
+        `panel` columns and a float32 scale per group of inputs, dequantized inside the matmul kernel."""
+        from ..ops import tvm_dequant_matmul as dq
+
+        K, N, mode, bias, decode = module.in_features, module.out_features, self.quantization.name, \
+            module.bias is not None, self.decode
+        group = self.quantization.block_size
+        if f"{path}.weight.q" not in self.consts:
+            q, scales = dq.quantize(module.weight.detach().cpu().float().numpy(), mode, panel, group)
+            self.consts[f"{path}.weight.q"] = self.rx.const(q)
+            self.consts[f"{path}.weight.scales"] = self.rx.const(scales)
+            self.quantized[path] = (K, N)
+        gv = self.kernel(("dequant_matmul", K, N, mode, bias, decode), lambda: (
+            f"dequant_matmul_{mode}_k{K}_n{N}" + ("_bias" if bias else "") + ("_decode" if decode else ""),
+            dq.dequant_matmul_kernel(K, N, mode, bias, panel, group, decode)))
+        args = [x, self.consts[f"{path}.weight.q"], self.consts[f"{path}.weight.scales"]]
+        if bias:
+            args.append(self.const(module.bias.reshape(-1, panel), f"{path}.bias"))
+        y = self.emit(self.rx.op.call_tir(gv, args, self.tensor_type([self.batch, self.seq, N // panel, panel])))
+        return self.emit(self.rx.op.memory.view(y, self.rx.ShapeExpr([self.batch, self.seq, N])))
+
+    def kernel(self, key: tuple, build: Callable):
+        """Add a PrimFunc once per distinct shape key; returns its GlobalVar."""
+        if key not in self.kernels:
+            name, func = build()
+            self.kernels[key] = self.bb.add_func(func.with_attr("global_symbol", name), name)
+        return self.kernels[key]
+
+    # -- what only TVM has: the attention kernels over in-place caches -----------------------------
+    def forward_attention(self, q, k, v, mixer: SessaMixer, path: str, layer: int):
+        """ops/tvm_attention.py's kernel: RoPE, the KV append in place, the causal attention."""
+        from ..ops import tvm_attention
+
+        rx, B, S, P, C = self.rx, self.batch, self.seq, self.past, self.capacity
+        H, Hkv, d = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim
+        caches = self.caches[layer]
+        inv_freq = mixer.rope_inv_freq.float() if mixer.use_forward_rope else torch.zeros(max(1, d // 2))
+        out = self.emit(rx.op.call_tir_inplace(
+            self.attention_kernel(mixer),
+            [q, k, v, self.const(inv_freq, f"{path}.rope_inv_freq", "float32"), caches["key"], caches["value"],
+             rx.prim_value(P)],
+            tvm_attention.inplace_indices(),
+            [self.tensor_type([B, Hkv, C, d]), self.tensor_type([B, Hkv, C, d]), self.tensor_type([B, S, H * d])]),
+            f"attention_{layer}")
+        return self.emit(rx.TupleGetItem(out, 2))
+
+    def feedback_attention(self, q_b, k_b, f, gain, mixer: SessaMixer, layer: int):
+        """ops/tvm_kernels.py's decode (S = 1) or prefill kernel, writing the feedback caches in place."""
+        rx, B, S, P, C, D = self.rx, self.batch, self.seq, self.past, self.capacity, mixer.D
+        caches = self.caches[layer]
+        result = self.emit(rx.op.call_tir_inplace(
+            self.feedback_kernel(D, self.decode),
+            [q_b, k_b, f, gain, caches["feedback_key"], caches["feedback_state"], rx.prim_value(P)], [4, 5, -1],
+            [self.tensor_type([B, C, D]), self.tensor_type([B, C, D]), self.tensor_type([B, S, D])]),
+            f"feedback_{layer}")
+        return self.emit(rx.TupleGetItem(result, 2))
+
+    def attention_kernel(self, mixer: SessaMixer):
+        """GlobalVar of the forward-attention kernel for this head layout, tiled for the target."""
+        from ..ops import tvm_attention
+
+        H, Hkv, d, rope = mixer.n_heads, mixer.n_kv_heads, mixer.head_dim, bool(mixer.use_forward_rope)
+        return self.kernel(
+            ("attention", H, Hkv, d, rope),
+            lambda: (f"forward_attention_h{H}_kv{Hkv}_d{d}" + ("_rope" if rope else ""),
+                     tvm_attention.forward_attention_kernel(H, Hkv, d, rope, self.dtype, self.rules.attention_tiling(d))))
+
+    def feedback_kernel(self, D: int, decode: bool):
+        """GlobalVar of the decode (S = 1) or prefill FeedbackAttention kernel, scheduled for the target."""
+        from ..ops import tvm_kernels
+
+        if ("feedback", D) not in self.kernels:
+            try:
+                _, kernels = self.rules.scheduled_feedback_attention(D, self.dtype, D ** -0.5, arch=self.target.arch,
+                                                                     host=self.target.host)
+            except Exception as exc:  # s_tir raises ScheduleError & co. with the whole PrimFunc in the message
+                raise SessaExportError(f"the FeedbackAttention kernels (D={D}) could not be scheduled for "
+                                       f"{self.target.describe()}: {last_line(exc)}") from None
+            self.kernels[("feedback", D)] = {
+                key: self.bb.add_func(func.with_attr("global_symbol", f"{key}_d{D}"), f"{key}_d{D}")
+                for key, func in kernels.items()}
+        return self.kernels[("feedback", D)][tvm_kernels.DECODE if decode else tvm_kernels.PREFILL]
+
+    # -- the walk ---------------------------------------------------------------------------------
+    def signature(self, seq):
+        """Fresh symbolic (batch, seq_len, past) and the parameters of a step function."""
+        rx, tirx, g, C = self.rx, self.tirx, self.graph, self.capacity
+        B, P = tirx.Var("batch", "int64"), tirx.Var("past", "int64")
+        S = tirx.Var("seq_len", "int64") if seq is None else seq
+        if g.input_kind == "tokens":
+            data = rx.Var(g.input_name, self.tensor_type([B, S], "int64"))
+        else:
+            data = rx.Var(g.input_name, self.tensor_type([B, S, g.input_width]))
+        caches, params = [], [data, rx.Var("past", rx.ShapeType([P]))]
+        for layer in g.state.layers:
+            shapes = {f: [B if a == "batch" else C if a == PAST else a for a in layer.axes(f)] for f in FIELDS}
+            caches.append({f: rx.Var(f"{f}_{layer.layer}", self.tensor_type(shapes[f])) for f in FIELDS})
+            params += caches[-1].values()
+        return (B, S, P), params, caches
+
+    def body(self, name: str, decode: bool):
+        """A private Relax function running the graph for S = 1 (`decode`) or any S."""
+        rx, g = self.rx, self.graph
+        (self.batch, self.seq, self.past), params, self.caches = self.signature(1 if decode else None)
+        self.decode = decode
+        self.values = {g.input_name: params[0]}
+        with self.bb.function(name, params, attrs={"relax.force_pure": True}, private=True):
+            with self.bb.dataflow():
+                for node in g.nodes:
+                    args = [self.values[i] if isinstance(i, str) else i for i in node.inputs]
+                    self.values[node.output] = OPS[node.op].relax(self, node, *args)
+                results = [self.values[v] for v in g.outputs.values()]
+                out = self.bb.emit_output(results[0] if len(results) == 1 else rx.Tuple(results))
+            self.bb.emit_func_output(out)
+        return self.bb.get().get_global_var(name)
+
+    def build(self):
+        """The IRModule: `step` dispatches on S to a decode body (S = 1) or a prefill body (any S).
+
+        The two bodies differ in their kernels only: FeedbackAttention's decode kernel, and
+        matmuls scheduled as matrix-vector products, for S = 1.
+        """
+        rx, tirx = self.rx, self.tirx
+        for mixer in self.graph.mixers:  # kernels first: one that fails to build fails before any function
+            self.attention_kernel(mixer)
+            self.feedback_kernel(mixer.D, True)
+        decode_gv = self.body(f"{ENTRY}_decode", decode=True)
+        prefill_gv = self.body(f"{ENTRY}_prefill", decode=False)
+        (B, S, P), params, _ = self.signature(None)
+        g = self.graph
+        one = rx.Var(g.input_name, self.tensor_type([B, 1], "int64") if g.input_kind == "tokens"
+                     else self.tensor_type([B, 1, g.input_width]))
+        decode_branch = rx.SeqExpr([rx.BindingBlock([rx.MatchCast(one, params[0], one.ty)])],
+                                   rx.Call(decode_gv, [one, *params[1:]]))
+        prefill_branch = rx.SeqExpr([], rx.Call(prefill_gv, params))
+        with self.bb.function(ENTRY, params, attrs={"relax.force_pure": True}):
+            out = self.bb.emit(rx.If(rx.prim_value(tirx.EQ(S, tirx.IntImm("int64", 1))),
+                                     decode_branch, prefill_branch))
+            if len(g.outputs) == 1:  # give the result its full type back: [batch, seq_len, width]
+                width = self.widths.get(next(iter(g.outputs.values())))
+                if width is not None:
+                    out = self.bb.match_cast(out, self.tensor_type([B, S, width]))
+            self.bb.emit_func_output(out)
+        return self.bb.get()
+
+
+def check_quantization(quantization: str | None, target: CompileTarget | None = None) -> QuantMode | None:
+    """None for float32 weights, else a TVM mode of quantization.MODES (q8, q4), for --target cpu."""
+    qmode = quant_mode(quantization, "tvm", "--quantization")
+    if qmode is not None and target is not None and target.name != "cpu":
+        raise SessaExportError(f"--quantization {qmode.name} is supported for --target cpu only, not {target.name}")
+    return qmode
+
+
+def build_module(graph: StepGraph, capacity: int, target: CompileTarget | None = None,
+                 quantization: str | None = None):
+    """The step graph as a Relax IRModule (not yet lowered)."""
+    target = target or CompileTarget()
+    return RelaxBuilder(graph, capacity, target, quantization=check_quantization(quantization, target)).build()
+
+
+# -- lowering and export -------------------------------------------------------------------------
+def lower(mod, target: CompileTarget):
+    """Run the target's Relax pipeline (targets/) and build the VM executable (not yet exported)."""
+    import tvm
+
+    tvm_target = target.tvm_target()
+    return tvm.compile(mod, target=tvm_target, relax_pipeline=target.entry.implementation().pipeline(tvm_target))
+
+
+def last_line(exc: BaseException) -> str:
+    """The last line of an exception message that says something (TVM messages end with it)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def resolve_capacity(graph: StepGraph, max_len: int | None) -> int:
+    """Compiled capacity C: --max-len, else the model's max_len, else DEFAULT_CAPACITY."""
+    if max_len is not None:
+        if max_len < 1:
+            raise SessaExportError(f"--max-len must be a positive integer, got {max_len}")
+        if graph.max_len is not None and max_len > graph.max_len:
+            raise SessaExportError(f"--max-len {max_len} exceeds the model's max_len={graph.max_len}")
+        return int(max_len)
+    return int(graph.max_len or DEFAULT_CAPACITY)
+
+
+def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | None = None,
+                  max_len: int | None = None, progress: Callable[[str], None] = lambda _: None,
+                  source: str | None = None, quantization: str | None = None, factory: str | None = None) -> Path:
+    """Compile `graph` for `target` into OUT/ (library + sessa_config.json); nothing left on failure.
+
+    `source` (the checkpoint or weights) and `factory` (a custom model's package.module:factory) are
+    recorded for `validate`. `quantization` "q8" / "q4" stores the linear layers' weights (all but
+    the LM head) as int8 / packed int4 with a float32 scale per group of inputs, dequantized inside
+    the matmul kernels.
+    """
+    target = target or CompileTarget()
+    qmode = check_quantization(quantization, target)
+    out = Path(out)
+    check_replaceable(out)  # before minutes of compiling, not after
+    capacity = resolve_capacity(graph, max_len)
+    started = time.perf_counter()
+    progress(f"building the Relax module (capacity {capacity}" + (f", {qmode.name} weights)" if qmode else ")"))
+    builder = RelaxBuilder(graph, capacity, target, quantization=qmode)
+    mod = builder.build()
+    progress(f"compiling for {target.describe()}")
+    try:
+        executable = lower(mod, target)
+    except SessaExportError:
+        raise
+    except Exception as exc:  # TVM raises its own error types from the pipeline and codegen
+        raise SessaExportError(f"TVM could not compile the model for {target.describe()}: {last_line(exc)}") from None
+    library = target.library_name
+    with atomic_directory(out) as tmp, tempfile.TemporaryDirectory(prefix="sessa-tvm-") as work:
+        progress(f"writing {library}")
+        try:
+            target.entry.implementation().package(executable, tmp / library, target.arch, target.host, Path(work))
+        except (SessaExportError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # compilers, linkers and TVM's exporters raise many types
+            raise SessaExportError(f"writing {library} for {target.describe()} failed: {last_line(exc)}") from None
+        manifest = new_manifest(graph, "tvm",
+                                target=target.name, arch=target.arch, host=target.host,
+                                triple=str(target.host_target().attrs["mtriple"]),
+                                tvm_target=str(target.tvm_target()),
+                                capacity=capacity, library=library, entry=ENTRY,
+                                tvm_version=_tvm_version(), compiled_by=__version__,
+                                calling_convention=calling_convention(graph),
+                                compile_seconds=round(time.perf_counter() - started, 2),
+                                source=source, factory=factory)
+        if qmode is not None:
+            manifest["quantization"] = _quantization(builder, qmode, (tmp / library).stat().st_size)
+        write_manifest(tmp, manifest)
+    return out
+
+
+def _quantization(builder: RelaxBuilder, qmode: QuantMode, size: int) -> dict:
+    """The manifest's quantization record for a compiled library of `size` bytes."""
+    values = sum(k * n for k, n in builder.quantized.values())
+    stored = values * qmode.bits // 8 + 4 * values // qmode.block_size  # weights and float32 scales
+    return quantization_record(
+        mode=qmode.name, bits=qmode.bits, block_size=qmode.block_size, keep=[], kept_weights=[],
+        quantized_weights=sorted(f"{path}.weight" for path in builder.quantized),
+        float_weights=[f"{path}.weight" for path in builder.float_weights],
+        method=f"sessa_export.ops.tvm_dequant_matmul ({qmode.summary}; symmetric, a float32 scale per "
+               f"{qmode.block_size} inputs)",
+        size_bytes=size, source_size_bytes=size - stored + 4 * values, source_export=None, source_sha256=None)
+
+
+def calling_convention(graph: StepGraph) -> dict:
+    """How a host program calls `step`: argument order and meaning (also in the manifest)."""
+    args = [f"{graph.input_name}: " + ("int64 [batch, seq_len]" if graph.input_kind == "tokens"
+                                       else f"float32 [batch, seq_len, {graph.input_width}]"),
+            "past: shape tuple (P,), positions already in the caches"]
+    for layer, field in graph.state.tensors():
+        axes = ", ".join(str("capacity" if a == PAST else a) for a in layer.axes(field))
+        args.append(f"{field}_{layer.layer}: float32 [{axes}]")
+    return {"function": ENTRY, "arguments": args, "returns": list(graph.outputs),
+            "in_place": "rows P..P+seq_len-1 of every cache are written; P + seq_len <= capacity"}
+
+
+def _tvm_version() -> str:
+    import tvm
+
+    return tvm.__version__
+
+
+__all__ = ["CompileTarget", "build_module", "compile_graph", "lower", "resolve_capacity",
+           "check_quantization", "calling_convention"]

@@ -1,0 +1,128 @@
+"""How compiled TVM modules become files: shared by the targets' `package` functions.
+
+- `export_elf`: a shared library whose import blob (VM bytecode, weights, device code) is
+  assembled into .rodata with `.incbin`, cross-linked for a --host triple when asked;
+- `device_source`: the one device module's source (CUDA, Metal, OpenCL), written beside;
+- `replace_cuda_code`: the CUDA module's source swapped for an nvcc fatbin inside the blob.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable
+
+from sessa_export.errors import SessaExportError
+
+from . import CROSS_COMPILERS
+
+
+def device_modules(executable, kind: str) -> list:
+    """Every module of `kind` ("cuda", "metal", "opencl") imported by the executable's library."""
+    found, stack, seen = [], [executable.mod], set()
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if module.kind == kind:
+            found.append(module)
+        stack.extend(module.imports)
+    return found
+
+
+def device_source(executable, kind: str) -> str:
+    """The source of the build's one `kind` device module."""
+    devices = device_modules(executable, kind)
+    if len(devices) != 1:
+        raise SessaExportError(f"expected one {kind} device module in the build, found {len(devices)}")
+    return devices[0].inspect_source(kind) or devices[0].inspect_source("")
+
+
+def export_elf(executable, path: Path, host: str | None, workspace: Path,
+               transform: Callable[[bytes], bytes] | None = None) -> None:
+    """An ELF shared library at `path` for this machine or the --host triple `host`."""
+    from tvm.support import cc
+
+    fcompile = None
+    if host is not None:
+        compiler = CROSS_COMPILERS[host]
+        if shutil.which(compiler) is None:
+            raise SessaExportError(f"cross compiling for {host} needs {compiler} on PATH "
+                                   f"(Debian/Ubuntu: apt-get install g++-{host})")
+        fcompile = cc.cross_compiler(compiler)
+    executable.mod.export_library(str(path), fcompile=fcompile, fpack_imports=_elf_blob_packer(transform),
+                                  workspace_dir=str(workspace))
+
+
+def _elf_blob_packer(transform: Callable[[bytes], bytes] | None = None):
+    """An `fpack_imports` for ELF libraries: the import blob (VM bytecode, weights, device code)
+    goes into .rodata with an assembler `.incbin` instead of an LLVM constant array, which takes
+    LLVM minutes and gigabytes for a few hundred MB of weights. `transform` may rewrite the blob."""
+    import tvm
+
+    blob_name = tvm.get_global_func("runtime.ModuleImportsBlobName")()
+
+    def pack_imports(module, is_system_lib, prefix, workdir):
+        blob = tvm.get_global_func("runtime.ModulePackImportsToTensor")(module).numpy().tobytes()
+        if transform is not None:
+            blob = transform(blob)
+        blob_file = Path(workdir) / "devc.bin"
+        blob_file.write_bytes(blob)
+        symbol = f"{prefix}{blob_name}"
+        asm = Path(workdir) / "devc.S"
+        asm.write_text(
+            f"    .section .rodata\n    .globl {symbol}\n    .type {symbol}, %object\n    .p2align 4\n"
+            f'{symbol}:\n    .incbin "{blob_file}"\n    .size {symbol}, . - {symbol}\n'
+            '    .section .note.GNU-stack,"",%progbits\n')
+        return str(asm)
+
+    return pack_imports
+
+
+def _read_u64(blob, offset: int) -> tuple[int, int]:
+    return int.from_bytes(blob[offset:offset + 8], "little"), offset + 8
+
+
+def replace_cuda_code(blob: bytes, source: bytes, fatbin: bytes) -> bytes:
+    """Rewrite the import blob so the CUDA module's payload is [fmt "fatbin"][fmap][fatbin].
+
+    Blob layout (tvm-ffi module serialization): u64 size, the import tree (u64-counted row_ptr
+    and child_indices arrays), then per module a u64-length kind string and, except for the
+    "_lib" placeholder, a u64-length payload. A CUDA payload is [fmt][fmap][code] with the code
+    last; fmt is "cuda" and code is the source when TVM left it to be compiled at load time.
+    """
+    view = memoryview(blob)
+    offset = 8
+    for _ in range(2):  # row_ptr, child_indices
+        count, offset = _read_u64(view, offset)
+        offset += 8 * count
+    pieces, start = [], 0
+    while offset < len(blob):
+        length, offset = _read_u64(view, offset)
+        kind = bytes(view[offset:offset + length]).decode()
+        offset += length
+        if kind == "_lib":
+            continue
+        size, payload_at = _read_u64(view, offset)
+        end = payload_at + size
+        if kind == "cuda":
+            fmt_len, at = _read_u64(view, payload_at)
+            fmt = bytes(view[at:at + fmt_len]).decode()
+            code_len = len(source)
+            code_at = end - code_len
+            if fmt != "cuda" or _read_u64(view, code_at - 8)[0] != code_len or bytes(view[code_at:end]) != source:
+                raise SessaExportError(f"unexpected CUDA module layout in the library (format {fmt!r}); "
+                                       "this TVM version is not supported for --target cuda")
+            fmap = bytes(view[at + fmt_len:code_at - 8])
+            payload = (_u64(6) + b"fatbin" + fmap + _u64(len(fatbin)) + fatbin)
+            pieces += [view[start:offset], _u64(len(payload)), payload]
+            start = end
+        offset = end
+    pieces.append(view[start:])
+    body = b"".join(bytes(p) for p in pieces)[8:]
+    return _u64(len(body)) + body
+
+
+def _u64(value: int) -> bytes:
+    return int(value).to_bytes(8, "little")
