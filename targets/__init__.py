@@ -52,6 +52,8 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            archs=ARCHS, gpu=True),
     Target("metal", "metal", "model.a, Mach-O arm64 objects for an iOS or macOS app, and model.metal",
            hosts=METAL_HOSTS, default_host=METAL_HOSTS[0], gpu=True),
+    Target("opencl", "opencl", "an AArch64 ELF model.so (Android / Linux boards: Mali, Adreno) and model.cl",
+           hosts=(AARCH64_LINUX,), default_host=AARCH64_LINUX, gpu=True),
 )}
 
 

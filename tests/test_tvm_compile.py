@@ -229,7 +229,7 @@ def cross_model(make_lm):
     return make_lm(seed=7, std=0.2, n_heads=4, n_kv_heads=2, mlp_ratio=1.0)
 
 
-@pytest.mark.parametrize("name", ["cuda", "metal"])
+@pytest.mark.parametrize("name", ["cuda", "metal", "opencl"])
 def test_gpu_host_code_is_for_any_cpu_of_its_triple(name):
     """A GPU library's host code must run on every CPU of its architecture: no -mcpu=native, and
     the compiler's target is the one targets/<name>.py builds."""
@@ -257,6 +257,24 @@ def test_aarch64_cross_compile_is_an_aarch64_elf(cross_model, tmp_path):
     manifest = json.loads((out / "sessa_config.json").read_text())
     assert manifest["host"] == "aarch64-linux-gnu" and manifest["triple"] == "aarch64-linux-gnu"
     with pytest.raises(SessaExportError, match="aarch64"):
+        TvmRunner(out)
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="needs g++-aarch64-linux-gnu")
+def test_opencl_library_is_an_aarch64_elf_with_the_kernels(cross_model, tmp_path):
+    """--target opencl, added through targets/'s table alone: an AArch64 ELF library whose import
+    blob carries the OpenCL C source of both attentions, and that source beside it as model.cl."""
+    out = compile_graph(trace(cross_model), tmp_path / "opencl", CompileTarget("opencl"), max_len=64)
+    library = (out / "model.so").read_bytes()
+    assert library[:4] == b"\x7fELF" and library[4] == 2  # 64-bit
+    assert struct.unpack_from("<H", library, 18)[0] == 183  # e_machine EM_AARCH64
+    source = (out / "model.cl").read_text()
+    assert "__kernel" in source and "feedback_attention" in source and "forward_attention" in source
+    assert b"__kernel" in library and b"feedback_attention_prefill" in library
+    manifest = json.loads((out / "sessa_config.json").read_text())
+    assert (manifest["target"], manifest["host"], manifest["library"]) == ("opencl", "aarch64-linux-gnu", "model.so")
+    assert set(manifest["files"]) == {"model.so", "model.cl"}
+    with pytest.raises(SessaExportError, match="opencl"):
         TvmRunner(out)
 
 
