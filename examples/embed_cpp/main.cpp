@@ -80,17 +80,20 @@ static int Run(int argc, char** argv) {
     throw std::runtime_error("prompt + N_NEW - 1 = " + std::to_string(prompt_len + n_new - 1) +
                              " positions exceed the compiled capacity " + std::to_string(capacity));
 
-  // Caches: per layer key, value, feedback_key, feedback_state; "batch" -> 1, "past" -> capacity.
-  // Allocated once; `step` writes rows P..P+S-1 of each in place.
+  // Caches: the state layout of the manifest ("state": per layer its "fields" in call order and
+  // their "shapes"); "batch" -> 1, "past" -> capacity. Allocated once; `step` writes rows
+  // P..P+S-1 of each in place.
   const DLDataType f32{kDLFloat, 32, 1}, i64{kDLInt, 64, 1};
-  const char* fields[] = {"key", "value", "feedback_key", "feedback_state"};
   std::vector<ffi::Tensor> caches;
   size_t cache_bytes = 0;
   for (const ffi::Any& item : manifest.at(ffi::String("state")).cast<json::Array>()) {
-    json::Object shapes = item.cast<json::Object>().at(ffi::String("shapes")).cast<json::Object>();
-    for (const char* field : fields) {
+    json::Object layer = item.cast<json::Object>();
+    if (layer.find(ffi::String("fields")) == layer.end())
+      throw std::runtime_error("sessa_config.json has no state \"fields\": re-run sessa-export compile");
+    json::Object shapes = layer.at(ffi::String("shapes")).cast<json::Object>();
+    for (const ffi::Any& field : layer.at(ffi::String("fields")).cast<json::Array>()) {
       std::vector<int64_t> shape;
-      for (const ffi::Any& dim : shapes.at(ffi::String(field)).cast<json::Array>()) {
+      for (const ffi::Any& dim : shapes.at(field.cast<ffi::String>()).cast<json::Array>()) {
         if (auto name = dim.try_cast<ffi::String>())
           shape.push_back(*name == "batch" ? 1 : capacity);  // "past" -> capacity rows
         else
