@@ -9,11 +9,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tvm import tirx
 from tvm.target import Target
 
 from sessa_export.errors import SessaExportError
-from sessa_export.ops.tvm_kernels import FeedbackTiling, feedback_attention_kernels
 
 from . import ARCHS, gpu, packaging
 from .cpu import host_triple
@@ -36,28 +34,9 @@ def tvm_target(arch: str | None = None, host: str | None = None) -> Target:
     return Target({"kind": "cuda", "arch": arch or ARCHS[0], **limits}, host=cpu_target(None, host_triple()))
 
 
-def attention_tiling(head_dim: int):
-    return gpu.ATTENTION
-
-
-def feedback_tilings(d_model: int, dtype: str) -> dict[str, FeedbackTiling]:
-    """Tile sizes under CUDA's limits."""
-    return gpu.feedback_tilings(d_model, dtype, THREADS, KEY_TILE_BYTES)
-
-
-def schedule_feedback_attention(func: tirx.PrimFunc) -> tirx.PrimFunc:
-    return gpu.schedule_feedback_attention(func, THREADS)
-
-
-def scheduled_feedback_attention(d_model: int, dtype: str = "float32", scale: float | None = None,
-                                 arch: str | None = None, host: str | None = None) -> tuple[Target, dict[str, tirx.PrimFunc]]:
-    """The CUDA target for ``arch`` and both kernels, tiled and scheduled for it."""
-    kernels = feedback_attention_kernels(d_model, dtype, scale, feedback_tilings(d_model, dtype))
-    return tvm_target(arch), {name: schedule_feedback_attention(func) for name, func in kernels.items()}
-
-
-def pipeline(target: Target):
-    return gpu.pipeline(target, matmul=True)
+RULES = gpu.GpuRules(tvm_target, THREADS, KEY_TILE_BYTES, matmul=True)
+attention_tiling, feedback_tilings, pipeline = RULES.attention_tiling, RULES.feedback_tilings, RULES.pipeline
+scheduled_feedback_attention = RULES.scheduled_feedback_attention
 
 
 def library_name(host: str | None) -> str:

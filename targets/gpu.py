@@ -13,11 +13,13 @@ barrier and no reuse. Each target passes its own limits (threads per block, tile
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 from tvm import s_tir, tirx
 
 from sessa_export.ops.tvm_attention import AttentionTiling
-from sessa_export.ops.tvm_kernels import DECODE, PREFILL, TASK_TILES, FeedbackTiling
+from sessa_export.ops.tvm_kernels import DECODE, PREFILL, TASK_TILES, FeedbackTiling, feedback_attention_kernels
 
 from .cpu import has_block
 
@@ -86,6 +88,32 @@ def pipeline(tvm_target, matmul: bool = True):
             return seq(mod)
 
     return _pipeline
+
+
+@dataclass(frozen=True)
+class GpuRules:
+    """A GPU target's part of the target interface (targets/__init__.py), from its limits."""
+
+    tvm_target: Callable  # (arch, host) -> tvm.target.Target
+    threads: int  # threads per block (work-items per work-group)
+    key_tile_bytes: int  # shared (local, threadgroup) memory for the FeedbackAttention key tile
+    matmul: bool  # dlight's Matmul rule for the matmuls
+
+    def attention_tiling(self, head_dim: int) -> AttentionTiling:
+        return ATTENTION
+
+    def feedback_tilings(self, d_model: int, dtype: str) -> dict[str, FeedbackTiling]:
+        return feedback_tilings(d_model, dtype, self.threads, self.key_tile_bytes)
+
+    def scheduled_feedback_attention(self, d_model: int, dtype: str = "float32", scale: float | None = None,
+                                     arch: str | None = None, host: str | None = None):
+        """The target and both FeedbackAttention kernels, tiled and scheduled under these limits."""
+        kernels = feedback_attention_kernels(d_model, dtype, scale, self.feedback_tilings(d_model, dtype))
+        return self.tvm_target(arch, host), {name: schedule_feedback_attention(func, self.threads)
+                                             for name, func in kernels.items()}
+
+    def pipeline(self, tvm_target):
+        return pipeline(tvm_target, self.matmul)
 
 
 def _largest_divisor(n: int, limit: int) -> int:

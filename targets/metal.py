@@ -13,11 +13,9 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from tvm import tirx
 from tvm.target import Target
 
 from sessa_export.errors import SessaExportError
-from sessa_export.ops.tvm_kernels import FeedbackTiling, feedback_attention_kernels
 
 from . import METAL_HOSTS, gpu, packaging
 
@@ -31,25 +29,9 @@ def tvm_target(arch: str | None = None, host: str | None = None) -> Target:
     return Target({"kind": "metal"}, host={"kind": "llvm", "mtriple": host or HOST_TRIPLE})
 
 
-def attention_tiling(head_dim: int):
-    return gpu.ATTENTION
-
-
-def feedback_tilings(d_model: int, dtype: str) -> dict[str, FeedbackTiling]:
-    """Tile sizes for Metal: the GPU shapes with Metal's thread and memory limits."""
-    return gpu.feedback_tilings(d_model, dtype, THREADS, KEY_TILE_BYTES)
-
-
-def scheduled_feedback_attention(d_model: int, dtype: str = "float32", scale: float | None = None,
-                                 arch: str | None = None, host: str | None = None) -> tuple[Target, dict[str, tirx.PrimFunc]]:
-    """The Metal target (host ``host``) and both kernels, tiled and scheduled for it."""
-    kernels = feedback_attention_kernels(d_model, dtype, scale, feedback_tilings(d_model, dtype))
-    return tvm_target(host=host), {name: gpu.schedule_feedback_attention(func, THREADS)
-                                   for name, func in kernels.items()}
-
-
-def pipeline(target: Target):
-    return gpu.pipeline(target, matmul=False)
+RULES = gpu.GpuRules(tvm_target, THREADS, KEY_TILE_BYTES, matmul=False)
+attention_tiling, feedback_tilings, pipeline = RULES.attention_tiling, RULES.feedback_tilings, RULES.pipeline
+scheduled_feedback_attention = RULES.scheduled_feedback_attention
 
 
 def llvm_ar() -> str | None:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tvm import tirx
 from tvm.target import Target
 
-from sessa_export.ops.tvm_kernels import FeedbackTiling, feedback_attention_kernels
 
 from . import AARCH64_LINUX, gpu, packaging
 
@@ -26,25 +24,9 @@ def tvm_target(arch: str | None = None, host: str | None = None) -> Target:
     return Target({"kind": "opencl"}, host={"kind": "llvm", "mtriple": host or AARCH64_LINUX})
 
 
-def attention_tiling(head_dim: int):
-    return gpu.ATTENTION
-
-
-def feedback_tilings(d_model: int, dtype: str) -> dict[str, FeedbackTiling]:
-    """Tile sizes under OpenCL's portable limits."""
-    return gpu.feedback_tilings(d_model, dtype, THREADS, KEY_TILE_BYTES)
-
-
-def scheduled_feedback_attention(d_model: int, dtype: str = "float32", scale: float | None = None,
-                                 arch: str | None = None, host: str | None = None) -> tuple[Target, dict[str, tirx.PrimFunc]]:
-    """The OpenCL target and both kernels, tiled and scheduled for it."""
-    kernels = feedback_attention_kernels(d_model, dtype, scale, feedback_tilings(d_model, dtype))
-    return tvm_target(host=host), {name: gpu.schedule_feedback_attention(func, THREADS)
-                                   for name, func in kernels.items()}
-
-
-def pipeline(target: Target):
-    return gpu.pipeline(target, matmul=False)
+RULES = gpu.GpuRules(tvm_target, THREADS, KEY_TILE_BYTES, matmul=False)
+attention_tiling, feedback_tilings, pipeline = RULES.attention_tiling, RULES.feedback_tilings, RULES.pipeline
+scheduled_feedback_attention = RULES.scheduled_feedback_attention
 
 
 def library_name(host: str | None) -> str:
