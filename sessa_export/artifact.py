@@ -192,12 +192,6 @@ def member(path: Path, manifest: dict, key: str, default: str) -> Path:
     return file
 
 
-def quantization_mode(manifest: dict) -> str | None:
-    """The artifact's quantization mode, or None for float weights."""
-    quant = manifest.get("quantization")
-    return quant.get("mode") if quant else None
-
-
 __all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "KIND", "atomic_directory", "check_replaceable", "files_sha256",
            "weights_hash", "new_manifest", "write_manifest", "quantization_record", "read_manifest",
            "state_layout", "member", "is_artifact"]
