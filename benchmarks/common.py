@@ -10,6 +10,8 @@ import statistics
 import time
 from typing import Callable, Sequence
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -79,6 +81,50 @@ def tvm_linear(weight: np.ndarray, rows: int, packed: bool = True) -> Callable:
     target = CompileTarget("cpu").tvm_target()
     executable = tvm.compile(bb.get(), target=target, relax_pipeline=cpu.pipeline(target))
     return relax.VirtualMachine(executable, tvm.cpu())["main"]
+
+
+def read_bandwidth(threads: int, gigabytes: float = 1.0, repeat: int = 5) -> tuple[float, float]:
+    """Bytes/s of numpy float32 sums over a `gigabytes` array (best of `repeat`): one thread over
+    the whole array, and `threads` threads each summing its own slice (numpy releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    array = np.ones(int(gigabytes * 2**30) // 4, dtype=np.float32)
+    single = array.nbytes / min(call_seconds(array.sum, repeat))
+    slices = np.array_split(array, threads)
+    with ThreadPoolExecutor(threads) as pool:
+        parallel = array.nbytes / min(call_seconds(lambda: list(pool.map(np.sum, slices)), repeat))
+    return single, parallel
+
+
+def op_times(path: Path, context: int, threads: int, vocab: int, steps: int = 8) -> dict[str, float]:
+    """ms/token by op type over `steps` decode steps after a prefill of `context`, from ONNX Runtime's
+    profiler: one OrtRunner on the export at `path` (either state contract) with the profiler on."""
+    import collections
+    import json
+    import os
+
+    import onnxruntime as ort
+
+    from sessa_export.runtime import OrtRunner
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path / "profile")
+    runner = OrtRunner(path, threads, options)
+    ids = np.random.default_rng(0).integers(0, vocab, (1, context + steps + 1))
+    _, state = runner.step(ids[:, :context], runner.empty_state(1))
+    for t in range(context, context + steps + 1):
+        _, state = runner.step(ids[:, t:t + 1], state)
+    trace_file = runner.session.end_profiling()
+    events = json.loads(Path(trace_file).read_text())
+    os.remove(trace_file)
+    runs = [e for e in events if e.get("name") == "model_run"][-steps:]
+    by_op = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["ts"] >= runs[0]["ts"] and e["name"].endswith("_kernel_time"):
+            by_op[e["args"]["op_name"]] += e["dur"] / 1e3 / steps
+    by_op["(whole step)"] = sum(e["dur"] for e in runs) / 1e3 / steps
+    return dict(by_op)
 
 
 def cpu_model() -> str:

@@ -29,17 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DECODE_CONTEXT, DECODE_STEPS, config_125m,  # noqa: E402
+from common import (DECODE_CONTEXT, DECODE_STEPS, config_125m, op_times,  # noqa: E402
                     machine_description, print_table)
 
 from sessa_export.bench import time_runners  # noqa: E402
 from sessa_export.model import SessaLM, init_weights  # noqa: E402
-from sessa_export.to_onnx import MODEL_NAME, export_onnx  # noqa: E402
+from sessa_export.to_onnx import export_onnx  # noqa: E402
 from sessa_export.to_onnx.quantize import export_size, linear_weight_bytes, quantize_export  # noqa: E402
-from sessa_export.artifact import member, read_manifest, state_layout  # noqa: E402
 from sessa_export.runtime import OrtRunner, available_cores  # noqa: E402
 from sessa_export.tracer import trace  # noqa: E402
 
@@ -125,48 +122,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def profile_decode(paths: dict[str, Path], context: int, threads: int, vocab: int, steps: int = 8) -> dict:
-    """ms/token by op type over `steps` decode steps after a prefill of `context`, from ORT's profiler.
-
-    Each model gets one session, built here with the profiler on (OrtRunner takes no SessionOptions),
-    stepped as OrtRunner.step does: the state stays in ORT's buffers between steps.
-    """
-    import collections
-    import json
-    import os
-
-    import onnxruntime as ort
-
-    ids = np.random.default_rng(0).integers(0, vocab, (1, context + steps + 1))
-    chunks = [ids[:, :context]] + [ids[:, t:t + 1] for t in range(context, context + steps + 1)]
-    result = {}
-    for name, path in paths.items():
-        manifest = read_manifest(path)
-        options = ort.SessionOptions()
-        options.enable_profiling = True
-        options.intra_op_num_threads = threads
-        options.profile_file_prefix = str(path / "profile")
-        session = ort.InferenceSession(str(member(path, manifest, "model_file", MODEL_NAME)), options,
-                                       providers=["CPUExecutionProvider"])
-        outputs = [o.name for o in session.get_outputs()]
-        dtype = np.float16 if manifest.get("dtype") == "float16" else np.float32
-        layout = state_layout(manifest)
-        state = {past: ort.OrtValue.ortvalue_from_numpy(array) for past, array in layout.zeros(1, 0, dtype).items()}
-        for chunk in chunks:
-            feed = {manifest["input"]["name"]: ort.OrtValue.ortvalue_from_numpy(chunk), **state}
-            named = dict(zip(outputs, session.run_with_ort_values(outputs, feed)))
-            state = {past: named[present] for present, past in layout.present_of().items()}
-        trace_file = session.end_profiling()
-        events = json.loads(Path(trace_file).read_text())
-        os.remove(trace_file)
-        runs = [e for e in events if e.get("name") == "model_run"][-steps:]
-        start = runs[0]["ts"]
-        by_op = collections.Counter()
-        for e in events:
-            if e.get("cat") == "Node" and e["ts"] >= start and e["name"].endswith("_kernel_time"):
-                by_op[e["args"]["op_name"]] += e["dur"] / 1e3 / steps
-        by_op["(whole step)"] = sum(e["dur"] for e in runs) / 1e3 / steps
-        result[name] = dict(by_op)
-    return result
+    """ms/token by op type over `steps` decode steps after a prefill of `context`, from ORT's profiler
+    (common.profile_decode, one OrtRunner with the profiler on per export)."""
+    return {name: op_times(path, context, threads, vocab, steps) for name, path in paths.items()}
 
 
 if __name__ == "__main__":

@@ -35,25 +35,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DECODE_CONTEXT, DECODE_STEPS, call_seconds, config_125m, machine_description,  # noqa: E402
+from common import (DECODE_CONTEXT, DECODE_STEPS, config_125m, machine_description, read_bandwidth,  # noqa: E402
                     median_ms, print_table, set_threads, tvm_linear)
 
 from sessa_export.bench import time_runners  # noqa: E402
 from sessa_export.model import SessaLM, init_weights  # noqa: E402
 from sessa_export.tracer import trace  # noqa: E402
-
-
-def read_bandwidth(threads: int, gigabytes: float = 1.0, repeat: int = 5) -> tuple[float, float]:
-    """Bytes/s of numpy float32 sums over a `gigabytes` array (best of `repeat`): one thread over
-    the whole array, and `threads` threads each summing its own slice (numpy releases the GIL)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    array = np.ones(int(gigabytes * 2**30) // 4, dtype=np.float32)
-    single = array.nbytes / min(call_seconds(array.sum, repeat))
-    slices = np.array_split(array, threads)
-    with ThreadPoolExecutor(threads) as pool:
-        parallel = array.nbytes / min(call_seconds(lambda: list(pool.map(np.sum, slices)), repeat))
-    return single, parallel
 
 
 def matmul_rates(rows: int = 1024, inputs: int = 768, outputs: int = 2304, repeat: int = 10) -> dict[str, float]:

@@ -107,8 +107,10 @@ def weights_hash(graph: StepGraph) -> str:
     return digest.hexdigest()
 
 
-def new_manifest(graph: StepGraph, fmt: str, **fields) -> dict:
-    """The keys every artifact has, from the step graph, plus the back end's `fields`."""
+def new_manifest(graph: StepGraph, fmt: str, layout: StateLayout | None = None, **fields) -> dict:
+    """The keys every artifact has, from the step graph and its state `layout` (default: the graph's,
+    growing), plus the back end's `fields`."""
+    layout = layout or graph.state
     return {
         "schema_version": SCHEMA_VERSION,
         "format": fmt,
@@ -117,7 +119,8 @@ def new_manifest(graph: StepGraph, fmt: str, **fields) -> dict:
         "input": {"name": graph.input_name, "kind": graph.input_kind, "width": graph.input_width,
                   "vocab_size": graph.vocab_size},
         "outputs": list(graph.outputs),
-        "state": graph.state.to_manifest(),
+        "state": layout.to_manifest(),
+        "state_contract": layout.contract_manifest(),
         "max_len": graph.max_len,
         "dtype": "float32",
         "custom_ops": ["ai.sessa.FeedbackAttention"],
@@ -178,7 +181,7 @@ def read_manifest(path: Path) -> dict:
 
 def state_layout(manifest: dict) -> StateLayout:
     """The manifest's state contract."""
-    return StateLayout.from_manifest(manifest["state"])
+    return StateLayout.from_manifest(manifest["state"], manifest.get("state_contract"))
 
 
 def member(path: Path, manifest: dict, key: str, default: str) -> Path:

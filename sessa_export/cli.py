@@ -115,21 +115,26 @@ def export(
     config: Optional[Path] = typer.Option(None, "--config", help="config.json for a bare state_dict."),
     model: Optional[str] = typer.Option(None, "--model", help="package.module:factory building an nn.Module "
                                         "whose positions meet only in Sessa mixers."),
+    state: str = typer.Option("grow", "--state", help="The state contract: grow (each step returns state "
+                              "tensors of P + S positions; opset 23) or inplace (caches of a capacity, written in "
+                              "place when bound as input and output, plus a past_sequence_length input; opset 24)."),
 ) -> None:
     """Export to OUT/model.onnx + OUT/sessa_config.json: one step graph for prefill, chunks and decode."""
     from .sources import load_model
+    from .state import StateLayout
     from .to_onnx import export_onnx
     from .tracer import trace
 
+    StateLayout.from_mixers([], state)  # an unknown --state fails before any work
     with console.status("loading model") as status:
         source = load_model(checkpoint, config, model)
         status.update("tracing")
         graph = trace(source)
         export_onnx(graph, out, progress=lambda msg: status.update(msg),
-                    source=str(checkpoint.resolve()) if checkpoint else None, factory=model)
+                    source=str(checkpoint.resolve()) if checkpoint else None, factory=model, state=state)
     size = sum(f.stat().st_size for f in out.iterdir())
     console.print(f"wrote {out}/ ({format_bytes(size)}): {len(graph.mixers)} Sessa layers, "
-                  f"inputs {graph.input_name} + {4 * len(graph.mixers)} state tensors")
+                  f"inputs {graph.input_name} + {4 * len(graph.mixers)} state tensors ({state})")
 
 
 @command

@@ -12,9 +12,16 @@ positions. The exporters, runners, validation, benchmarks and the C++ example re
 manifest's "state" list is `StateLayout.to_manifest()`); nothing guesses a tensor's kind.
 
 Calling convention of a step: the data input, then the state tensors in `names()` order (layer
-by layer, fields in FIELDS order); the ONNX graph returns `present.{i}.{field}` with P + S
-positions, a TVM module takes preallocated caches of `capacity` positions and writes rows
-P..P+S-1 in place.
+by layer, fields in FIELDS order). Two contracts (`CONTRACTS`):
+
+- "grow": the state tensors hold exactly P positions (axis "past"); the ONNX graph returns
+  `present.{i}.{field}` with P + S positions, which become the next step's past.
+- "inplace": the state tensors are caches of a capacity C (axis "capacity") of which the first P
+  rows are valid, and one more input, `past_sequence_length` (int64 scalar), gives P. The step
+  writes rows P..P+S-1 and returns the same caches as `present.{i}.{field}`: bound to the same
+  buffers as the inputs, nothing is copied. The caller grows C with the context (`capacity_for`:
+  whole blocks of CAPACITY_BLOCK positions, at most max_len) and copies the valid rows once when
+  it does. A TVM module takes caches the same way, with C fixed when it is compiled.
 """
 
 from __future__ import annotations
@@ -28,6 +35,19 @@ from .errors import SessaExportError
 
 FIELDS = ("key", "value", "feedback_key", "feedback_state")
 BATCH, PAST = "batch", "past"  # the symbolic axes of every state tensor
+GROW, INPLACE = "grow", "inplace"
+CONTRACTS = (GROW, INPLACE)
+POSITIONS = {GROW: PAST, INPLACE: "capacity"}  # the name of the positions axis under each contract
+PAST_LENGTH = "past_sequence_length"  # the in-place contract's input: P
+CAPACITY_BLOCK = 256  # in-place capacities are whole blocks of positions
+
+
+def capacity_for(positions: int, max_len: int | None) -> int:
+    """The in-place capacity that holds `positions`: whole CAPACITY_BLOCKs, at most max_len."""
+    if max_len is not None and positions > max_len:
+        raise SessaExportError(f"context of {positions} positions exceeds the model's max_len={max_len}")
+    capacity = -(-positions // CAPACITY_BLOCK) * CAPACITY_BLOCK
+    return min(capacity, max_len) if max_len is not None else capacity
 
 
 def past_name(layer: int, field: str) -> str:
@@ -71,19 +91,26 @@ class LayerLayout:
 
 @dataclass(frozen=True)
 class StateLayout:
-    """Every layer's state, in call order."""
+    """Every layer's state, in call order, under one contract ("grow" or "inplace")."""
 
     layers: tuple[LayerLayout, ...]
+    contract: str = GROW
 
     @classmethod
-    def from_mixers(cls, mixers: Sequence) -> StateLayout:
+    def from_mixers(cls, mixers: Sequence, contract: str = GROW) -> StateLayout:
         """The layout of a model's Sessa mixers (sessa_export.model.SessaMixer), in order."""
+        if contract not in CONTRACTS:
+            raise SessaExportError(f"unknown --state {contract!r}; choose one of {', '.join(CONTRACTS)}")
         return cls(tuple(LayerLayout(i, m.n_heads, m.n_kv_heads, m.head_dim, m.D, bool(m.use_forward_rope),
-                                    float(m.gamma_max)) for i, m in enumerate(mixers)))
+                                     float(m.gamma_max)) for i, m in enumerate(mixers)), contract)
 
     @classmethod
-    def from_manifest(cls, entries: object, where: str = "sessa_config.json") -> StateLayout:
-        """Read the manifest's "state" list (what `to_manifest` wrote); a clear error when it does not fit."""
+    def from_manifest(cls, entries: object, contract: object = None, where: str = "sessa_config.json") -> StateLayout:
+        """Read the manifest's "state" list and "state_contract" (what `to_manifest` and `contract_manifest`
+        wrote; no contract: "grow"); a clear error when they do not fit."""
+        kind = GROW if contract is None else contract.get("kind") if isinstance(contract, dict) else None
+        if kind not in CONTRACTS:
+            raise SessaExportError(f"{where}: unknown \"state_contract\" {contract!r}; re-run the export")
         keys = ("n_heads", "n_kv_heads", "head_dim", "d_model")
         if not isinstance(entries, list):
             raise SessaExportError(f"{where}: \"state\" must be a list of layers; re-run the export")
@@ -95,7 +122,7 @@ class StateLayout:
                                        "re-run the export")
             layers.append(LayerLayout(i, *(entry[k] for k in keys), bool(entry.get("use_forward_rope", False)),
                                      float(entry.get("gamma_max", 0.0))))
-        layout = cls(tuple(layers))
+        layout = cls(tuple(layers), kind)
         contract = ("past", "present", "shapes")  # manifests before "fields" was written hold the same
         if any({k: e.get(k) for k in contract} != {k: w[k] for k in contract}
                for e, w in zip(entries, layout.to_manifest())):
@@ -110,10 +137,24 @@ class StateLayout:
             "fields": list(FIELDS),
             "past": {f: past_name(s.layer, f) for f in FIELDS},
             "present": {f: present_name(s.layer, f) for f in FIELDS},
-            "shapes": {f: s.axes(f) for f in FIELDS},
+            "shapes": {f: self.axes(s, f) for f in FIELDS},
             "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "head_dim": s.head_dim,
             "d_model": s.d_model, "use_forward_rope": s.use_forward_rope, "gamma_max": s.gamma_max,
         } for s in self.layers]
+
+    def contract_manifest(self) -> dict:
+        """The manifest's "state_contract": which form, and for "inplace" its length input, capacity rule
+        and which outputs alias which inputs."""
+        if self.contract == GROW:
+            return {"kind": GROW}
+        return {"kind": INPLACE, "past_length_input": PAST_LENGTH, "capacity_axis": POSITIONS[INPLACE],
+                "capacity_rule": f"whole blocks of {CAPACITY_BLOCK} positions, at most max_len; "
+                                 "the caller copies the valid rows into larger caches when one fills",
+                "aliases": {present: past for present, past in self.present_of().items()}}
+
+    def axes(self, layer: LayerLayout, field: str) -> list:
+        """Axes of `field` of `layer` under this contract (positions axis "past" or "capacity")."""
+        return [POSITIONS[self.contract] if a == PAST else a for a in layer.axes(field)]
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -150,7 +191,8 @@ class StateLayout:
                 for layer, f in self.tensors()}
 
     def positions_held(self, batch: int, shapes: Mapping[str, Sequence[int]]) -> int:
-        """P, the positions a state of these tensor shapes holds; a clear error when it does not fit."""
+        """The positions a state of these tensor shapes holds (grow: P; inplace: the capacity C); a clear
+        error when it does not fit."""
         expected = self.names()
         missing = [name for name in expected if name not in shapes]
         unexpected = [name for name in shapes if name not in expected]
@@ -161,9 +203,9 @@ class StateLayout:
         held = set()
         for layer, field in self.tensors():
             name, shape, axes = past_name(layer.layer, field), list(shapes[past_name(layer.layer, field)]), layer.axes(field)
-            want = [batch if a == BATCH else a for a in axes]
+            want = [batch if a == BATCH else POSITIONS[self.contract] if a == PAST else a for a in axes]
             if len(shape) != len(axes) or any(a != PAST and w != got for a, w, got in zip(axes, want, shape)):
-                raise SessaExportError(f"state tensor {name} has shape {shape}, expected {want} (past = P positions)")
+                raise SessaExportError(f"state tensor {name} has shape {shape}, expected {want}")
             held.add(shape[axes.index(PAST)])
         if len(held) > 1:
             raise SessaExportError(f"the state tensors hold different numbers of past positions: {sorted(held)}")
@@ -174,4 +216,5 @@ class StateLayout:
         return sum(layer.values_per_position() for layer in self.layers)
 
 
-__all__ = ["FIELDS", "LayerLayout", "StateLayout", "past_name", "present_name"]
+__all__ = ["FIELDS", "CONTRACTS", "GROW", "INPLACE", "PAST_LENGTH", "LayerLayout", "StateLayout", "capacity_for",
+           "past_name", "present_name"]

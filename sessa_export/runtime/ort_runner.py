@@ -1,13 +1,43 @@
-"""ONNX Runtime on an export directory: the state contract's growing tensors, kept in ORT's buffers."""
+"""ONNX Runtime on an export directory, under either state contract (sessa_export/state.py).
+
+- grow: each step returns new state tensors of P + S positions, kept in ORT's buffers;
+- inplace: a `CacheState` holds caches of a capacity C; each step binds them as both input and
+  output (IOBinding), so ORT writes the new rows in place: no state is allocated or copied per
+  step. When a step needs more than C positions the caches grow to `state.capacity_for` (whole
+  blocks of 256 positions, at most max_len) and the valid rows are copied once. Rows < P are never
+  written, so an earlier CacheState stays valid only until a step runs on it or on a later one
+  (two continuations of one state need `state.copy()`).
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..artifact import member, read_manifest, state_layout
 from ..errors import SessaExportError
+from ..state import INPLACE, PAST_LENGTH, capacity_for
+
+
+@dataclass(frozen=True)
+class CacheState:
+    """The in-place contract's state: caches (numpy arrays and the OrtValues over them) and P."""
+
+    arrays: dict  # past name -> np.ndarray [.., capacity, ..]
+    values: dict  # past name -> OrtValue over the same memory
+    past: int
+    batch: int
+    capacity: int
+
+    def copy(self) -> "CacheState":
+        """An independent state (copies the buffers): for running two continuations."""
+        from onnxruntime import OrtValue
+
+        arrays = {name: array.copy() for name, array in self.arrays.items()}
+        values = {name: OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        return CacheState(arrays, values, self.past, self.batch, self.capacity)
 
 
 class OrtRunner:
@@ -15,13 +45,14 @@ class OrtRunner:
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, options=None) -> None:
+        """`options`: an onnxruntime.SessionOptions to start from (a profiler, say)."""
         import onnxruntime as ort
 
         path = Path(path)
         self.manifest = read_manifest(path)
         model_file = member(path, self.manifest, "model_file", "model.onnx")
-        options = ort.SessionOptions()
+        options = options or ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         try:
@@ -36,18 +67,35 @@ class OrtRunner:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.layout = state_layout(self.manifest)
         self.present_of = self.layout.present_of()
+        self.present_name = {past: present for present, past in self.present_of.items()}
         self.dtype = np.float16 if self.manifest.get("dtype") == "float16" else np.float32
         self.max_len = self.manifest.get("max_len")
+        self.inplace = self.layout.contract == INPLACE
 
-    def empty_state(self, batch: int) -> dict:
+    def empty_state(self, batch: int) -> dict | CacheState:
+        if self.inplace:
+            return self._caches(batch, capacity_for(1, self.max_len))
         return {name: self._ort.OrtValue.ortvalue_from_numpy(array)
                 for name, array in self.layout.zeros(batch, 0, self.dtype).items()}
+
+    def _caches(self, batch: int, capacity: int, state: CacheState | None = None) -> CacheState:
+        """Zeroed caches of `capacity`, holding the valid rows of `state` if given."""
+        arrays = self.layout.zeros(batch, capacity, self.dtype)
+        if state is not None:
+            for (layer, field), (name, array) in zip(self.layout.tensors(), arrays.items()):
+                rows = [slice(None)] * array.ndim
+                rows[self.layout.position_axis(field)] = slice(0, state.past)
+                array[tuple(rows)] = state.arrays[name][tuple(rows)]
+        values = {name: self._ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        return CacheState(arrays, values, 0 if state is None else state.past, batch, capacity)
 
     def step(self, input_ids: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
         input_ids = np.asarray(input_ids)
         if self.input_kind == "tokens" and (input_ids.ndim != 2 or input_ids.dtype.kind not in "iu"):
             raise SessaExportError(f"{self.input_name} must be integer token ids [batch, sequence], "
                                    f"got {input_ids.dtype} {list(input_ids.shape)}")
+        if self.inplace:
+            return self._step_in_place(input_ids, state)
         if not isinstance(state, dict):
             raise SessaExportError(f"the state must be a dict of past_key_values.* tensors, got {type(state).__name__}")
         shapes = {name: value.shape() if callable(getattr(value, "shape", None)) else np.shape(value)
@@ -56,8 +104,7 @@ class OrtRunner:
         if self.max_len is not None and past + input_ids.shape[1] > self.max_len:
             raise SessaExportError(f"context of {past + input_ids.shape[1]} positions exceeds the model's "
                                    f"max_len={self.max_len}")
-        feed = {self.input_name: self._ort.OrtValue.ortvalue_from_numpy(
-            input_ids.astype(np.int64) if self.input_kind == "tokens" else input_ids.astype(self.dtype))}
+        feed = {self.input_name: self._ort.OrtValue.ortvalue_from_numpy(self._feed(input_ids))}
         feed.update(state)
         try:
             results = self.session.run_with_ort_values(self.output_names, feed)
@@ -67,5 +114,40 @@ class OrtRunner:
         new_state = {past_name: named[present] for present, past_name in self.present_of.items()}
         return named[self.manifest["outputs"][0]].numpy(), new_state
 
-    def state_arrays(self, state: dict) -> dict[str, np.ndarray]:
+    def _feed(self, input_ids: np.ndarray) -> np.ndarray:
+        return input_ids.astype(np.int64) if self.input_kind == "tokens" else input_ids.astype(self.dtype)
+
+    def _step_in_place(self, input_ids: np.ndarray, state: CacheState) -> tuple[np.ndarray, CacheState]:
+        """One step with the caches bound as input and output: ORT writes rows P..P+S-1 in place."""
+        if not isinstance(state, CacheState):
+            raise SessaExportError(f"{self.manifest.get('model_file', 'model.onnx')} keeps its state in place: "
+                                   f"pass the CacheState of empty_state() or step(), not {type(state).__name__}")
+        if input_ids.shape[0] != state.batch:
+            raise SessaExportError(f"the state holds batch {state.batch}, the input has batch {input_ids.shape[0]}")
+        if input_ids.shape[1] < 1:
+            raise SessaExportError("a step needs at least one new position")
+        shapes = {name: array.shape for name, array in state.arrays.items()}
+        if self.layout.positions_held(state.batch, shapes) != state.capacity or not 0 <= state.past <= state.capacity:
+            raise SessaExportError(f"the state's caches do not hold its capacity {state.capacity} and past {state.past}")
+        total = state.past + input_ids.shape[1]
+        if total > state.capacity:
+            state = self._caches(state.batch, capacity_for(total, self.max_len), state)  # copies the valid rows once
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, np.ascontiguousarray(self._feed(input_ids)))
+        binding.bind_cpu_input(PAST_LENGTH, np.array(state.past, dtype=np.int64))
+        for name, value in state.values.items():
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(self.present_name[name], value)
+        binding.bind_output(self.manifest["outputs"][0])
+        try:
+            self.session.run_with_iobinding(binding)
+        except Exception as exc:
+            raise SessaExportError(f"ONNX Runtime rejected the inputs: {str(exc).splitlines()[0]}") from None
+        logits = binding.get_outputs()[-1].numpy()
+        return logits, CacheState(state.arrays, state.values, total, state.batch, state.capacity)
+
+    def state_arrays(self, state: dict | CacheState) -> dict[str, np.ndarray]:
+        if isinstance(state, CacheState):
+            return {name: np.take(array, range(state.past), axis=self.layout.position_axis(field)).astype(np.float32)
+                    for (layer, field), (name, array) in zip(self.layout.tensors(), state.arrays.items())}
         return {name: value.numpy().astype(np.float32) for name, value in state.items()}

@@ -28,13 +28,16 @@ from ..artifact import atomic_directory, check_replaceable, new_manifest, write_
 from ..errors import SessaExportError
 from ..model import SessaMixer
 from ..ops import causal_attention as causal_op
+from ..ops import causal_attention_cache as causal_cache_op
 from ..ops import feedback_attention as fa_op
+from ..ops import feedback_attention_cache as fa_cache_op
 from ..ops.op import Applied
 from ..ops.registry import OPS
-from ..state import BATCH, FIELDS, PAST, past_name, present_name
+from ..state import BATCH, FIELDS, GROW, INPLACE, PAST_LENGTH, StateLayout, past_name, present_name
 from ..stepgraph import StepGraph, feature_widths
 
 OPSET = 23
+INPLACE_OPSET = 24  # TensorScatter writes the in-place contract's caches
 IR_VERSION = 10
 MODEL_NAME = "model.onnx"
 EXTERNAL_DATA_LIMIT = 2 * 1024**3  # protobuf cannot hold more in one file
@@ -46,8 +49,9 @@ class OnnxBuilder:
 
     face = "onnx"
 
-    def __init__(self, graph: StepGraph) -> None:
+    def __init__(self, graph: StepGraph, contract: str = GROW) -> None:
         self.graph = graph
+        self.layout = StateLayout.from_mixers(graph.mixers, contract)
         self.tape = ir.tape.Tape()
         self.values: dict[str, ir.Value] = {}
         self.inputs: list[ir.Value] = []
@@ -99,7 +103,10 @@ class OnnxBuilder:
     def positions(self) -> dict[str, ir.Value]:
         """Shared per-step values: positions P..P+S-1 and the causal mask [S, P+S]."""
         if "positions" not in self.cache:
-            past = self.op("Shape", [self.past[0]["feedback_key"]], start=1, end=2)
+            if self.layout.contract == INPLACE:
+                past = self.op("Reshape", [self.past_length, self.const(np.array([1]), "shape1")])
+            else:
+                past = self.op("Shape", [self.past[0]["feedback_key"]], start=1, end=2)
             new = self.op("Shape", [self.data_input], start=1, end=2)
             total = self.op("Add", [past, new])
             one = self.const(np.array(1, dtype=np.int64), "one")
@@ -133,26 +140,35 @@ class OnnxBuilder:
             cos, sin = self.rope_tables(d, mixer.rope_inv_freq, q)
             q = self.op("RotaryEmbedding", [q, cos, sin], interleaved=1, num_heads=H)
             k = self.op("RotaryEmbedding", [k, cos, sin], interleaved=1, num_heads=Hkv)
-        heads, key, value = self.tape.op_multi_out(
-            causal_op.OP_TYPE, [q, k, v, self.positions()["visible"], past["key"], past["value"]],
-            attributes={"q_num_heads": H, "kv_num_heads": Hkv, "scale": float(d ** -0.5)},
-            domain=causal_op.DOMAIN, num_outputs=3)
+        attributes = {"q_num_heads": H, "kv_num_heads": Hkv, "scale": float(d ** -0.5)}
+        if self.layout.contract == INPLACE:
+            heads, key, value = self.tape.op_multi_out(
+                causal_cache_op.OP_TYPE, [q, k, v, self.past_length, past["key"], past["value"]],
+                attributes=attributes, domain=causal_op.DOMAIN, num_outputs=3)
+        else:
+            heads, key, value = self.tape.op_multi_out(
+                causal_op.OP_TYPE, [q, k, v, self.positions()["visible"], past["key"], past["value"]],
+                attributes=attributes, domain=causal_op.DOMAIN, num_outputs=3)
         self.present(layer, key=key, value=value)
         return heads
 
     def feedback_attention(self, q_b, k_b, f, gain, mixer: SessaMixer, layer: int) -> ir.Value:
         """One ai.sessa.FeedbackAttention node: s of the new rows; present feedback key/state are outputs."""
         past = self.past[layer]
+        inputs = [q_b, k_b, f, gain, past["feedback_key"], past["feedback_state"]]
+        op_type = fa_op.OP_TYPE
+        if self.layout.contract == INPLACE:
+            op_type, inputs = fa_cache_op.OP_TYPE, [*inputs, self.past_length]
         s, feedback_key, feedback_state = self.tape.op_multi_out(
-            fa_op.OP_TYPE, [q_b, k_b, f, gain, past["feedback_key"], past["feedback_state"]],
-            attributes={"scale": float(mixer.D ** -0.5)}, domain=fa_op.DOMAIN, num_outputs=3)
+            op_type, inputs, attributes={"scale": float(mixer.D ** -0.5)}, domain=fa_op.DOMAIN, num_outputs=3)
         self.present(layer, feedback_key=feedback_key, feedback_state=feedback_state)
         return s
 
     def present(self, layer: int, **values: ir.Value) -> None:
-        """Name state outputs `present.{layer}.{field}`, with P + S ("total") positions."""
+        """Name state outputs `present.{layer}.{field}`: P + S ("total") positions, or the capacity."""
         for field, value in values.items():
-            shape = ["total" if a == PAST else a for a in self.graph.state.layers[layer].axes(field)]
+            axes = self.layout.axes(self.layout.layers[layer], field)
+            shape = ["total" if a == "past" else a for a in axes]
             self.outputs.append(self.typed(value, present_name(layer, field), shape))
 
     # -- the walk ---------------------------------------------------------------------------------
@@ -167,14 +183,16 @@ class OnnxBuilder:
         return value
 
     def build(self, dtype: ir.DataType) -> ir.Model:
-        g, layout = self.graph, self.graph.state
+        g, layout = self.graph, self.layout
         self.dtype = dtype
         if g.input_kind == "tokens":
             self.data_input = self.new_input(g.input_name, ir.DataType.INT64, [BATCH, "sequence"])
         else:
             self.data_input = self.new_input(g.input_name, dtype, [BATCH, "sequence", g.input_width])
         self.values[g.input_name] = self.data_input
-        self.past = [{f: self.new_input(past_name(layer.layer, f), dtype, layer.axes(f)) for f in FIELDS}
+        if layout.contract == INPLACE:
+            self.past_length = self.new_input(PAST_LENGTH, ir.DataType.INT64, [])
+        self.past = [{f: self.new_input(past_name(layer.layer, f), dtype, layout.axes(layer, f)) for f in FIELDS}
                      for layer in layout.layers]
         for node in g.nodes:
             args = [self.values[i] if isinstance(i, str) else i for i in node.inputs]
@@ -183,11 +201,14 @@ class OnnxBuilder:
         for out_name, value_name in g.outputs.items():
             shape = [BATCH, "sequence", self.widths.get(value_name, "width")]
             results.append(self.typed(self.op("Identity", [self.values[value_name]]), out_name, shape))
+        inplace = layout.contract == INPLACE
+        opset = INPLACE_OPSET if inplace else OPSET
         graph = ir.Graph(self.inputs, results + self.outputs, nodes=self.tape.nodes,
                          initializers=self.tape.initializers,
-                         opset_imports={"": OPSET, fa_op.DOMAIN: fa_op.VERSION, causal_op.DOMAIN: 1},
+                         opset_imports={"": opset, fa_op.DOMAIN: fa_op.VERSION, causal_op.DOMAIN: 1},
                          name="sessa_step")
-        functions = [ir.serde.deserialize_function(m.function_proto()) for m in (fa_op, causal_op)]
+        ops = (fa_op, causal_op, fa_cache_op, causal_cache_op) if inplace else (fa_op, causal_op)
+        functions = [ir.serde.deserialize_function(function_proto(m, opset)) for m in ops]
         model = ir.Model(graph, ir_version=IR_VERSION, producer_name="sessa-export",
                          producer_version=__version__, functions=functions)
         # CausalAttention is only a way to write the forward attention: its standard ops replace it
@@ -196,25 +217,51 @@ class OnnxBuilder:
         return model
 
 
-def build_onnx(graph: StepGraph, dtype: ir.DataType = ir.DataType.FLOAT) -> ir.Model:
-    """The step graph as an in-memory ONNX model."""
-    return OnnxBuilder(graph).build(dtype)
+def function_proto(module, opset: int) -> onnx.FunctionProto:
+    """An op module's function for a model of standard opset `opset`, importing every domain its body
+    calls (onnxscript lists only its own). The 23 functions use no op that opset 24 changed."""
+    proto = module.function_proto()
+    for imported in proto.opset_import:
+        if imported.domain == "":
+            imported.version = opset
+    imported = {o.domain for o in proto.opset_import}
+    for domain in sorted(_domains(proto.node) - imported):
+        proto.opset_import.append(onnx.helper.make_opsetid(domain, 1))
+    return proto
+
+
+def _domains(nodes) -> set[str]:
+    """The domains of `nodes` and of the nodes in their subgraphs."""
+    found = set()
+    for node in nodes:
+        found.add(node.domain)
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                found |= _domains(attribute.g.node)
+    return found
+
+
+def build_onnx(graph: StepGraph, dtype: ir.DataType = ir.DataType.FLOAT, contract: str = GROW) -> ir.Model:
+    """The step graph as an in-memory ONNX model under the state `contract` (state.CONTRACTS)."""
+    return OnnxBuilder(graph, contract).build(dtype)
 
 
 def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], None] = lambda _: None,
-                source: str | None = None, factory: str | None = None) -> Path:
-    """Write OUT/model.onnx and OUT/sessa_config.json; nothing is left at OUT on failure."""
+                source: str | None = None, factory: str | None = None, state: str = GROW) -> Path:
+    """Write OUT/model.onnx and OUT/sessa_config.json under the state contract `state`; nothing is
+    left at OUT on failure."""
     out = Path(out)
+    layout = StateLayout.from_mixers(graph.mixers, state)  # an unknown contract fails before any work
     check_replaceable(out)
     progress("building ONNX graph")
-    model = build_onnx(graph)
+    model = build_onnx(graph, contract=state)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
     with atomic_directory(out) as tmp:
         progress(f"saving {size / 2**20:.1f} MiB of weights")
         ir.save(model, tmp / MODEL_NAME, external_data="model.onnx.data" if size > EXTERNAL_DATA_LIMIT else None)
         check_model(tmp / MODEL_NAME, progress)
-        write_manifest(tmp, new_manifest(graph, "onnx", opset=OPSET, model_file=MODEL_NAME,
-                                         source=source, factory=factory))
+        write_manifest(tmp, new_manifest(graph, "onnx", layout, opset=model.graph.opset_imports[""],
+                                         model_file=MODEL_NAME, source=source, factory=factory))
     return out
 
 

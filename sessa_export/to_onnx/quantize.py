@@ -46,6 +46,7 @@ from ..errors import SessaExportError
 from ..ops import feedback_attention as fa_op
 from ..ops.mixer import GAIN
 from ..quantization import keep_matches
+from ..state import INPLACE
 from ..quantization import mode as quant_mode
 from . import EXTERNAL_DATA_LIMIT, MODEL_NAME, ROLE_KEY, check_model
 
@@ -361,7 +362,7 @@ def _ensure_function(model: onnx.ModelProto, expected_nodes: int) -> None:
         model.opset_import.append(onnx.helper.make_opsetid(fa_op.DOMAIN, fa_op.VERSION))
 
 
-def _load_source(src: Path) -> tuple[dict, onnx.ModelProto]:
+def _load_source(src: Path, mode_name: str) -> tuple[dict, onnx.ModelProto]:
     if not src.exists():
         raise SessaExportError(f"not found: {src}")
     if not src.is_dir() or not (src / MANIFEST_NAME).is_file():
@@ -375,6 +376,9 @@ def _load_source(src: Path) -> tuple[dict, onnx.ModelProto]:
     if quant:
         raise SessaExportError(f"{src} is already quantized (mode {quant.get('mode', '?')}); quantize the float32 "
                                f"export it came from ({quant.get('source_export') or 'its source'}) instead")
+    if mode_name == "fp16" and (manifest.get("state_contract") or {}).get("kind") == INPLACE:
+        raise SessaExportError(f"{src} keeps its state in place: fp16 converts exports of the growing "
+                               "contract only; export with --state grow to convert it")
     if manifest.get("dtype", "float32") != "float32":
         raise SessaExportError(f"{src} holds a {manifest['dtype']} model; quantize starts from a float32 export")
     model_file = member(src, manifest, "model_file", MODEL_NAME)
@@ -401,7 +405,7 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
     keep = list(dict.fromkeys(k.strip() for k in keep if k and k.strip()))
 
     progress(f"reading {src}")
-    manifest, model = _load_source(src)
+    manifest, model = _load_source(src, qmode.name)
     _name_nodes(model)
     weights = find_weights(model)
     if not weights:

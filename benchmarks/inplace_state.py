@@ -1,0 +1,121 @@
+"""Decode with the growing and the in-place state contract, fp32 / int8 / int4, against its bound.
+
+The 125M-class config of benchmarks/common.py (vocab 32000, width 768, 12 layers, 12 heads, no
+MLP, untied head; random weights) is exported with `--state grow` and `--state inplace`, each
+quantized to int8 and int4, and every export is run by OrtRunner (ONNX Runtime, CPU) in turns
+(`sessa_export.bench.time_runners`): a prefill of the context, then single-token decode steps.
+
+Each decode figure is also given as a fraction of its own bandwidth bound: the bytes a step
+must read (every initializer of the model file but the embedding table, at its stored
+precision, plus one read of the float32 state of the context) over the measured read bandwidth
+(numpy sums over 1 GiB, all threads). Growing an in-place cache (once per 256 positions, one copy
+of the valid rows) happens in the untimed first step of each block; at context C it costs about
+C / 256 positions' worth of state per token, amortised.
+
+Targets (issue 11): every in-place export at >= 85% of its bound at context 1024, and in-place int4
+>= 2.5x faster than grow fp32 there (this script has no float16 state; that part is not built).
+
+Run: python benchmarks/inplace_state.py [--threads N] [--contexts 64,1024,4096] [--steps 16]
+                                        [--rounds 2] [--profile CONTEXT] [--workdir DIR [--reuse]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import config_125m, machine_description, op_times, print_table, read_bandwidth  # noqa: E402
+
+from sessa_export.artifact import member, read_manifest  # noqa: E402
+from sessa_export.bench import time_runners  # noqa: E402
+from sessa_export.model import SessaLM, init_weights  # noqa: E402
+from sessa_export.runtime import OrtRunner, available_cores  # noqa: E402
+from sessa_export.state import CONTRACTS  # noqa: E402
+from sessa_export.to_onnx import export_onnx  # noqa: E402
+from sessa_export.to_onnx.quantize import quantize_export  # noqa: E402
+from sessa_export.tracer import trace  # noqa: E402
+
+MODES = ("fp32", "int8", "int4")
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of the model file's initializers, the embedding table's aside (a step reads one row of it)."""
+    model = onnx.load(str(member(path, read_manifest(path), "model_file", "model.onnx")))
+    return sum(len(i.raw_data) or onnx.numpy_helper.to_array(i).nbytes
+               for i in model.graph.initializer if not i.name.startswith("embed."))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=None, help="ORT intra-op threads (default: available cores)")
+    p.add_argument("--contexts", type=lambda v: [int(x) for x in v.split(",")], default=[64, 1024, 4096])
+    p.add_argument("--steps", type=int, default=16, help="timed decode steps per context")
+    p.add_argument("--rounds", type=int, default=2, help="turns each export takes per context")
+    p.add_argument("--profile", type=int, default=None, metavar="CONTEXT",
+                   help="also break decode down by op type at CONTEXT (ORT profiler)")
+    p.add_argument("--workdir", type=Path, default=None, help="keep the exports here (default: a temp dir)")
+    p.add_argument("--reuse", action="store_true", help="with --workdir: reuse the exports already there")
+    args = p.parse_args(argv)
+    threads = args.threads or available_cores()
+    config = config_125m()
+    _, bandwidth = read_bandwidth(threads)
+    print(f"machine: {machine_description()}; ONNX Runtime threads {threads}; read bandwidth "
+          f"{bandwidth / 1e9:.1f} GB/s", flush=True)
+    state_per_position = config.state_values_per_token() * 4  # float32 bytes of one position's state
+    with tempfile.TemporaryDirectory(prefix="sessa-bench-state-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        model = None
+        variants = {}
+        for contract in CONTRACTS:
+            for mode in MODES:
+                path = variants[f"{contract} {mode}"] = work / f"{contract}-{mode}"
+                if args.reuse and (path / "sessa_config.json").is_file():
+                    continue
+                start = time.perf_counter()
+                if mode == "fp32":
+                    model = model or init_weights(SessaLM(config), seed=0, std=0.02).eval()
+                    export_onnx(trace(model), path, state=contract)
+                else:
+                    quantize_export(work / f"{contract}-fp32", path, mode)
+                print(f"wrote {path.name} in {time.perf_counter() - start:.1f} s", flush=True)
+        del model
+        weights = {name: weight_bytes(path) for name, path in variants.items()}
+        rows = []
+        for context in args.contexts:
+            runners = {name: OrtRunner(path, threads) for name, path in variants.items()}
+            timings = time_runners(runners, config.vocab_size, context, args.steps, rounds=args.rounds)
+            del runners
+            base = timings["grow fp32"].decode_ms_per_token
+            for name, t in timings.items():
+                ms = t.decode_ms_per_token
+                bound_ms = (weights[name] + state_per_position * context) / bandwidth * 1e3
+                rows.append([context, name, f"{ms:.2f}", f"{t.best_decode_ms:.2f}", f"{bound_ms:.2f}",
+                             f"{bound_ms / ms:.0%}", f"{base / ms:.2f}"])
+            print(f"  context {context}: " + ", ".join(f"{n} {t.decode_ms_per_token:.1f} ms"
+                                                      for n, t in timings.items()), flush=True)
+        breakdown = ({name: op_times(path, args.profile, threads, config.vocab_size) for name, path in variants.items()}
+                     if args.profile else None)
+    print()
+    print_table(["context", "export", "decode ms/token", "best ms", "bound ms", "of bound", "vs grow fp32"], rows,
+                title=f"decode at batch 1 (median of {args.steps} steps in {args.rounds} rounds), ONNX Runtime CPU, "
+                      f"{threads} threads; bound = (weights but the embedding + float32 state) / "
+                      f"{bandwidth / 1e9:.1f} GB/s")
+    if breakdown:
+        ops = sorted({op for b in breakdown.values() for op in b},
+                     key=lambda op: -max(b.get(op, 0) for b in breakdown.values()))
+        print()
+        print_table(["op"] + list(breakdown), [[op] + [f"{breakdown[n].get(op, 0):.2f}" for n in breakdown]
+                                               for op in ops[:16]],
+                    title=f"where decode time goes at context {args.profile}: ms/token by op type (ORT profiler)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
