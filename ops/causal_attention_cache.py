@@ -41,13 +41,21 @@ def CausalAttentionCache(query, key, value, past_length, key_cache, value_cache,
     present_value = op.TensorScatter(value_cache, v, rows, axis=2)
     new = op.Shape(query, start=1, end=2)
     if op.Equal(op.Squeeze(new), op.Constant(value_int=1)):
-        split_q = op.Concat(op.Constant(value_ints=[0, 0, -1]), op.Shape(key_cache, start=3), axis=0)  # [0, 0, H, d]
-        q = op.Transpose(op.Reshape(op.Cast(query, to=FLOAT), split_q), perm=[0, 2, 1, 3])  # [B, H, 1, d]
+        # q as [B, Hkv, G, d] (query head h reads kv head h // G); scores are keys @ q per kv head, so
+        # each cache is read once, straight through (a GEMV per head), and no copy of it is made
+        d = op.Shape(key_cache, start=3)
+        groups = op.Concat(op.Constant(value_ints=[0]), op.Shape(key_cache, start=1, end=2),
+                           op.Constant(value_ints=[-1]), d, axis=0)  # [0, Hkv, G, d]
+        q = op.Reshape(op.Mul(op.Cast(query, to=FLOAT), op.Constant(value_float=scale)), groups)
+        scores = op.Transpose(op.MatMul(op.Cast(present_key, to=FLOAT), op.Transpose(q, perm=[0, 1, 3, 2])),
+                              perm=[0, 1, 3, 2])  # [B, Hkv, G, C]
         j = op.Range(op.Constant(value_int=0), op.Squeeze(op.Shape(key_cache, start=2, end=3)),
                      op.Constant(value_int=1))
-        visible = op.Unsqueeze(op.LessOrEqual(j, past), [0])  # [1, C]: rows 0..P
-        out = op.Attention(q, op.Cast(present_key, to=FLOAT), op.Cast(present_value, to=FLOAT), visible, scale=scale)
-        output = op.Reshape(op.Transpose(out, perm=[0, 2, 1, 3]), op.Constant(value_ints=[0, 0, -1]))
+        visible = op.LessOrEqual(j, past)  # [C]: rows 0..P
+        lowest = op.Constant(value_float=-3.4028234663852886e38)
+        probs = op.Softmax(op.Where(visible, scores, lowest), axis=-1)
+        out = op.MatMul(probs, op.Cast(present_value, to=FLOAT))  # [B, Hkv, G, d]
+        output = op.Reshape(out, op.Constant(value_ints=[0, 1, -1]))  # [B, 1, H·d]
     else:
         zero, axis2 = op.Constant(value_ints=[0]), op.Constant(value_ints=[2])
         total = op.Add(past, new)
