@@ -185,16 +185,33 @@ def state_layout(manifest: dict) -> StateLayout:
 
 
 def member(path: Path, manifest: dict, key: str, default: str) -> Path:
-    """A file the manifest names (`model_file`, `library`), inside the artifact directory only."""
+    """A file the manifest names (`model_file`, `library`), inside the artifact directory only,
+    checked against its recorded sha256 (`verify_files`) before anything loads it."""
     name = manifest.get(key, default)
     if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
         raise SessaExportError(f"{path / MANIFEST_NAME}: {key!r} must name a file inside {path}, got {name!r}")
     file = path / name
     if not file.is_file():
         raise SessaExportError(f"{path}: {name} is missing; re-run the export")
+    verify_files(path, manifest)
     return file
+
+
+def verify_files(path: Path, manifest: dict) -> None:
+    """Every file the manifest records (`files`: name -> sha256) is there, inside `path`, with those bytes:
+    a truncated or replaced library is refused instead of crashing the process that loads it."""
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise SessaExportError(f"{path / MANIFEST_NAME}: \"files\" must be an object; re-run the export")
+    for name, digest in files.items():
+        file = path / name
+        if Path(name).name != name or not file.is_file():
+            raise SessaExportError(f"{path}: {name!r}, recorded in {MANIFEST_NAME}, is missing; re-run the export")
+        if files_sha256([file]) != digest:
+            raise SessaExportError(f"{file}: its bytes differ from the sha256 {MANIFEST_NAME} records (truncated or "
+                                   "changed since it was written); re-run the export")
 
 
 __all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "KIND", "atomic_directory", "check_replaceable", "files_sha256",
            "weights_hash", "new_manifest", "write_manifest", "quantization_record", "read_manifest",
-           "state_layout", "member", "is_artifact"]
+           "state_layout", "member", "verify_files", "is_artifact"]

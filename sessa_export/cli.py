@@ -169,8 +169,7 @@ def compile(  # noqa: A001 - the command is called `compile`
 
     compile_target = CompileTarget(target, arch, host)  # checks target/arch/host before any work
     check_quantization(quantization, compile_target)
-    checkpoint, recorded = compile_source(source) if source is not None and model is None else (source, None)
-    model = model or recorded
+    checkpoint = compile_source(source, model) if source is not None else None
     with console.status("loading model") as status:
         loaded = load_model(checkpoint, config, model)
         status.update("tracing")
@@ -222,9 +221,10 @@ def validate(
     artifact: Path = typer.Argument(..., help="Export directory to check."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Reference checkpoint "
                                               "(default: the one recorded at export); with --model, its weights."),
-    model: Optional[str] = typer.Option(None, "--model", help="package.module:factory of a custom model's export "
-                                        "(default: the one recorded at export). The reference is then the "
-                                        "module's own forward over each prefix: logits are compared, not state."),
+    model: Optional[str] = typer.Option(None, "--model", help="package.module:factory of a custom model's export, "
+                                        "required for one (the artifact records it; sessa-export imports no code an "
+                                        "artifact names). The reference is then the module's own forward over each "
+                                        "prefix: logits are compared, not state."),
     prefill: int = typer.Option(384, min=1, help="Prefill length T (the default is past 256, so an ONNX "
                                 "export's forward attention is checked in its blocked form too)."),
     decode_steps: int = typer.Option(256, "--decode", min=0, help="Decode steps N after the prefill."),

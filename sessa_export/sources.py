@@ -48,10 +48,18 @@ def load_model(checkpoint: Path | None, config: Path | None = None, model: str |
     return load_checkpoint(checkpoint, config)
 
 
-def compile_source(path: Path) -> tuple[Path, str | None]:
-    """A checkpoint as given, or the source checkpoint (and custom model factory) an export records."""
+def refuse_recorded_factory(artifact: Path, manifest: dict, command: str) -> None:
+    """An artifact names code (a custom module's factory) that only the user may choose to import."""
+    factory = manifest.get("factory")
+    raise SessaExportError(f"{artifact} was exported from the custom module {factory!r}; pass --model {factory} "
+                           f"to {command} it (sessa-export imports no code that an artifact names)")
+
+
+def compile_source(path: Path, model: str | None) -> Path:
+    """A checkpoint as given, or the source checkpoint an export records (with `--model` when it
+    records a custom module's factory)."""
     if not is_artifact(path):
-        return path, None
+        return path
     manifest = read_manifest(path)
     if manifest.get("quantization"):
         raise SessaExportError(f"{path} is a quantized export; compile the float checkpoint it came from")
@@ -61,17 +69,21 @@ def compile_source(path: Path) -> tuple[Path, str | None]:
     if not checkpoint.exists():
         raise SessaExportError(f"{path} was exported from {checkpoint}, which no longer exists: "
                                "pass the checkpoint itself")
-    return checkpoint, manifest.get("factory")
+    if manifest.get("factory") and model is None:
+        refuse_recorded_factory(path, manifest, "compile")
+    return checkpoint
 
 
 def reference_runner(artifact: Path, manifest: dict, checkpoint: Path | None, model: str | None):
     """The PyTorch reference an artifact is validated against, with the same weights as it was made from.
 
-    The checkpoint and factory default to what the artifact records; a custom module's reference
-    is its own forward over each prefix (ForwardRunner).
+    The checkpoint defaults to what the artifact records; a custom module's factory is imported only
+    when the user names it (`model`); its reference is its own forward over each prefix (ForwardRunner).
     """
     source = checkpoint or (Path(manifest["source"]) if manifest.get("source") else None)
-    factory = model or manifest.get("factory")
+    if model is None and manifest.get("factory"):
+        refuse_recorded_factory(artifact, manifest, "validate")
+    factory = model
     if factory is not None:
         if manifest["input"]["kind"] != "tokens":
             raise SessaExportError(f"{artifact} takes embeddings; validate compares models that take token ids")

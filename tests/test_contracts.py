@@ -159,6 +159,13 @@ def test_a_model_file_outside_the_artifact_is_never_opened(export_dir, name):
         OrtRunner(export_dir)
 
 
+def test_a_changed_model_file_is_refused_before_it_loads(export_dir):
+    data = (export_dir / "model.onnx").read_bytes()
+    (export_dir / "model.onnx").write_bytes(data[:-8])
+    with pytest.raises(SessaExportError, match="model.onnx: its bytes differ from the sha256"):
+        OrtRunner(export_dir)
+
+
 # -- targets and quantization modes -------------------------------------------------------------
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_every_target_file_has_the_target_interface(name):

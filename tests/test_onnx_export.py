@@ -8,6 +8,7 @@ parity check compares ONNX Runtime with that PyTorch reference at the issue's to
 from __future__ import annotations
 
 import io
+import hashlib
 import json
 import os
 import shutil
@@ -372,16 +373,21 @@ def test_validate_custom_model_against_its_own_forward(tmp_path):
     assert cli("export", weights, "--model", "custom_models:factory", "-o", out).exit_code == 0
     manifest = json.loads((out / "sessa_config.json").read_text())
     assert (manifest["factory"], manifest["source"]) == ("custom_models:factory", str(weights.resolve()))
-    result = cli("validate", out, "--prefill", 24, "--decode", 8, "--json", tmp_path / "report.json")
+    # the recorded factory is code: it is imported only when the user names it
+    assert_clean_error(cli("validate", out), "custom_models:factory", "--model custom_models:factory")
+    result = cli("validate", out, "--model", "custom_models:factory", "--prefill", 24, "--decode", 8,
+                 "--json", tmp_path / "report.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["ok"] and all(list(case["tensors"]) == ["logits"] for case in report["cases"])
     assert 0 < max(case["tensors"]["logits"]["max_abs"] for case in report["cases"]) <= ATOL
     # the comparison is live: with no tolerance at all, rounding differences fail it
-    assert cli("validate", out, "--prefill", 24, "--decode", 8, "--atol", 0, "--rtol", 0).exit_code == 1
+    assert cli("validate", out, "--model", "custom_models:factory", "--prefill", 24, "--decode", 8,
+               "--atol", 0, "--rtol", 0).exit_code == 1
     (tmp_path / "other").mkdir()
     _, other = custom_weights("factory", tmp_path / "other", seed=32)
-    assert_clean_error(cli("validate", out, "--checkpoint", other), "weights hash differs")
+    assert_clean_error(cli("validate", out, "--model", "custom_models:factory", "--checkpoint", other),
+                       "weights hash differs")
     # the spec is printed as given (rich would turn ":factory:" into an emoji)
     assert_clean_error(cli("validate", out, "--model", "no_such_module:factory"), "no_such_module:factory: ")
 
@@ -528,6 +534,10 @@ def test_validate_fails_on_a_perturbed_weight_and_names_the_tensor(byte_model, t
     init = next(i for i in proto.graph.initializer if i.name == name)
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(0.05), name))
     onnx.save(proto, str(broken / "model.onnx"))
+    # record the new file's sha256, as a tool that rewrote the model would: runners check it before loading
+    manifest = json.loads((broken / "sessa_config.json").read_text())
+    manifest["files"]["model.onnx"] = hashlib.sha256((broken / "model.onnx").read_bytes()).hexdigest()
+    (broken / "sessa_config.json").write_text(json.dumps(manifest))
     report = tmp_path / "report.json"
     result = cli("validate", broken, "--checkpoint", checkpoint, *VALIDATE_ARGS, "--json", report)
     assert result.exit_code == 1, result.output

@@ -150,6 +150,30 @@ def test_compile_an_export_directory_then_validate_and_run(byte_build):
     assert result.stdout_bytes.rstrip(b"\n").endswith(bytes(ids[9:])), (result.stdout_bytes, bytes(ids[9:]))
 
 
+def test_a_truncated_or_changed_library_is_refused_before_it_loads(byte_build, tmp_path):
+    """The manifest's sha256 of model.so is checked before the TVM runtime maps it: a truncated
+    library (which crashed `run` with SIGBUS) is one clean line, for every command that loads it."""
+    _, checkpoint, out = byte_build
+    for change in (lambda data: data[: len(data) // 2], lambda data: data[:-1] + bytes([data[-1] ^ 1])):
+        broken = tmp_path / "broken"
+        shutil.rmtree(broken, ignore_errors=True)
+        shutil.copytree(out, broken)
+        (broken / "model.so").write_bytes(change((out / "model.so").read_bytes()))
+        for args in (("run", broken, "--prompt", "x"), ("bench", broken), ("validate", broken)):
+            assert_clean_error(cli(*args), "model.so", "sha256")
+
+
+def test_compile_of_a_custom_export_needs_its_factory_named(tmp_path):
+    import custom_models
+
+    weights = tmp_path / "custom.pt"
+    torch.save(randomize_weights(custom_models.factory(), seed=21, std=0.2).state_dict(), weights)
+    assert cli("export", weights, "--model", "custom_models:factory", "-o", tmp_path / "onnx").exit_code == 0
+    result = cli("compile", tmp_path / "onnx", "-o", tmp_path / "tvm")
+    assert_clean_error(result, "custom_models:factory", "--model")
+    assert not (tmp_path / "tvm").exists()
+
+
 def test_run_past_capacity_is_a_clean_error(byte_build):
     _, _, out = byte_build
     result = cli("run", out, "--prompt", "x" * 150, "--max-new-tokens", 20)

@@ -448,7 +448,8 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
                 "sessa_export.to_onnx.quantize.to_float16 (float32 softmax, LayerNorm, Gelu, gain, RoPE angles, "
                 "feedback recurrence; the gain's weights stay float32)"),
         source_export=str(src.resolve()), source_sha256=source_sha, source_size_bytes=source_size)
-    new_manifest = {**manifest, "dtype": "float16" if qmode.name == "fp16" else manifest.get("dtype", "float32"),
+    new_manifest = {**{k: v for k, v in manifest.items() if k != "files"},  # write_manifest records the new ones
+                    "dtype": "float16" if qmode.name == "fp16" else manifest.get("dtype", "float32"),
                     "model_file": MODEL_NAME}
     with atomic_directory(out) as tmp:
         size = qmodel.ByteSize()
