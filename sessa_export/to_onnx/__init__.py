@@ -101,7 +101,7 @@ class OnnxBuilder:
 
     # -- what only ONNX has: per-step positions, the attentions over growing state ----------------
     def positions(self) -> dict[str, ir.Value]:
-        """Shared per-step values: positions P..P+S-1 and the causal mask [S, P+S]."""
+        """Shared per-step values: positions P..P+S-1, P + S, and [batch, sequence]."""
         if "positions" not in self.cache:
             if self.layout.contract == INPLACE:
                 past = self.op("Reshape", [self.past_length, self.const(np.array([1]), "shape1")])
@@ -111,12 +111,20 @@ class OnnxBuilder:
             total = self.op("Add", [past, new])
             one = self.const(np.array(1, dtype=np.int64), "one")
             positions = self.op("Range", [self.op("Squeeze", [past]), self.op("Squeeze", [total]), one])
-            keys = self.op("Range", [self.const(np.array(0, dtype=np.int64), "zero"), self.op("Squeeze", [total]), one])
-            visible = self.op("LessOrEqual", [self.op("Unsqueeze", [keys, self.const(np.array([0]), "axis0")]),
-                                              self.op("Unsqueeze", [positions, self.const(np.array([1]), "axis1")])])
             batch_seq = self.op("Shape", [self.data_input], start=0, end=2)
-            self.cache.update(positions=positions, visible=visible, batch_seq=batch_seq)
+            self.cache.update(positions=positions, total=total, batch_seq=batch_seq)
         return self.cache
+
+    def visible(self) -> ir.Value:
+        """The growing contract's causal mask [S, P+S]: key j is visible to the row at position t when j <= t."""
+        if "visible" not in self.cache:
+            p = self.positions()
+            keys = self.op("Range", [self.const(np.array(0, dtype=np.int64), "zero"),
+                                     self.op("Squeeze", [p["total"]]), self.const(np.array(1, dtype=np.int64), "one")])
+            self.cache["visible"] = self.op("LessOrEqual", [
+                self.op("Unsqueeze", [keys, self.const(np.array([0]), "axis0")]),
+                self.op("Unsqueeze", [p["positions"], self.const(np.array([1]), "axis1")])])
+        return self.cache["visible"]
 
     def rope_tables(self, head_dim: int, inv_freq: torch.Tensor, like: ir.Value) -> tuple[ir.Value, ir.Value]:
         """cos and sin [B, S, d/2] of θ = t·inv_freq (float32, then the activation dtype, as the reference)."""
@@ -147,7 +155,7 @@ class OnnxBuilder:
                 attributes=attributes, domain=causal_op.DOMAIN, num_outputs=3)
         else:
             heads, key, value = self.tape.op_multi_out(
-                causal_op.OP_TYPE, [q, k, v, self.positions()["visible"], past["key"], past["value"]],
+                causal_op.OP_TYPE, [q, k, v, self.visible(), past["key"], past["value"]],
                 attributes=attributes, domain=causal_op.DOMAIN, num_outputs=3)
         self.present(layer, key=key, value=value)
         return heads
