@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="threads for all three (default: all cores)")
     parser.add_argument("--context", type=int, default=DECODE_CONTEXT, help="prefill length and decode context")
+    parser.add_argument("--cpu", default="native", help="compile --cpu of the TVM builds (default native: the "
+                        "machine's limit; the figures before 2026-12-01 were native builds too)")
     parser.add_argument("--decode-steps", type=int, default=DECODE_STEPS)
     parser.add_argument("--capacity", type=int, default=2048, help="compiled TVM capacity")
     parser.add_argument("--skip-onnx", action="store_true")
@@ -104,13 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     from sessa_export.runtime.tvm_runner import TvmRunner
 
     start = time.perf_counter()
-    compile_graph(graph, work / "tvm", CompileTarget("cpu"), max_len=args.capacity,
+    compile_graph(graph, work / "tvm", CompileTarget("cpu", cpu=args.cpu), max_len=args.capacity,
                   progress=lambda msg: print(f"  tvm: {msg}", flush=True))
     print(f"TVM compile: {time.perf_counter() - start:.1f} s", flush=True)
     runners = [("TVM CPU", TvmRunner(work / "tvm", threads))]
     print(f"TVM threads: {runners[0][1].threads}", flush=True)
     for mode in ("q8", "q4") if args.quantized else ():
-        compile_graph(graph, work / f"tvm-{mode}", CompileTarget("cpu"), max_len=args.capacity, quantization=mode)
+        compile_graph(graph, work / f"tvm-{mode}", CompileTarget("cpu", cpu=args.cpu), max_len=args.capacity, quantization=mode)
         runners.append((f"TVM CPU {mode}", TvmRunner(work / f"tvm-{mode}", threads)))
     ids = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():

@@ -148,6 +148,11 @@ def compile(  # noqa: A001 - the command is called `compile`
     host: Optional[str] = typer.Option(None, "--host", help="Host triple to cross compile for: "
                                        + "; ".join(f"{t.name} {' or '.join(t.hosts)}" for t in TARGETS.values()
                                                    if t.hosts) + "."),
+    cpu: Optional[str] = typer.Option(None, "--cpu", help="--target cpu: the processors the library may assume. "
+                                      "x86-64: x86-64, x86-64-v2, x86-64-v3 (default: AVX2 + FMA, every x86-64 chip "
+                                      "since Haswell and Zen 1), x86-64-v4 (AVX-512) or native (this machine's CPU); "
+                                      "--host aarch64-linux-gnu: generic (default, NEON), cortex-a76 (dot product) or "
+                                      "neoverse-v1 (i8mm, SVE). The library refuses to load on a CPU without them."),
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Compiled capacity in positions (default: "
                                           "the model's max_len, else 2048)."),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json for a bare state_dict."),
@@ -167,7 +172,7 @@ def compile(  # noqa: A001 - the command is called `compile`
     from .to_tvm import CompileTarget, check_quantization, compile_graph
     from .tracer import trace
 
-    compile_target = CompileTarget(target, arch, host)  # checks target/arch/host before any work
+    compile_target = CompileTarget(target, arch, host, cpu)  # checks target/arch/host/cpu before any work
     check_quantization(quantization, compile_target)
     checkpoint = compile_source(source, model) if source is not None else None
     with console.status("loading model") as status:

@@ -3,7 +3,8 @@
 The table is plain data, importable without TVM. Each target's file (`module`) holds what is
 specific to it, behind the same names:
 
-- `tvm_target(arch, host)`: the TVM target (device and host code);
+- `tvm_target(arch, host)`: the TVM target (device and host code; a target that takes --cpu,
+  `cpus`, also takes `cpu` and has `cpu_choices(host)` and `cpu_features(cpu, host)`);
 - `attention_tiling(head_dim)`: how ops/tvm_attention.py's kernel spreads its work there;
 - `scheduled_feedback_attention(d_model, dtype, scale, **options)`: ops/tvm_kernels.py's
   FeedbackAttention kernels, tiled and scheduled by the target's rule;
@@ -39,6 +40,7 @@ class Target:
     default_host: str | None = None  # None: this machine
     gpu: bool = False
     runs_here: bool = False  # the Python TVM runner runs its artifacts on this machine (host builds only)
+    cpus: bool = False  # takes --cpu: its file has cpu_choices(host), cpu_features(cpu, host), tvm_target(.., cpu)
 
     def implementation(self) -> ModuleType:
         """The target's file (imports TVM)."""
@@ -47,7 +49,7 @@ class Target:
 
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("cpu", "cpu", "model.so for this CPU, or an AArch64 ELF .so with --host aarch64-linux-gnu",
-           hosts=(AARCH64_LINUX,), runs_here=True),
+           hosts=(AARCH64_LINUX,), runs_here=True, cpus=True),
     Target("cuda", "cuda", "model.so with the kernels compiled by nvcc for --arch inside, and model.cu",
            archs=ARCHS, gpu=True),
     Target("metal", "metal", "model.a, Mach-O arm64 objects for an iOS or macOS app, and model.metal",

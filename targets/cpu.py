@@ -43,14 +43,64 @@ def host_cpu() -> str:
         return "generic"
 
 
-def tvm_target(arch: str | None = None, host: str | None = None) -> Target:
-    """LLVM target for this machine (its triple and CPU), or a generic CPU of the ``host`` triple.
+# --cpu: what a library may assume of the processor that runs it. Per architecture, LLVM's CPU name
+# and the instruction-set features it needs, named as Linux's /proc/cpuinfo names them (the
+# runners check those before loading). x86-64 levels as psABI defines them (SSE3 is "pni", LZCNT "abm").
+X86_64_V2 = ("pni", "ssse3", "sse4_1", "sse4_2", "popcnt", "cx16")
+X86_64_V3 = X86_64_V2 + ("avx", "avx2", "bmi1", "bmi2", "fma", "f16c", "movbe", "abm")
+X86_64_V4 = X86_64_V3 + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
+CPUS = {
+    "x86_64": {"x86-64": (), "x86-64-v2": X86_64_V2, "x86-64-v3": X86_64_V3, "x86-64-v4": X86_64_V4},
+    "aarch64": {"generic": ("asimd",), "cortex-a76": ("asimd", "asimddp"),
+                "neoverse-v1": ("asimd", "asimddp", "i8mm", "sve")},
+}
+# The default runs on every x86-64 server and desktop chip since 2013-2017 (Haswell, Zen 1) at
+# AVX2 speed; AArch64 builds assume NEON only. "native" (this machine's CPU) is for local use.
+DEFAULT_CPU = {"x86_64": "x86-64-v3", "aarch64": "generic"}
+NATIVE = "native"
 
-    ``tvm_target(host="aarch64-linux-gnu")`` cross-compiles for 64-bit ARM Linux (NEON baseline).
-    """
-    if host is None:
-        return Target({"kind": "llvm", "mtriple": host_triple(), "mcpu": host_cpu()})
-    return Target({"kind": "llvm", "mtriple": host})
+
+def architecture(triple: str) -> str:
+    """The CPUS key of an LLVM triple."""
+    return "aarch64" if triple.startswith(("aarch64", "arm64")) else triple.split("-")[0]
+
+
+def cpu_choices(host: str | None) -> tuple[tuple[str, ...], str]:
+    """The --cpu names for a build whose host code is for `host` (None: this machine), and the default."""
+    arch = architecture(host or host_triple())
+    native = (NATIVE,) if host is None else ()
+    return (*native, *CPUS.get(arch, {})), DEFAULT_CPU.get(arch, NATIVE if host is None else "generic")
+
+
+def cpu_features(cpu: str, host: str | None) -> list[str]:
+    """The /proc/cpuinfo features a library for `cpu` needs: its level's, or for "native" the ones
+    this machine has of every level known for its architecture."""
+    arch = architecture(host or host_triple())
+    if cpu != NATIVE:
+        return list(CPUS[arch][cpu])
+    known = {feature for features in CPUS.get(arch, {}).values() for feature in features}
+    return sorted(known & set(running_cpu_features()))
+
+
+def running_cpu_features() -> list[str]:
+    """The instruction-set features of the CPU this process runs on (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return value.split()
+    return []
+
+
+def tvm_target(arch: str | None = None, host: str | None = None, cpu: str | None = None) -> Target:
+    """LLVM target for the host triple `host` (None: this machine's) and the --cpu `cpu`
+    (None: DEFAULT_CPU of its architecture; "native": this machine's CPU model)."""
+    triple = host or host_triple()
+    cpu = cpu or cpu_choices(host)[1]
+    return Target({"kind": "llvm", "mtriple": triple, "mcpu": host_cpu() if cpu == NATIVE else cpu})
 
 
 def attention_tiling(head_dim: int) -> AttentionTiling:
@@ -110,10 +160,11 @@ def scheduled_feedback_attention(
     scale: float | None = None,
     arch: str | None = None,
     host: str | None = None,
+    cpu: str | None = None,
     d_chunks: int | None = None,
 ) -> tuple[Target, dict[str, tirx.PrimFunc]]:
     """The CPU target and both kernels, tiled and scheduled for it (keyed by global symbol)."""
-    tgt = tvm_target(host=host)
+    tgt = tvm_target(arch, host, cpu)
     kernels = feedback_attention_kernels(d_model, dtype, scale, feedback_tilings(d_model, tgt, d_chunks))
     return tgt, {name: schedule_feedback_attention(func, tgt) for name, func in kernels.items()}
 

@@ -15,7 +15,6 @@ from sessa_export.errors import SessaExportError
 
 from . import ARCHS, gpu, packaging
 from .cpu import host_triple
-from .cpu import tvm_target as cpu_target
 
 THREADS = 256
 SHARED_MEMORY_BYTES = 48 * 1024  # per block without opt-in, on every arch in ARCHS
@@ -31,7 +30,7 @@ def tvm_target(arch: str | None = None, host: str | None = None) -> Target:
     """
     limits = {"max_threads_per_block": 1024, "max_shared_memory_per_block": SHARED_MEMORY_BYTES,
               "thread_warp_size": 32}
-    return Target({"kind": "cuda", "arch": arch or ARCHS[0], **limits}, host=cpu_target(None, host_triple()))
+    return Target({"kind": "cuda", "arch": arch or ARCHS[0], **limits}, host={"kind": "llvm", "mtriple": host_triple()})
 
 
 RULES = gpu.GpuRules(tvm_target, THREADS, KEY_TILE_BYTES, matmul=True)

@@ -106,3 +106,19 @@ def test_capacity_is_checked(program, artifact):
 def test_usage(program):
     result = subprocess.run([str(program)], capture_output=True)
     assert result.returncode == 2 and b"usage:" in result.stderr
+
+
+def test_a_library_for_features_this_cpu_lacks_is_refused(program, artifact, tmp_path):
+    """The program checks the manifest's cpu_features against /proc/cpuinfo before loading model.so."""
+    import json
+
+    if not Path("/proc/cpuinfo").is_file():
+        pytest.skip("the check reads /proc/cpuinfo (Linux)")
+    broken = tmp_path / "future"
+    shutil.copytree(artifact, broken)
+    manifest = json.loads((broken / "sessa_config.json").read_text())
+    manifest["cpu_features"] = [*manifest["cpu_features"], "avx1024_made_up"]
+    (broken / "sessa_config.json").write_text(json.dumps(manifest))
+    result = run(program, broken, "x", 4)
+    assert result.returncode == 1 and result.stdout == b""
+    assert b"avx1024_made_up" in result.stderr and b"lower --cpu" in result.stderr, result.stderr

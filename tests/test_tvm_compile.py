@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import re
 import shutil
 import struct
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -161,6 +164,48 @@ def test_a_truncated_or_changed_library_is_refused_before_it_loads(byte_build, t
         (broken / "model.so").write_bytes(change((out / "model.so").read_bytes()))
         for args in (("run", broken, "--prompt", "x"), ("bench", broken), ("validate", broken)):
             assert_clean_error(cli(*args), "model.so", "sha256")
+
+
+def _registers(library: Path) -> dict[str, int]:
+    """How many instructions of `library` name an xmm, ymm or zmm register (objdump)."""
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True,
+                          check=True).stdout
+    return {reg: len(re.findall(rf"%{reg}\d", text)) for reg in ("xmm", "ymm", "zmm")}
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None or platform.machine() != "x86_64", reason="needs objdump, x86-64")
+def test_x86_builds_hold_only_their_level_s_instructions(byte_build, cross_model, tmp_path):
+    """The default --cpu x86-64-v3 library has AVX2 and no AVX-512 (it runs on every x86-64 chip since
+    Haswell and Zen 1); --cpu x86-64 has SSE2 only; the manifest records what each needs."""
+    _, _, out = byte_build
+    manifest = json.loads((out / "sessa_config.json").read_text())
+    assert manifest["cpu"] == "x86-64-v3" and {"avx2", "fma"} <= set(manifest["cpu_features"])
+    assert not {"avx512f", "avx512bw"} & set(manifest["cpu_features"])
+    default = _registers(out / "model.so")
+    assert default["zmm"] == 0 and default["ymm"] > 0, default
+    baseline = compile_graph(trace(cross_model), tmp_path / "x86-64", CompileTarget("cpu", cpu="x86-64"), max_len=64)
+    assert json.loads((baseline / "sessa_config.json").read_text())["cpu_features"] == []
+    assert _registers(baseline / "model.so")["ymm"] == 0
+
+
+def test_a_library_for_features_this_cpu_lacks_is_refused(byte_build, tmp_path):
+    _, _, out = byte_build
+    broken = tmp_path / "future"
+    shutil.copytree(out, broken)
+    manifest = json.loads((broken / "sessa_config.json").read_text())
+    manifest.update(cpu="x86-64-v9", cpu_features=[*manifest["cpu_features"], "avx1024_made_up"])
+    (broken / "sessa_config.json").write_text(json.dumps(manifest))
+    assert_clean_error(cli("run", broken, "--prompt", "x"), "--cpu x86-64-v9", "avx1024_made_up", "lower --cpu")
+
+
+def test_cpu_choices_are_checked_before_any_work():
+    with pytest.raises(SessaExportError, match="unknown --cpu 'x86-64-v9'.*x86-64-v4"):
+        CompileTarget("cpu", cpu="x86-64-v9")
+    with pytest.raises(SessaExportError, match="--cpu is for --target cpu, not cuda"):
+        CompileTarget("cuda", cpu="x86-64")
+    with pytest.raises(SessaExportError, match="unknown --cpu 'native' for aarch64-linux-gnu"):
+        CompileTarget("cpu", host="aarch64-linux-gnu", cpu="native")
+    assert CompileTarget("cpu", host="aarch64-linux-gnu", cpu="neoverse-v1").tvm_target().attrs["feature.has_sve"]
 
 
 def test_compile_of_a_custom_export_needs_its_factory_named(tmp_path):

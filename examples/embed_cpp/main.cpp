@@ -22,6 +22,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iterator>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -58,6 +60,37 @@ static json::Object ReadManifest(const std::string& dir) {
 
 static std::string Str(const json::Object& obj, const char* key) { return obj.at(ffi::String(key)).cast<ffi::String>(); }
 
+// The instruction-set features of this CPU, as Linux's /proc/cpuinfo names them ("flags" on x86-64,
+// "Features" on AArch64); empty where it cannot be read.
+static std::set<std::string> CpuFeatures() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    const std::string key = line.substr(0, line.find(':'));
+    if (key.rfind("flags", 0) == 0 || key.rfind("Features", 0) == 0) {
+      std::istringstream words(line.substr(line.find(':') + 1));
+      return std::set<std::string>(std::istream_iterator<std::string>(words), std::istream_iterator<std::string>());
+    }
+  }
+  return {};
+}
+
+// Refuse a library built for instructions this CPU lacks (the manifest's "cpu_features"): it would
+// die of SIGILL in the middle of a step.
+static void CheckCpu(const json::Object& manifest) {
+  if (manifest.find(ffi::String("cpu_features")) == manifest.end()) return;
+  const std::set<std::string> have = CpuFeatures();
+  if (have.empty()) return;
+  std::string missing;
+  for (const ffi::Any& feature : manifest.at(ffi::String("cpu_features")).cast<json::Array>()) {
+    const std::string name = feature.cast<ffi::String>();
+    if (!have.count(name)) missing += (missing.empty() ? "" : ", ") + name;
+  }
+  if (!missing.empty())
+    throw std::runtime_error("model.so was built for --cpu " + Str(manifest, "cpu") + " and needs " + missing +
+                             ", which this CPU lacks; re-run sessa-export compile with a lower --cpu");
+}
+
 static int Run(int argc, char** argv) {
   if (argc < 3) {
     std::fprintf(stderr, "usage: %s DIR PROMPT [N_NEW=64]\n", argv[0]);
@@ -68,6 +101,7 @@ static int Run(int argc, char** argv) {
 
   // -- the manifest: what was compiled, and the cache layout --------------------------------------
   json::Object manifest = ReadManifest(dir);
+  CheckCpu(manifest);
   json::Object input = manifest.at(ffi::String("input")).cast<json::Object>();
   if (Str(manifest, "target") != "cpu" || Str(input, "kind") != "tokens")
     throw std::runtime_error("this program runs --target cpu artifacts of token models");

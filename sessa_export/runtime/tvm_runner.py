@@ -54,6 +54,7 @@ class TvmRunner:
         if manifest.get("host"):
             raise SessaExportError(f"{path} was cross-compiled for {manifest['host']}; run it on that machine")
         library = member(path, manifest, "library", "model.so")
+        _check_cpu(library, manifest)
         threads = threads or available_cores()
         if "tvm" not in sys.modules:
             # TVM sizes its thread pool from TVM_NUM_THREADS when the pool starts (default: half the
@@ -123,6 +124,18 @@ class TvmRunner:
             rows = np.take(array, range(state.past), axis=self.layout.position_axis(field))
             arrays[name] = np.asarray(rows, dtype=np.float32)
         return arrays
+
+
+def _check_cpu(library: Path, manifest: dict) -> None:
+    """Refuse a library built for instructions this CPU lacks (it would die of SIGILL mid-step)."""
+    from ..targets.cpu import running_cpu_features
+
+    needed, have = manifest.get("cpu_features") or [], set(running_cpu_features())
+    missing = [feature for feature in needed if feature not in have]
+    if have and missing:
+        raise SessaExportError(f"{library} was built for --cpu {manifest.get('cpu')} and needs {', '.join(missing)}, "
+                               "which this CPU lacks; re-run `sessa-export compile` with a lower --cpu "
+                               "(x86-64-v3, x86-64-v2, x86-64; AArch64: generic)")
 
 
 __all__ = ["TvmRunner", "TvmState"]

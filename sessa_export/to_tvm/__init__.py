@@ -57,7 +57,8 @@ MIN_QUANTIZED_OUTPUTS = 16  # narrower layers (gamma_ctx has one output) stay fl
 # -- what to build for ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CompileTarget:
-    """What to build for: a target of targets.TARGETS by `name`, its CUDA `arch`, a `host` triple.
+    """What to build for: a target of targets.TARGETS by `name`, its CUDA `arch`, a `host` triple,
+    and for CPU libraries the `cpu` they may assume (targets/cpu.py's CPUS; default DEFAULT_CPU).
 
     `host` cross-compiles host code for one of the target's hosts (default: the target's default,
     or this machine).
@@ -66,6 +67,7 @@ class CompileTarget:
     name: str = "cpu"
     arch: str | None = None
     host: str | None = None
+    cpu: str | None = None
 
     def __post_init__(self) -> None:
         if self.name not in TARGETS:
@@ -86,6 +88,16 @@ class CompileTarget:
                                    f"choose one of {', '.join(entry.hosts)}")
         if self.host is None and entry.default_host is not None:
             object.__setattr__(self, "host", entry.default_host)
+        if entry.cpus:
+            choices, default = entry.implementation().cpu_choices(self.host)
+            cpu = self.cpu or default
+            if cpu not in choices:
+                raise SessaExportError(f"unknown --cpu {cpu!r} for {self.host or 'this machine'}; choose one of "
+                                       f"{', '.join(choices)}")
+            object.__setattr__(self, "cpu", cpu)
+        elif self.cpu is not None:
+            raise SessaExportError(f"--cpu is for --target {', '.join(t.name for t in TARGETS.values() if t.cpus)}, "
+                                   f"not {self.name}")
 
     @property
     def entry(self) -> Target:
@@ -99,9 +111,18 @@ class CompileTarget:
     def library_name(self) -> str:
         return self.entry.implementation().library_name(self.host)
 
+    @property
+    def options(self) -> dict:
+        """What the target's file takes besides arch and host (the --cpu of CPU builds)."""
+        return {"cpu": self.cpu} if self.entry.cpus else {}
+
+    def cpu_features(self) -> list[str] | None:
+        """The /proc/cpuinfo features the library needs of the CPU that runs it (None: not a CPU library)."""
+        return self.entry.implementation().cpu_features(self.cpu, self.host) if self.entry.cpus else None
+
     def tvm_target(self):
         """The TVM target, as the target's file in targets/ builds it."""
-        return self.entry.implementation().tvm_target(self.arch, self.host)
+        return self.entry.implementation().tvm_target(self.arch, self.host, **self.options)
 
     def host_target(self):
         """The LLVM target of the host code."""
@@ -109,7 +130,8 @@ class CompileTarget:
         return target.host if self.gpu else target
 
     def describe(self) -> str:
-        return f"{self.name} ({self.arch or self.host or 'this machine'})"
+        where = self.arch or self.host or "this machine"
+        return f"{self.name} ({where}{f', --cpu {self.cpu}' if self.cpu else ''})"
 
 
 # -- Relax builder -------------------------------------------------------------------------------
@@ -270,7 +292,7 @@ class RelaxBuilder:
         if ("feedback", D) not in self.kernels:
             try:
                 _, kernels = self.rules.scheduled_feedback_attention(D, self.dtype, D ** -0.5, arch=self.target.arch,
-                                                                     host=self.target.host)
+                                                                     host=self.target.host, **self.target.options)
             except Exception as exc:  # s_tir raises ScheduleError & co. with the whole PrimFunc in the message
                 raise SessaExportError(f"the FeedbackAttention kernels (D={D}) could not be scheduled for "
                                        f"{self.target.describe()}: {last_line(exc)}") from None
@@ -420,6 +442,7 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
             raise SessaExportError(f"writing {library} for {target.describe()} failed: {last_line(exc)}") from None
         manifest = new_manifest(graph, "tvm",
                                 target=target.name, arch=target.arch, host=target.host,
+                                cpu=target.cpu, cpu_features=target.cpu_features(),
                                 triple=str(target.host_target().attrs["mtriple"]),
                                 tvm_target=str(target.tvm_target()),
                                 capacity=capacity, library=library, entry=ENTRY,
