@@ -45,9 +45,7 @@ ROLE_KEY = "sessa.role"  # node metadata: what a node computes (ops/mixer.py's G
 
 
 class OnnxBuilder:
-    """Emits ONNX nodes for one StepGraph on an onnx_ir tape."""
-
-    face = "onnx"
+    """Emits ONNX nodes for one StepGraph on an onnx_ir tape: a walker over the op table."""
 
     def __init__(self, graph: StepGraph, contract: str = GROW) -> None:
         self.graph = graph

@@ -138,8 +138,6 @@ class CompileTarget:
 class RelaxBuilder:
     """Emits Relax bindings for one StepGraph on a BlockBuilder: a walker over the op table."""
 
-    face = "relax"
-
     def __init__(self, graph: StepGraph, capacity: int, target: CompileTarget, dtype: str = "float32",
                  quantization: QuantMode | None = None) -> None:
         from tvm import relax, tirx
