@@ -55,8 +55,10 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict | None]:
         except Exception as exc:  # torch raises many types for corrupt or unsafe files
             reason = str(exc).strip().splitlines()[-1] if "Unsupported global" not in str(exc) else next(
                 line for line in str(exc).splitlines() if "Unsupported global" in line)
+            advice = re.sub(r"\.? *Please use .*$", "", _plain(reason))  # torch's allow-list advice is for code
             raise SessaExportError(f"{path}: refused by torch.load(weights_only=True), which never runs "
-                                   f"code from a checkpoint: {_plain(reason)}") from None
+                                   f"code from a checkpoint: {advice}; save model.state_dict() (or safetensors) "
+                                   "and pass --config or --model") from None
         if isinstance(obj, dict) and "state_dict" in obj:
             config = obj.get("config")
             if config is not None and not isinstance(config, dict):

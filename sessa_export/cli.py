@@ -203,13 +203,14 @@ def run(
     from .generate import Sampling, generate, prompt_ids
     from .runtime import open_runner, vocab_size
 
+    sampling = Sampling(temperature, top_k, top_p, seed)  # bad settings fail here, before any work
+    prompt_ids(prompt, max_new_tokens, None, "")  # the prompt and the token count, before loading anything
     runner = open_runner(artifact)
     max_len = runner.max_len
     ids = prompt_ids(prompt, max_new_tokens, max_len, f"{artifact} has max_len={max_len}")
     if vocab_size(runner) < 256:
         raise SessaExportError(f"--prompt is read as UTF-8 bytes, but {artifact} has a vocabulary of "
                                f"{vocab_size(runner)} tokens: run needs a byte-level model (vocab_size 256)")
-    sampling = Sampling(temperature, top_k, top_p, seed)
     result = generate(runner, ids, max_new_tokens, sampling, on_tokens=_stream)
     sys.stdout.write("\n")
     err_console.print(f"{runner.name}: prefill {result.prompt_tokens} tokens in {result.prefill_s * 1e3:.1f} ms, "
@@ -270,6 +271,8 @@ def validate(
     from .sources import reference_runner
     from .validate import Tolerance, cases, render, report_dict, run_case
 
+    if json_out is not None and not json_out.parent.is_dir():  # before the run, not after it
+        raise SessaExportError(f"--json {json_out}: the directory {json_out.parent} does not exist")
     candidate = open_runner(artifact)
     manifest = read_manifest(artifact)
     reference = reference_runner(artifact, manifest, checkpoint, model)
@@ -359,7 +362,7 @@ def bench(
     context: int = typer.Option(1024, min=1, help="Prefill length, and the context decode runs at."),
     decode_steps: int = typer.Option(32, "--decode-steps", min=1, help="Decode steps timed."),
     batch: int = typer.Option(1, min=1, help="Batch size."),
-    threads: Optional[int] = typer.Option(None, help="Intra-op threads (ONNX Runtime)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="Intra-op threads (ONNX Runtime)."),
 ) -> None:
     """Time prefill tokens/s and decode ms/token at a context (medians of repeated runs)."""
     from .bench import time_runners

@@ -5,11 +5,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import SessaExportError
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory (where it cannot be read: 1 TiB)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 1 << 40
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -49,11 +66,11 @@ class SessaConfig:
         problems = []
         for name in ("vocab_size", "d_model", "n_layers", "n_heads"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not _is_int(value) or value < 1:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if problems:
             raise SessaExportError("invalid config: " + "; ".join(problems))
-        if self.n_kv_heads is not None and (not isinstance(self.n_kv_heads, int) or self.n_kv_heads < 1):
+        if self.n_kv_heads is not None and (not _is_int(self.n_kv_heads) or self.n_kv_heads < 1):
             problems.append(f"n_kv_heads must be a positive integer or null, got {self.n_kv_heads!r}")
         elif self.n_heads % self.kv_heads:
             problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
@@ -61,17 +78,34 @@ class SessaConfig:
             problems.append(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         elif self.use_forward_rope and self.head_dim % 2:
             problems.append(f"head width d_model/n_heads = {self.head_dim} must be even when use_forward_rope is true")
-        if not (isinstance(self.gamma_max, (int, float)) and 0.0 < self.gamma_max < 1.0):
+        if not (_is_number(self.gamma_max) and 0.0 < self.gamma_max < 1.0):
             problems.append(f"gamma_max must lie in (0, 1), got {self.gamma_max!r}")
-        if not (isinstance(self.ln_eps, (int, float)) and self.ln_eps > 0 and math.isfinite(self.ln_eps)):
+        if not (_is_number(self.ln_eps) and self.ln_eps > 0):
             problems.append(f"ln_eps must be a positive number, got {self.ln_eps!r}")
-        if self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
+        if self.max_len is not None and (not _is_int(self.max_len) or self.max_len < 1):
             problems.append(f"max_len must be a positive integer or null, got {self.max_len!r}")
-        if not isinstance(self.mlp_ratio, (int, float)) or self.mlp_ratio < 0:
-            problems.append(f"mlp_ratio must be >= 0, got {self.mlp_ratio!r}")
+        if not _is_number(self.mlp_ratio) or self.mlp_ratio < 0:
+            problems.append(f"mlp_ratio must be a finite number >= 0, got {self.mlp_ratio!r}")
+        for name in ("use_forward_rope", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if problems:
             raise SessaExportError("invalid config: " + "; ".join(problems))
+        weights, memory = self.num_parameters() * 4, memory_bytes()
+        if weights > memory:  # refused before anything is allocated
+            raise SessaExportError(f"invalid config: {self.num_parameters():,} parameters need "
+                                   f"{weights / 2**30:,.1f} GiB as float32, more than this machine's "
+                                   f"{memory / 2**30:,.1f} GiB of memory (check n_layers, d_model, vocab_size)")
         return self
+
+    def num_parameters(self) -> int:
+        """Parameters of a SessaLM of this shape (tied tables counted once), from the shapes alone."""
+        D, kv, h = self.d_model, self.kv_heads * self.head_dim, self.mlp_hidden
+        layer = (2 * D + (2 * D * D + 2 * D) + (D * D + D) + 2 * (kv * D + kv) + (D * D if self.n_heads > 1 else 0)
+                 + (2 * D * D + 2 * D) + (D + 1) + (D * D + D))
+        mlp = (2 * D + D * h + h + h * D + D) if self.mlp_ratio > 0 else 0
+        tables = self.vocab_size * D * (1 if self.tie_embeddings else 2)
+        return self.n_layers * (layer + mlp) + tables + 2 * D
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
@@ -32,14 +33,14 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from .errors import SessaExportError
-
-        if self.temperature < 0:
-            raise SessaExportError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise SessaExportError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise SessaExportError(f"top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise SessaExportError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise SessaExportError(f"seed must be an integer >= 0, got {self.seed}")
 
 
 def next_tokens(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> np.ndarray:
@@ -104,9 +105,15 @@ def generate(
     return Generation(out, prompt_ids.shape[1], prefill_s, time.perf_counter() - start)
 
 
+MAX_NEW_TOKENS = 1 << 20  # one generation's tokens: their ids alone are kept in memory
+
+
 def prompt_ids(prompt: str, max_new_tokens: int, max_len: int | None, limit: str) -> np.ndarray:
-    """The prompt's byte ids [1, T]; refuses an empty prompt, or one that leaves no room for the new
-    tokens (`limit` says where the limit comes from)."""
+    """The prompt's byte ids [1, T]; refuses an empty prompt, more than MAX_NEW_TOKENS new tokens, or a
+    prompt that leaves no room for them (`limit` says where the limit comes from)."""
+    if max_new_tokens > MAX_NEW_TOKENS:
+        raise SessaExportError(f"--max-new-tokens {max_new_tokens} is more than one generation takes "
+                               f"({MAX_NEW_TOKENS}); generate in several runs")
     ids = encode(prompt)
     if not ids:
         raise SessaExportError("--prompt is empty")

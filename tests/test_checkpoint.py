@@ -334,6 +334,7 @@ def test_pickled_object_is_refused_without_running_code(tmp_path, legacy, kind):
     assert str(path) in message and "weights_only" in message
     refused = "CustomObject" if kind == "custom-class" else "open"
     assert refused in message  # names what was refused
+    assert "save model.state_dict()" in message and "add_safe_globals" not in message  # advice a CLI user can act on
     assert not marker.exists()
 
 

@@ -1,0 +1,73 @@
+"""Plain mistakes get one line and exit code 2 before any work (issue 13's kinds 4-6, as far as they
+are closed): configs whose values are the wrong type or too big for this machine, sampling settings
+and sizes that cannot run, a report path that cannot be written after the run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from parity import assert_clean_error, cli
+from sessa_export.config import SessaConfig
+from sessa_export.data import BUNDLED_MODEL
+from sessa_export.errors import SessaExportError
+from sessa_export.generate import MAX_NEW_TOKENS, Sampling
+
+BASE = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"use_forward_rope": "false"}, ("use_forward_rope must be true or false", "'false'")),
+    ({"tie_embeddings": "no"}, ("tie_embeddings must be true or false",)),
+    ({"max_len": True}, ("max_len must be a positive integer",)),
+    ({"n_kv_heads": True}, ("n_kv_heads must be a positive integer",)),
+    ({"mlp_ratio": float("inf")}, ("mlp_ratio must be a finite number",)),
+    ({"gamma_max": float("nan")}, ("gamma_max must lie in (0, 1)",)),
+    ({"n_layers": 10**6, "d_model": 160, "n_heads": 4}, ("parameters need", "GiB of memory", "n_layers")),
+    ({"vocab_size": 10**12}, ("parameters need", "GiB of memory")),
+])
+def test_configs_are_refused_by_value_and_size(change, words, tmp_path):
+    with pytest.raises(SessaExportError) as info:
+        SessaConfig.from_dict({**BASE, **change}, source="config.json")
+    assert all(word in str(info.value) for word in words), str(info.value)
+    # the CLI says the same in one line, exit 2, before allocating anything
+    (tmp_path / "config.json").write_text(json.dumps({**BASE, **change}, allow_nan=True))
+    result = cli("inspect", BUNDLED_MODEL / "model.safetensors", "--config", tmp_path / "config.json")
+    assert_clean_error(result, words[0])
+
+
+def test_a_config_the_size_of_the_bundled_model_is_accepted():
+    config = json.loads((BUNDLED_MODEL / "config.json").read_text())
+    assert SessaConfig.from_dict(config).num_parameters() == 1_485_124
+
+
+@pytest.mark.parametrize("settings, words", [
+    (dict(temperature=float("nan")), "temperature must be a finite number"),
+    (dict(temperature=float("inf")), "temperature must be a finite number"),
+    (dict(seed=-1), "seed must be an integer >= 0"),
+    (dict(top_p=float("nan")), "top_p must lie in (0, 1]"),
+])
+def test_sampling_settings_are_refused(settings, words):
+    with pytest.raises(SessaExportError, match=words.replace("(", r"\(").replace("]", r"\]")):
+        Sampling(**settings)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--seed", "-1"), ("seed must be an integer >= 0",)),
+    (("--temperature", "nan"), ("temperature must be a finite number",)),
+    (("--max-new-tokens", str(10**12)), (str(10**12), str(MAX_NEW_TOKENS))),
+])
+def test_run_refuses_bad_settings_before_loading(args, words, tmp_path):
+    result = cli("run", tmp_path / "does-not-exist", "--prompt", "x", *args)
+    assert_clean_error(result, *words)  # the setting, not the missing artifact: checked first
+
+
+def test_validate_refuses_a_report_path_it_cannot_write_before_the_run(tmp_path):
+    result = cli("validate", tmp_path / "does-not-exist", "--json", tmp_path / "no" / "such" / "report.json")
+    assert_clean_error(result, "--json", "does not exist")
+
+
+def test_bench_refuses_a_thread_count_below_one():
+    result = cli("bench", BUNDLED_MODEL, "--threads", "-1")
+    assert result.exit_code == 2 and "--threads" in result.output
