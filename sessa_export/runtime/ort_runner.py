@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 from ..artifact import member, read_manifest, state_layout
 from ..errors import SessaExportError
 from ..state import INPLACE, PAST_LENGTH, capacity_for
+from .cache_writes import CacheWrites
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class CacheState:
     past: int
     batch: int
     capacity: int
+    writes: CacheWrites = dataclasses.field(default_factory=CacheWrites)  # the steps run on these caches
+    index: int = 0  # how many of them came before this state
 
     def copy(self) -> "CacheState":
         """An independent state (copies the buffers): for running two continuations."""
@@ -130,8 +134,16 @@ class OrtRunner:
         if self.layout.positions_held(state.batch, shapes) != state.capacity or not 0 <= state.past <= state.capacity:
             raise SessaExportError(f"the state's caches do not hold its capacity {state.capacity} and past {state.past}")
         total = state.past + input_ids.shape[1]
-        if total > state.capacity:
-            state = self._caches(state.batch, capacity_for(total, self.max_len), state)  # copies the valid rows once
+        with state.writes.lock:
+            index = state.writes.begin(state.index, state.past)
+            if total > state.capacity:  # new caches, holding the valid rows: their own writes
+                state = self._caches(state.batch, capacity_for(total, self.max_len), state)
+                index = state.writes.begin(0, state.past)
+            logits = self._run_bound(input_ids, state)
+        return logits, CacheState(state.arrays, state.values, total, state.batch, state.capacity, state.writes, index)
+
+    def _run_bound(self, input_ids: np.ndarray, state: CacheState) -> np.ndarray:
+        """One session run with the caches bound as input and output; the logits."""
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.input_name, np.ascontiguousarray(self._feed(input_ids)))
         binding.bind_cpu_input(PAST_LENGTH, np.array(state.past, dtype=np.int64))
@@ -143,8 +155,7 @@ class OrtRunner:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
             raise SessaExportError(f"ONNX Runtime rejected the inputs: {str(exc).splitlines()[0]}") from None
-        logits = binding.get_outputs()[-1].numpy()
-        return logits, CacheState(state.arrays, state.values, total, state.batch, state.capacity)
+        return binding.get_outputs()[-1].numpy()
 
     def state_arrays(self, state: dict | CacheState) -> dict[str, np.ndarray]:
         if isinstance(state, CacheState):

@@ -5,13 +5,17 @@ Its state is a `TvmState`: the preallocated caches of every layer (capacity C ro
 the number P of positions already in them. `step` hands the caches to the compiled `step`
 function, which writes rows P..P+S-1 in place, and returns a new TvmState over the *same*
 buffers with P + S: nothing is copied. Rows < P are never written, so an earlier state object
-stays valid as long as no two continuations are run from it (a fork needs `state.copy()`).
+stays valid until a step from an earlier state overwrites its rows (runtime/cache_writes.py); a
+stale state is refused, and a fork needs `state.copy()`. Steps of one runner are serialised: any
+thread may call `step`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,15 +25,19 @@ from ..artifact import member, read_manifest, state_layout
 from ..errors import SessaExportError
 from ..targets import TARGETS
 from . import available_cores
+from .cache_writes import CacheWrites
 
 
 @dataclass(frozen=True)
 class TvmState:
-    """Caches [key, value, feedback_key, feedback_state] per layer (TVM tensors) and P."""
+    """Caches [key, value, feedback_key, feedback_state] per layer (TVM tensors), P, and the steps run on
+    those caches (`writes`, `index`: which of them this state comes after)."""
 
     caches: tuple
     past: int
     batch: int
+    writes: CacheWrites = dataclasses.field(default_factory=CacheWrites)
+    index: int = 0
 
     def copy(self) -> "TvmState":
         """An independent state (copies the buffers): for running two continuations."""
@@ -74,6 +82,7 @@ class TvmRunner:
             raise SessaExportError(f"{library}: the TVM runtime cannot load it "
                                    f"({str(exc).strip().splitlines()[-1]}); re-run `sessa-export compile`") from None
         self._tvm, self._shape = tvm, tvm_ffi.Shape
+        self._lock = threading.Lock()
         self._step = self.vm[manifest.get("entry", "step")]
         self.capacity = int(manifest["capacity"])
         self.max_len = self.capacity  # the longest context this library runs (<= the model's max_len)
@@ -110,8 +119,10 @@ class TvmRunner:
         if total > self.capacity:
             raise SessaExportError(f"context of {total} positions exceeds the compiled capacity of {self.capacity}; "
                                    "re-run `sessa-export compile --max-len N` with a larger N")
-        logits = self._step(self._tvm.runtime.tensor(data), self._shape([state.past]), *state.caches)
-        return logits.numpy(), TvmState(state.caches, total, batch)
+        with self._lock:  # the Relax VM runs one step at a time
+            index = state.writes.begin(state.index, state.past)
+            logits = self._step(self._tvm.runtime.tensor(data), self._shape([state.past]), *state.caches).numpy()
+        return logits, TvmState(state.caches, total, batch, state.writes, index)
 
     def state_arrays(self, state: TvmState) -> dict[str, np.ndarray]:
         """The first P positions of every cache, named past_key_values.{i}.{field}."""
