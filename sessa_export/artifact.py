@@ -38,31 +38,61 @@ QUANTIZATION_KEYS = ("mode", "bits", "block_size", "keep", "kept_weights", "quan
 
 
 # -- writing ------------------------------------------------------------------------------------
-def check_replaceable(out: Path, marker: str = MANIFEST_NAME, kind: str = KIND) -> None:
-    """Refuse to replace `out` unless it is nothing, an empty directory or `kind` (holds `marker`).
+WRITTEN = ("model.onnx", "model.onnx.data", "model.so", "model.a", "model.tar", "model.cu", "model.metal",
+           "model.cl")  # what the writers put beside a manifest (an artifact that records no "files")
+WRITER = ".sessa-writer"  # inside a temporary directory: the pid of the process writing it
 
-    Writers call it up front to fail before their work; `atomic_directory` calls it again."""
+
+def check_replaceable(out: Path, marker: str = MANIFEST_NAME, kind: str = KIND, written: tuple = WRITTEN,
+                      inputs: tuple = ()) -> None:
+    """Refuse `out` unless it is nothing, an empty directory, or `kind` holding `marker` and only the
+    files its writer wrote (the manifest's "files", else `written`); refuse an `out` that is, contains
+    or lies inside one of `inputs`.
+
+    Writers call it up front to fail before their work; `atomic_directory` calls it again just
+    before it replaces `out`, so a file put there meanwhile is never deleted."""
+    out = Path(out)
+    for given in (Path(p) for p in inputs if p is not None):
+        o, i = out.resolve(), given.resolve()
+        if o == i or o in i.parents or i in o.parents:
+            raise SessaExportError(f"-o {out} is, contains or lies inside the input {given}: "
+                                   "choose an output outside it")
     if not out.exists() and not out.is_symlink():
         return
-    if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or (out / marker).is_file()):
-        return
-    raise SessaExportError(f"{out} exists and is not {kind} (no {marker}); "
-                           "refusing to replace it: choose another -o or remove it first")
+    if not out.is_dir() or out.is_symlink() or (any(out.iterdir()) and not (out / marker).is_file()):
+        raise SessaExportError(f"{out} exists and is not {kind} (no {marker}); "
+                               "refusing to replace it: choose another -o or remove it first")
+    allowed = {marker, *_recorded_files(out / marker, written)}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in allowed or not p.is_file() or p.is_symlink())
+    if foreign:
+        raise SessaExportError(f"{out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
+                               f"sessa-export did not write; refusing to replace it: move them or choose another -o")
+
+
+def _recorded_files(marker: Path, written: tuple) -> tuple:
+    """The files an earlier writer recorded in its manifest, or `written` when it recorded none."""
+    try:
+        files = json.loads(marker.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        files = None
+    return tuple(files) if isinstance(files, dict) else written
 
 
 @contextmanager
-def atomic_directory(out: str | Path, marker: str = MANIFEST_NAME, kind: str = KIND) -> Iterator[Path]:
+def atomic_directory(out: str | Path, marker: str = MANIFEST_NAME, kind: str = KIND, written: tuple = WRITTEN,
+                     inputs: tuple = ()) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success it replaces `out`, on failure it is removed.
 
-    `out` must be nothing, an empty directory, or `kind` (a directory holding `marker`, what an
-    earlier run of the same writer left): anything else is refused before any work, never deleted.
-    An OSError (unwritable place, full disk) becomes one line naming `out`.
+    `out` is checked by `check_replaceable` before any work and again just before it is replaced.
+    Temporary directories that a killed writer left beside `out` are removed first. An OSError
+    (unwritable place, full disk) becomes one line naming `out`.
     """
     out = Path(out)
-    check_replaceable(out, marker, kind)
+    check_replaceable(out, marker, kind, written, inputs)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        remove_stale(out)
+        tmp = _temporary(out, "")
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: give the result the usual permissions
@@ -70,8 +100,10 @@ def atomic_directory(out: str | Path, marker: str = MANIFEST_NAME, kind: str = K
         raise _write_error(out, exc) from None
     try:
         yield tmp
+        check_replaceable(out, marker, kind, written, inputs)
+        (tmp / WRITER).unlink()
         if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+            shutil.rmtree(out)
         os.replace(tmp, out)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -79,6 +111,45 @@ def atomic_directory(out: str | Path, marker: str = MANIFEST_NAME, kind: str = K
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def scratch_directory(out: Path) -> Iterator[Path]:
+    """A work directory beside `out` for a writer's intermediate files (a compiler's), removed at the end
+    and, if the writer is killed, by the next writer of `out`."""
+    work = _temporary(Path(out), "work.")
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _temporary(out: Path, kind: str) -> Path:
+    """A new hidden directory `.{out.name}.{kind}XXXX` beside `out`, marked with this process's pid."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}", dir=out.parent))
+    (tmp / WRITER).write_text(str(os.getpid()))
+    return tmp
+
+
+def remove_stale(out: Path) -> None:
+    """Remove the temporary directories beside `out` whose writer process is gone (killed mid-write)."""
+    for tmp in out.parent.glob(f".{out.name}.*"):
+        try:
+            pid = int((tmp / WRITER).read_text())
+        except (OSError, ValueError):
+            continue  # not ours, or being created right now
+        if not _alive(pid):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write_error(out: Path, exc: OSError) -> SessaExportError:
@@ -132,7 +203,8 @@ def new_manifest(graph: StepGraph, fmt: str, layout: StateLayout | None = None, 
 
 def write_manifest(directory: Path, manifest: dict) -> dict:
     """Record the sha256 of every file in `directory` and write the manifest beside them."""
-    files = {p.name: files_sha256([p]) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+    files = {p.name: files_sha256([p]) for p in sorted(directory.iterdir())
+             if p.is_file() and p.name not in (MANIFEST_NAME, WRITER)}
     manifest = {**manifest, "files": files}
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -212,6 +284,6 @@ def verify_files(path: Path, manifest: dict) -> None:
                                    "changed since it was written); re-run the export")
 
 
-__all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "KIND", "atomic_directory", "check_replaceable", "files_sha256",
+__all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "KIND", "atomic_directory", "scratch_directory", "check_replaceable", "files_sha256",
            "weights_hash", "new_manifest", "write_manifest", "quantization_record", "read_manifest",
            "state_layout", "member", "verify_files", "is_artifact"]

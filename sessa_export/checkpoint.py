@@ -149,7 +149,7 @@ def save_checkpoint(model: SessaLM, out: str | Path) -> Path:
     state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state_dict.pop("lm_head.weight")
-    with atomic_directory(out, CONFIG_NAME, "a checkpoint directory") as tmp:
+    with atomic_directory(out, CONFIG_NAME, "a checkpoint directory", (CONFIG_NAME, WEIGHTS_NAME)) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         save_file(state_dict, str(tmp / WEIGHTS_NAME))
     return Path(out)

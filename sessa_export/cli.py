@@ -181,7 +181,7 @@ def compile(  # noqa: A001 - the command is called `compile`
         graph = trace(loaded)
         compile_graph(graph, out, compile_target, max_len, progress=lambda msg: status.update(msg),
                       source=str(checkpoint.resolve()) if checkpoint else None, quantization=quantization,
-                      factory=model)
+                      factory=model, inputs=(source,))
     manifest = read_manifest(out)
     size = sum(f.stat().st_size for f in out.iterdir())
     console.print(f"wrote {out}/ ({format_bytes(size)}): {manifest['library']} for {compile_target.describe()}, "

@@ -258,11 +258,12 @@ def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], Non
     left at OUT on failure."""
     out = Path(out)
     layout = StateLayout.from_mixers(graph.mixers, state)  # an unknown contract fails before any work
-    check_replaceable(out)
+    inputs = (source,)
+    check_replaceable(out, inputs=inputs)
     progress("building ONNX graph")
     model = build_onnx(graph, contract=state)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, inputs=inputs) as tmp:
         progress(f"saving {size / 2**20:.1f} MiB of weights")
         ir.save(model, tmp / MODEL_NAME, external_data="model.onnx.data" if size > EXTERNAL_DATA_LIMIT else None)
         check_model(tmp / MODEL_NAME, progress)

@@ -399,9 +399,7 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
     src, out = Path(src), Path(out)
     qmode = quant_mode(mode, "onnx", "mode")
     block = qmode.resolve_block_size(block_size)
-    if src.exists() and out.exists() and src.resolve() == out.resolve():
-        raise SessaExportError("-o/--out must differ from the source export (it would be overwritten)")
-    check_replaceable(out)
+    check_replaceable(out, inputs=(src,))
     keep = list(dict.fromkeys(k.strip() for k in keep if k and k.strip()))
 
     progress(f"reading {src}")
@@ -451,7 +449,7 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
     new_manifest = {**{k: v for k, v in manifest.items() if k != "files"},  # write_manifest records the new ones
                     "dtype": "float16" if qmode.name == "fp16" else manifest.get("dtype", "float32"),
                     "model_file": MODEL_NAME}
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, inputs=(src,)) as tmp:
         size = qmodel.ByteSize()
         progress(f"saving {size / 2**20:.1f} MiB")
         model_path = tmp / MODEL_NAME

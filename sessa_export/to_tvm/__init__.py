@@ -27,7 +27,6 @@ name and the calling convention.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,7 +37,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..artifact import atomic_directory, check_replaceable, new_manifest, quantization_record, write_manifest
+from ..artifact import (atomic_directory, check_replaceable, new_manifest, quantization_record, scratch_directory,
+                        write_manifest)
 from ..errors import SessaExportError
 from ..model import SessaMixer
 from ..ops.op import Applied
@@ -405,8 +405,10 @@ def resolve_capacity(graph: StepGraph, max_len: int | None) -> int:
 
 def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | None = None,
                   max_len: int | None = None, progress: Callable[[str], None] = lambda _: None,
-                  source: str | None = None, quantization: str | None = None, factory: str | None = None) -> Path:
+                  source: str | None = None, quantization: str | None = None, factory: str | None = None,
+                  inputs: tuple = ()) -> Path:
     """Compile `graph` for `target` into OUT/ (library + sessa_config.json); nothing left on failure.
+    OUT may not be, contain or lie inside `source` or any of `inputs` (an export it was compiled from).
 
     `source` (the checkpoint or weights) and `factory` (a custom model's package.module:factory) are
     recorded for `validate`. `quantization` "q8" / "q4" stores the linear layers' weights (all but
@@ -416,7 +418,8 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
     target = target or CompileTarget()
     qmode = check_quantization(quantization, target)
     out = Path(out)
-    check_replaceable(out)  # before minutes of compiling, not after
+    inputs = (source, *inputs)
+    check_replaceable(out, inputs=inputs)  # before minutes of compiling, not after
     capacity = resolve_capacity(graph, max_len)
     started = time.perf_counter()
     progress(f"building the Relax module (capacity {capacity}" + (f", {qmode.name} weights)" if qmode else ")"))
@@ -430,10 +433,10 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
     except Exception as exc:  # TVM raises its own error types from the pipeline and codegen
         raise SessaExportError(f"TVM could not compile the model for {target.describe()}: {last_line(exc)}") from None
     library = target.library_name
-    with atomic_directory(out) as tmp, tempfile.TemporaryDirectory(prefix="sessa-tvm-") as work:
+    with atomic_directory(out, inputs=inputs) as tmp, scratch_directory(out) as work:
         progress(f"writing {library}")
         try:
-            target.entry.implementation().package(executable, tmp / library, target.arch, target.host, Path(work))
+            target.entry.implementation().package(executable, tmp / library, target.arch, target.host, work)
         except (SessaExportError, KeyboardInterrupt):
             raise
         except Exception as exc:  # compilers, linkers and TVM's exporters raise many types
