@@ -244,6 +244,12 @@ def read_manifest(path: Path) -> dict:
                                f"({SCHEMA_VERSION}); upgrade sessa-export")
     if manifest["format"] not in FORMATS:
         raise SessaExportError(f"{path}: unknown artifact format {manifest['format']!r}")
+    for key in ("max_len", "capacity"):
+        value = manifest.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise SessaExportError(f"{file}: {key!r} must be a positive integer, got {value!r}; re-run the export")
+    if manifest["format"] == "tvm" and "capacity" not in manifest:
+        raise SessaExportError(f"{file}: a TVM artifact needs its \"capacity\"; re-run `sessa-export compile`")
     quant = manifest.get("quantization")
     if quant is not None and not isinstance(quant, dict):
         raise SessaExportError(f"{file}: \"quantization\" must be an object, got {type(quant).__name__}; "

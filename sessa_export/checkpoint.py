@@ -22,6 +22,7 @@ from .config import SessaConfig
 from .errors import SessaExportError
 from .model import SessaLM
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 # Derived buffers the reference code may store: accepted, never required.
@@ -116,9 +117,16 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
                             f"config expects {tuple(expected[key].shape)}")
     if problems:
         raise SessaExportError(f"{source}: checkpoint does not match its config; " + "; ".join(problems))
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    not_float = [f"{k} ({str(v.dtype).removeprefix('torch.')})" for k, v in state_dict.items()
+                 if k in expected and v.dtype not in FLOAT_DTYPES]
+    if not_float:
+        raise SessaExportError(f"{source}: weights must be float16, bfloat16, float32 or float64; "
+                               f"{', '.join(not_float[:4])}{' ...' if len(not_float) > 4 else ''} are not: "
+                               "save the trained floating-point weights")
+    # non-finite as float32, the precision every back end computes in (a float64 1e39 is inf there)
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v.float()).all()]
     if bad:
-        raise SessaExportError(f"{source}: non-finite values (NaN or inf) in {', '.join(bad)}")
+        raise SessaExportError(f"{source}: non-finite values (NaN or inf, as float32) in {', '.join(bad)}")
     if tied and "lm_head.weight" in state_dict:
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
     return state_dict

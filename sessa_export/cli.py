@@ -31,6 +31,7 @@ err_console = Console(stderr=True, emoji=False)
 
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
+DEFAULT_PREFILL, DEFAULT_DECODE = 384, 256  # validate's steps, shortened to fit an artifact unless given
 
 
 def command(fn: Callable) -> Callable:
@@ -231,9 +232,11 @@ def validate(
                                         "required for one (the artifact records it; sessa-export imports no code an "
                                         "artifact names). The reference is then the module's own forward over each "
                                         "prefix: logits are compared, not state."),
-    prefill: int = typer.Option(384, min=1, help="Prefill length T (the default is past 256, so an ONNX "
-                                "export's forward attention is checked in its blocked form too)."),
-    decode_steps: int = typer.Option(256, "--decode", min=0, help="Decode steps N after the prefill."),
+    prefill: Optional[int] = typer.Option(None, min=1, help="Prefill length T (default 384: past 256, so an ONNX "
+                                          "export's forward attention is checked in its blocked form too; shortened "
+                                          "with --decode to fit the artifact's max_len or capacity)."),
+    decode_steps: Optional[int] = typer.Option(None, "--decode", min=0, help="Decode steps N after the prefill "
+                                               "(default 256). T + N given past the artifact's limit is refused."),
     seed: int = typer.Option(0, help="Seed for random tokens and chunk splits."),
     atol: float = typer.Option(1e-4, help="Absolute tolerance (fp32 default)."),
     rtol: float = typer.Option(1e-4, help="Tolerance relative to the tensor's max |value|."),
@@ -283,8 +286,14 @@ def validate(
     tol = Tolerance(atol, rtol)
     reports = []
     limits = [n for n in (manifest.get("max_len"), candidate.max_len) if n]  # TVM: capacity
-    for name, ids, steps in track(cases(vocab_size(candidate), prefill, decode_steps, text_bytes,
-                                        seed, min(limits) if limits else None), "validating"):
+    limit = min(limits) if limits else None
+    steps_t = DEFAULT_PREFILL if prefill is None else prefill
+    steps_n = DEFAULT_DECODE if decode_steps is None else decode_steps
+    if (prefill is not None or decode_steps is not None) and limit is not None and steps_t + steps_n > limit:
+        raise SessaExportError(f"--prefill {steps_t} and --decode {steps_n} need {steps_t + steps_n} positions; "
+                               f"{artifact} holds at most {limit}: pass smaller ones")
+    for name, ids, steps in track(cases(vocab_size(candidate), steps_t, steps_n, text_bytes,
+                                        seed, limit), "validating"):
         reports.append(run_case(name, reference, candidate, ids, steps, tol))
     render(reports, tol, console)
     if json_out is not None:

@@ -6,6 +6,7 @@ step by step, generates through each and reports tokens/s beside the PyTorch ref
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,17 @@ def run_demo(out: Path, prompt: str, prompt_ids: np.ndarray, max_new_tokens: int
     """Export, compile, validate and generate; True when both validations pass."""
     for artifact in artifacts(out).values():
         check_replaceable(artifact)  # both, before either is written
+    fresh = [path for path in artifacts(out).values() if not path.exists()]
+    try:
+        return _run(out, prompt, prompt_ids, max_new_tokens, sampling, console, track, stream)
+    except BaseException:  # an error or an interrupt late in the demo: remove what this run created
+        for path in fresh:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _run(out: Path, prompt: str, prompt_ids: np.ndarray, max_new_tokens: int, sampling: Sampling,
+         console, track: Callable[[Iterable, str], Iterable], stream: Callable[[np.ndarray], None]) -> bool:
     model = load_checkpoint(BUNDLED_MODEL)
     console.print(f"[bold]model[/bold] {BUNDLED_MODEL} ({model.num_parameters():,} parameters)")
     graph = trace(model)

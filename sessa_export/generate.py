@@ -114,7 +114,10 @@ def prompt_ids(prompt: str, max_new_tokens: int, max_len: int | None, limit: str
     if max_new_tokens > MAX_NEW_TOKENS:
         raise SessaExportError(f"--max-new-tokens {max_new_tokens} is more than one generation takes "
                                f"({MAX_NEW_TOKENS}); generate in several runs")
-    ids = encode(prompt)
+    try:
+        ids = encode(prompt)
+    except UnicodeEncodeError:  # bytes of no encoding, passed through by the shell as surrogates
+        raise SessaExportError("--prompt is not valid UTF-8 text") from None
     if not ids:
         raise SessaExportError("--prompt is empty")
     if max_len is not None and len(ids) + max_new_tokens - 1 > max_len:

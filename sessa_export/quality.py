@@ -140,8 +140,9 @@ def text_ids(text: bytes, length: int = DEFAULT_BYTES, vocab_size: int = 256, wi
                                f"{vocab_size} tokens (needs >= 256)")
     if window < 2:
         raise SessaExportError(f"--window must be >= 2, got {window}")
-    if len(text) < 2:
-        raise SessaExportError(f"the evaluation text has {len(text)} bytes; it needs at least 2")
+    if len(text) < min(length, DEFAULT_BYTES):
+        raise SessaExportError(f"the evaluation text has {len(text)} bytes, fewer than the {min(length, DEFAULT_BYTES)} "
+                               "the quality check reads: pass a longer --text (or --bytes as long as it)")
     window = min(window, max_len or window, len(text))
     if length < window:
         raise SessaExportError(f"--bytes {length} is less than one window of {window} bytes: "

@@ -5,8 +5,10 @@ and sizes that cannot run, a report path that cannot be written after the run.""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import torch
 
 from parity import assert_clean_error, cli
 from sessa_export.config import SessaConfig
@@ -71,3 +73,64 @@ def test_validate_refuses_a_report_path_it_cannot_write_before_the_run(tmp_path)
 def test_bench_refuses_a_thread_count_below_one():
     result = cli("bench", BUNDLED_MODEL, "--threads", "-1")
     assert result.exit_code == 2 and "--threads" in result.output
+
+
+# -- weights, prompts and validation settings ---------------------------------------------------------
+def _checkpoint_with(make_lm, tmp_path, key: str, tensor) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    from sessa_export.checkpoint import save_checkpoint
+
+    out = save_checkpoint(make_lm(seed=1, vocab_size=64, d_model=32, n_layers=1, n_heads=2), tmp_path / "ckpt")
+    tensors = load_file(str(out / "model.safetensors"))
+    tensors[key] = tensor(tensors[key])
+    save_file(tensors, str(out / "model.safetensors"))
+    return out
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda t: t.to(torch.int8), ("layers.0.W_in.weight (int8)", "float16, bfloat16, float32 or float64")),
+    (lambda t: t > 0, ("layers.0.W_in.weight (bool)",)),
+    (lambda t: t.to(torch.float8_e4m3fn), ("layers.0.W_in.weight (float8_e4m3fn)",)),
+    (lambda t: torch.full_like(t, 1e39, dtype=torch.float64), ("non-finite", "as float32", "layers.0.W_in.weight")),
+])
+def test_weights_that_are_not_trained_floats_are_refused(make_lm, tmp_path, change, words):
+    checkpoint = _checkpoint_with(make_lm, tmp_path, "layers.0.W_in.weight", change)
+    assert_clean_error(cli("export", checkpoint, "-o", tmp_path / "out"), *words)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_prompt_that_is_not_utf8_is_refused():
+    result = cli("run", BUNDLED_MODEL, "--prompt", "caf\udce9", "--max-new-tokens", "2")
+    assert_clean_error(result, "--prompt is not valid UTF-8")
+
+
+def test_validate_refuses_steps_past_the_artifact_and_fits_its_defaults(make_lm, tmp_path):
+    from sessa_export.checkpoint import save_checkpoint
+
+    checkpoint = save_checkpoint(make_lm(seed=1, vocab_size=256, d_model=32, n_layers=1, n_heads=2, max_len=80),
+                                 tmp_path / "ckpt")
+    assert cli("export", checkpoint, "-o", tmp_path / "onnx").exit_code == 0
+    assert_clean_error(cli("validate", tmp_path / "onnx", "--prefill", "70", "--decode", "20"),
+                       "need 90 positions", "at most 80")
+    result = cli("validate", tmp_path / "onnx")  # the defaults shrink to fit, and say PASS
+    assert result.exit_code == 0 and "PASS" in result.stdout, result.output
+
+
+def test_the_quality_check_refuses_a_text_shorter_than_it_reads():
+    from sessa_export import quality
+
+    with pytest.raises(SessaExportError, match="has 10 bytes, fewer than the 16384"):
+        quality.text_ids(b"0123456789", 16384, 256, 256)
+
+
+def test_a_demo_failing_late_leaves_nothing_behind(tmp_path, monkeypatch):
+    from sessa_export import demo
+
+    def broken(*args, **kwargs):
+        raise SessaExportError("injected late failure")
+
+    monkeypatch.setattr(demo, "TvmRunner", broken)
+    result = cli("demo", "-o", tmp_path / "demo", "--max-new-tokens", "4")
+    assert_clean_error(result, "injected late failure")
+    assert not (tmp_path / "demo" / "onnx").exists() and not (tmp_path / "demo" / "tvm-cpu").exists()

@@ -159,6 +159,39 @@ def test_a_model_file_outside_the_artifact_is_never_opened(export_dir, name):
         OrtRunner(export_dir)
 
 
+@pytest.mark.parametrize("key, value", [("max_len", "512"), ("max_len", True), ("capacity", 1.5), ("capacity", 0)])
+def test_a_manifest_size_of_the_wrong_type_is_refused(export_dir, key, value):
+    _rewrite(export_dir, **{key: value})
+    with pytest.raises(SessaExportError, match=f"'{key}' must be a positive integer"):
+        read_manifest(export_dir)
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc to build the planted library")
+def test_a_library_named_outside_the_artifact_is_never_loaded(make_lm, tmp_path):
+    """A manifest naming a shared library elsewhere: its constructor (which would write a file) never runs."""
+    import subprocess
+
+    marker = tmp_path / "constructor-ran"
+    source = tmp_path / "planted.c"
+    source.write_text('#include <stdio.h>\n__attribute__((constructor)) static void run(void) '
+                      f'{{ fclose(fopen("{marker}", "w")); }}\n')
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(tmp_path / "planted.so"), str(source)], check=True)
+    model = make_lm(seed=3, vocab_size=VOCAB, d_model=WIDTH, n_layers=1, n_heads=2)
+    out = compile_graph(trace(model), tmp_path / "tvm", CompileTarget("cpu"), max_len=16)
+    for name in ("../planted.so", str(tmp_path / "planted.so")):
+        _rewrite(out, library=name)
+        with pytest.raises(SessaExportError, match="must name a file inside"):
+            TvmRunner(out)
+    assert not marker.exists()
+
+
+def test_a_capacity_past_this_machine_s_memory_is_refused_before_compiling(make_lm, tmp_path):
+    model = make_lm(seed=3, vocab_size=VOCAB, d_model=WIDTH, n_layers=1, n_heads=2)
+    with pytest.raises(SessaExportError, match="GiB of caches for one sequence.*lower --max-len"):
+        compile_graph(trace(model), tmp_path / "tvm", CompileTarget("cpu"), max_len=10**12)
+    assert not (tmp_path / "tvm").exists()
+
+
 def test_a_changed_model_file_is_refused_before_it_loads(export_dir):
     data = (export_dir / "model.onnx").read_bytes()
     (export_dir / "model.onnx").write_bytes(data[:-8])

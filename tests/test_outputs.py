@@ -75,16 +75,28 @@ def test_stale_temporary_directories_of_dead_writers_are_removed(tmp_path):
     check_replaceable(out)
 
 
-def test_a_killed_export_leaves_nothing_the_next_run_keeps(checkpoint, tmp_path):
+SLOW_POINTS = {  # a patch that makes each writer wait inside its temporary directory
+    "export": ("sessa_export.to_onnx", "check_model"),
+    "quantize": ("sessa_export.to_onnx.quantize", "check_model"),
+    "compile": ("sessa_export.targets.cpu", "package"),
+}
+
+
+@pytest.mark.parametrize("command", list(SLOW_POINTS))
+def test_a_killed_writer_leaves_nothing_the_next_run_keeps(checkpoint, tmp_path, command):
+    export = tmp_path / "export"
+    assert cli("export", checkpoint, "-o", export).exit_code == 0
     out = tmp_path / "out"
-    code = ("import sys, time\n"
-            "import sessa_export.to_onnx as t\n"
-            "real = t.check_model\n"
+    args = {"export": [str(checkpoint)], "quantize": [str(export), "--mode", "int8"],
+            "compile": [str(checkpoint), "--max-len", "16"]}[command]
+    module, name = SLOW_POINTS[command]
+    code = ("import importlib, time\n"
+            f"m = importlib.import_module({module!r})\n"
             "def slow(*a, **k):\n"
             "    print('writing', flush=True); time.sleep(60)\n"
-            "t.check_model = slow\n"
+            f"setattr(m, {name!r}, slow)\n"
             "from sessa_export.cli import app\n"
-            f"app(['export', {str(checkpoint)!r}, '-o', {str(out)!r}])\n")
+            f"app([{command!r}, *{args!r}, '-o', {str(out)!r}])\n")
     for sig in (signal.SIGKILL, signal.SIGINT):
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "writing"  # inside the temporary directory now
@@ -93,9 +105,9 @@ def test_a_killed_export_leaves_nothing_the_next_run_keeps(checkpoint, tmp_path)
         time.sleep(0.1)
         left = list(tmp_path.glob(".out.*"))
         assert not out.exists()
-        if sig == signal.SIGINT:  # a clean interrupt removes its own directory
+        if sig == signal.SIGINT:  # a clean interrupt removes its own directories
             assert left == [], left
-        else:  # SIGKILL cannot be caught: the directory stays until the next writer of out
-            assert len(left) == 1, left
-    assert cli("export", checkpoint, "-o", out).exit_code == 0
-    assert list(tmp_path.glob(".out.*")) == [] and (out / "model.onnx").is_file()
+        else:  # SIGKILL cannot be caught: they stay until the next writer of out
+            assert left, "the killed writer's directory is gone: did it run?"
+    assert cli(command, *args, "-o", out).exit_code == 0
+    assert list(tmp_path.glob(".out.*")) == [] and (out / "sessa_config.json").is_file()

@@ -393,14 +393,21 @@ def last_line(exc: BaseException) -> str:
 
 
 def resolve_capacity(graph: StepGraph, max_len: int | None) -> int:
-    """Compiled capacity C: --max-len, else the model's max_len, else DEFAULT_CAPACITY."""
+    """Compiled capacity C: --max-len, else the model's max_len, else DEFAULT_CAPACITY; refused when the
+    caches of one sequence would not fit this machine's memory."""
+    from ..config import memory_bytes
+
     if max_len is not None:
         if max_len < 1:
             raise SessaExportError(f"--max-len must be a positive integer, got {max_len}")
         if graph.max_len is not None and max_len > graph.max_len:
             raise SessaExportError(f"--max-len {max_len} exceeds the model's max_len={graph.max_len}")
-        return int(max_len)
-    return int(graph.max_len or DEFAULT_CAPACITY)
+    capacity = int(max_len or graph.max_len or DEFAULT_CAPACITY)
+    caches, memory = capacity * graph.state.values_per_position() * 4, memory_bytes()
+    if caches > memory:
+        raise SessaExportError(f"a capacity of {capacity:,} positions needs {caches / 2**30:,.1f} GiB of caches for "
+                               f"one sequence, more than this machine's {memory / 2**30:,.1f} GiB: lower --max-len")
+    return capacity
 
 
 def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | None = None,
