@@ -262,16 +262,17 @@ def state_layout(manifest: dict) -> StateLayout:
     return StateLayout.from_manifest(manifest["state"], manifest.get("state_contract"))
 
 
-def member(path: Path, manifest: dict, key: str, default: str) -> Path:
-    """A file the manifest names (`model_file`, `library`), inside the artifact directory only,
-    checked against its recorded sha256 (`verify_files`) before anything loads it."""
+def member(path: Path, manifest: dict, key: str, default: str, verify: bool = True) -> Path:
+    """A file the manifest names (`model_file`, `library`), inside the artifact directory only, and
+    (`verify`) every recorded file checked against its sha256 (`verify_files`) before anything loads it."""
     name = manifest.get(key, default)
     if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
         raise SessaExportError(f"{path / MANIFEST_NAME}: {key!r} must name a file inside {path}, got {name!r}")
     file = path / name
     if not file.is_file():
         raise SessaExportError(f"{path}: {name} is missing; re-run the export")
-    verify_files(path, manifest)
+    if verify:
+        verify_files(path, manifest)
     return file
 
 

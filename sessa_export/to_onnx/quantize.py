@@ -66,7 +66,7 @@ def _is_forward_attention(node) -> bool:
 
 def export_files(path: Path, manifest: dict) -> list[Path]:
     """The model file and its external data files, if any."""
-    model_file = member(path, manifest, "model_file", MODEL_NAME)
+    model_file = member(path, manifest, "model_file", MODEL_NAME, verify=False)  # sizes and hashes, no load
     return [model_file, *sorted(p for p in path.iterdir() if p.is_file() and p.name.startswith(model_file.name + "."))]
 
 
