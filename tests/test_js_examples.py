@@ -54,6 +54,18 @@ def need_packages(folder: Path, *packages: str) -> None:
         pytest.skip(f"{', '.join(missing)} not installed: run `ONNXRUNTIME_NODE_INSTALL_CUDA=skip npm ci` in {folder}")
 
 
+@pytest.fixture(scope="module")
+def node_ready() -> None:
+    need_packages(NODE_DIR, "onnxruntime-node")
+
+
+@pytest.fixture(scope="module")
+def web_ready() -> None:
+    need_packages(WEB_DIR, "onnxruntime-web", "puppeteer-core")
+    if not CHROMIUM.exists():
+        pytest.skip(f"the page test needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+
+
 def node(folder: Path, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(["node", *args], cwd=folder, capture_output=True, text=True, timeout=timeout)
 
@@ -100,8 +112,7 @@ def python_greedy(exports) -> dict[tuple[str, str], list[int]]:
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("contract", CONTRACTS)
-def test_node_greedy_matches_python(exports, python_greedy, contract, case):
-    need_packages(NODE_DIR, "onnxruntime-node")
+def test_node_greedy_matches_python(node_ready, exports, python_greedy, contract, case):
     prompt, n_new = CASES[case]
     result = node(NODE_DIR, "generate.mjs", str(exports[contract]), "--prompt", prompt,
                   "--max-new-tokens", str(n_new), "--threads", "1", "--json")
@@ -158,8 +169,7 @@ console.log(JSON.stringify(report));
 """
 
 
-def test_node_writes_the_in_place_caches_in_place(exports):
-    need_packages(NODE_DIR, "onnxruntime-node")
+def test_node_writes_the_in_place_caches_in_place(node_ready, exports):
     result = node(NODE_DIR, "--input-type=module", "-e", IN_PLACE_PROBE, str(exports["inplace"]))
     assert result.returncode == 0, result.stderr
     assert NOT_IN_PLACE not in result.stderr, "ONNX Runtime copied a cache instead of writing it in place"
@@ -173,8 +183,7 @@ def test_node_writes_the_in_place_caches_in_place(exports):
         assert r["rows"] == [r["past"]] * n_tensors, "the bound arrays do not hold the rows the steps wrote"
 
 
-def test_node_sampling_is_seeded_and_top_k_1_is_greedy(exports, python_greedy):
-    need_packages(NODE_DIR, "onnxruntime-node")
+def test_node_sampling_is_seeded_and_top_k_1_is_greedy(node_ready, exports, python_greedy):
     prompt, n_new = CASES["short"]
 
     def tokens(*options: str) -> list[int]:
@@ -189,8 +198,7 @@ def test_node_sampling_is_seeded_and_top_k_1_is_greedy(exports, python_greedy):
     assert tokens("--temperature", "1.5", "--top-k", "1", "--seed", "7") == python_greedy["grow", "short"]
 
 
-def test_node_bad_input_gets_one_clear_line(tmp_path):
-    need_packages(NODE_DIR, "onnxruntime-node")
+def test_node_bad_input_gets_one_clear_line(node_ready, tmp_path):
     result = node(NODE_DIR, "generate.mjs", str(tmp_path))
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'sessa_config.json'}: not found: is this an export directory?"
@@ -201,10 +209,7 @@ class QuietHandler(SimpleHTTPRequestHandler):
         pass
 
 
-def test_web_page_greedy_matches_python(exports, python_greedy, tmp_path):
-    need_packages(WEB_DIR, "onnxruntime-web", "puppeteer-core")
-    if not CHROMIUM.exists():
-        pytest.skip(f"the page test needs Debian's chromium at {CHROMIUM} (apt-get install chromium)")
+def test_web_page_greedy_matches_python(web_ready, exports, python_greedy, tmp_path):
     site = tmp_path / "site"  # the page, and each export beside it
     site.mkdir()
     (site / "web").symlink_to(WEB_DIR, target_is_directory=True)
