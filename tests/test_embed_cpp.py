@@ -5,11 +5,26 @@ The program is built with g++ against the TVM runtime and tvm-ffi of the Python 
 --target cpu`, and the bytes the program prints for a prompt - a prefill, then greedy decode
 with the caches allocated once and written in place - must equal the greedy continuation of the
 PyTorch reference (SessaLM.step). Build and compile are module-scoped (about 10 s together).
+
+Where users deploy (each part skips with its reason when a tool is missing):
+- x86-64 without AVX-512: the default --cpu x86-64-v3 library holds no AVX-512 instruction (objdump),
+  runs under `qemu-x86_64 -cpu Haswell` with PyTorch's text, and an x86-64-v4 build is refused there
+  with one line instead of SIGILL (the program asks cpuid, not the host's /proc/cpuinfo).
+- AArch64 (Raspberry Pi / Jetson class): the program cross-built with aarch64-linux-gnu-g++ against the
+  AArch64 wheels' libtvm_runtime.so and libtvm_ffi.so (examples/embed_cpp/fetch_aarch64_runtime.sh puts
+  them in examples/embed_cpp/aarch64-runtime/, or $SESSA_AARCH64_RUNTIME; .ci/run does it: nothing is
+  downloaded here), the model compiled with --host aarch64-linux-gnu --cpu generic and cortex-a76, run
+  under qemu-aarch64 as a Cortex-A72 and a Neoverse-N1 (dot product): PyTorch's text again, and the
+  cortex-a76 build refused on the Cortex-A72. About 25 s more in all (three more compiles).
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -33,27 +48,39 @@ CASES = [  # (prompt, new bytes): a multi-token prefill, and a one-byte prompt (
 MIN_MARGIN = 1e-3  # the reference's top-1 / top-2 logit gap at every pick: a float-level tie could flip
 
 
-@pytest.fixture(scope="module")
-def program(tmp_path_factory) -> Path:
-    cxx = os.environ.get("CXX", "g++")
+AARCH64_CXX = "aarch64-linux-gnu-g++"
+AARCH64_SYSROOT = "/usr/aarch64-linux-gnu"  # Debian's libc6-arm64-cross: the loader and libc for qemu-aarch64 -L
+AARCH64_RUNTIME = Path(os.environ.get("SESSA_AARCH64_RUNTIME", EXAMPLE / "aarch64-runtime"))
+
+
+def build(out: Path, cxx: str, **env: str) -> Path:
+    """examples/embed_cpp/build.sh with the C++ compiler `cxx` (and build.sh's other env settings)."""
     if shutil.which(cxx) is None:
         pytest.skip(f"the C++ example needs a C++ compiler: {cxx} is not on PATH")
     if shutil.which("bash") is None:
         pytest.skip("examples/embed_cpp/build.sh needs bash")
-    out = tmp_path_factory.mktemp("embed_cpp") / "sessa_embed"
     result = subprocess.run(["bash", str(EXAMPLE / "build.sh"), str(out)], capture_output=True, text=True,
-                            env={**os.environ, "PYTHON": sys.executable, "CXX": cxx})
+                            env={**os.environ, "PYTHON": sys.executable, "CXX": cxx, **env})
     assert result.returncode == 0, f"build.sh failed:\n{result.stdout}\n{result.stderr}"
     return out
 
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("embed_cpp_model") / "tiny"
+def compile_cpu(out: Path, *options: str) -> Path:
+    """`sessa-export compile` of the bundled model for --target cpu, capacity CAPACITY."""
     result = CliRunner().invoke(app, ["compile", str(BUNDLED_MODEL), "--target", "cpu", "-o", str(out),
-                                      "--max-len", str(CAPACITY)])
+                                      "--max-len", str(CAPACITY), *options])
     assert result.exit_code == 0, f"compile failed: {result.output}\n{result.exception!r}"
     return out
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory) -> Path:
+    return build(tmp_path_factory.mktemp("embed_cpp") / "sessa_embed", os.environ.get("CXX", "g++"))
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    return compile_cpu(tmp_path_factory.mktemp("embed_cpp_model") / "tiny")  # the default --cpu: x86-64-v3 here
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +88,10 @@ def model():
     return load_checkpoint(BUNDLED_MODEL)
 
 
+@functools.lru_cache(maxsize=None)
 def greedy_reference(model, prompt: str, n_new: int) -> tuple[bytes, float]:
     """Greedy continuation with SessaLM.step (prefill, then one token at a time) and the smallest
-    top-1 / top-2 logit gap among the picks."""
+    top-1 / top-2 logit gap among the picks (cached: several builds are checked against it)."""
     ids = torch.tensor([encode(prompt)], dtype=torch.int64)
     out, margin = [], float("inf")
     with torch.no_grad():
@@ -79,20 +107,38 @@ def greedy_reference(model, prompt: str, n_new: int) -> tuple[bytes, float]:
     return bytes(out), margin
 
 
-def run(program: Path, artifact: Path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([str(program), str(artifact), *map(str, args)], capture_output=True, timeout=120,
-                          env={**os.environ, "TVM_NUM_THREADS": "1"})
+def run(program: Path, artifact: Path, *args, emulator: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """The program on `artifact` (under `emulator`, a qemu-user command line, if given)."""
+    return subprocess.run([*emulator, str(program), str(artifact), *map(str, args)], capture_output=True,
+                          timeout=120, env={**os.environ, "TVM_NUM_THREADS": "1"})
 
 
-@pytest.mark.parametrize("prompt,n_new", CASES)
-def test_greedy_matches_pytorch(program, artifact, model, prompt, n_new):
+def own_lines(stderr: bytes) -> list[str]:
+    """The program's stderr lines without qemu's own warnings (features its TCG lacks)."""
+    return [line for line in stderr.decode(errors="replace").splitlines() if line and not line.startswith("qemu-")]
+
+
+def assert_greedy_matches(program: Path, artifact: Path, model, prompt: str, n_new: int, emulator=()) -> None:
     expected, margin = greedy_reference(model, prompt, n_new)
     assert margin > MIN_MARGIN, f"near-tie in the reference (gap {margin:.2e}): pick another prompt"
-    result = run(program, artifact, prompt, n_new)
+    result = run(program, artifact, prompt, n_new, emulator=emulator)
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     assert result.stdout == expected, (f"C++ printed {result.stdout!r}\nPyTorch greedy  {expected!r}\n"
                                        f"stderr: {result.stderr.decode(errors='replace')}")
     assert b"decode" in result.stderr and b"capacity 128" in result.stderr
+
+
+def assert_refused_for(result: subprocess.CompletedProcess, cpu: str, *missing: str) -> None:
+    """Exit 1 with one line naming the build's --cpu and the missing features, before any output (no SIGILL)."""
+    lines = own_lines(result.stderr)
+    assert result.returncode == 1 and result.stdout == b"", (result.returncode, lines)
+    assert len(lines) == 1 and lines[0].startswith("error: model.so was built for --cpu " + cpu), lines
+    assert all(name in lines[0] for name in missing) and "lower --cpu" in lines[0], lines
+
+
+@pytest.mark.parametrize("prompt,n_new", CASES)
+def test_greedy_matches_pytorch(program, artifact, model, prompt, n_new):
+    assert_greedy_matches(program, artifact, model, prompt, n_new)
 
 
 def test_capacity_is_checked(program, artifact):
@@ -105,20 +151,135 @@ def test_capacity_is_checked(program, artifact):
 
 def test_usage(program):
     result = subprocess.run([str(program)], capture_output=True)
-    assert result.returncode == 2 and b"usage:" in result.stderr
+    assert result.returncode == 2 and b"usage:" in result.stderr and b"--cpu-features" in result.stderr
 
 
 def test_a_library_for_features_this_cpu_lacks_is_refused(program, artifact, tmp_path):
-    """The program checks the manifest's cpu_features against /proc/cpuinfo before loading model.so."""
-    import json
-
-    if not Path("/proc/cpuinfo").is_file():
-        pytest.skip("the check reads /proc/cpuinfo (Linux)")
+    """The program checks the manifest's cpu_features against the CPU before loading model.so."""
+    if not features_of(program):
+        pytest.skip(f"the program checks x86-64 and AArch64 CPUs, not {platform.machine()}")
     broken = tmp_path / "future"
     shutil.copytree(artifact, broken)
     manifest = json.loads((broken / "sessa_config.json").read_text())
     manifest["cpu_features"] = [*manifest["cpu_features"], "avx1024_made_up"]
     (broken / "sessa_config.json").write_text(json.dumps(manifest))
-    result = run(program, broken, "x", 4)
-    assert result.returncode == 1 and result.stdout == b""
-    assert b"avx1024_made_up" in result.stderr and b"lower --cpu" in result.stderr, result.stderr
+    assert_refused_for(run(program, broken, "x", 4), manifest["cpu"], "avx1024_made_up")
+
+
+def features_of(program: Path, emulator: tuple[str, ...] = ()) -> set[str]:
+    """What `sessa_embed --cpu-features` finds on the CPU it runs on."""
+    result = subprocess.run([*emulator, str(program), "--cpu-features"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
+def test_the_program_sees_the_cpu_features_the_python_runner_sees(program):
+    """One rule for both checks: on a real machine cpuid / the hwcaps (the program) and /proc/cpuinfo
+    (sessa_export's runner) give the same features of every --cpu level."""
+    from sessa_export.targets.cpu import CPUS, running_cpu_features
+
+    known = {feature for levels in CPUS.values() for features in levels.values() for feature in features}
+    python_view = known & set(running_cpu_features())
+    if not python_view:
+        pytest.skip("no /proc/cpuinfo features of a known architecture on this machine")
+    assert features_of(program) == python_view
+
+
+# -- x86-64 without AVX-512 -----------------------------------------------------------------------
+
+X86_ONLY = pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 builds of model.so (this is not x86-64)")
+# AVX-512 state: zmm registers, xmm/ymm 16-31 (EVEX only), the k mask registers.
+AVX512_REGISTERS = re.compile(r"%(zmm\d+|[xy]mm(1[6-9]|2\d|3[01])|k[0-7])\b")
+
+
+def avx512_instructions(library: Path) -> int:
+    """How many of `library`'s instructions use an AVX-512 register (objdump -d)."""
+    if shutil.which("objdump") is None:
+        pytest.skip("needs objdump (binutils)")
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)], capture_output=True, text=True,
+                          check=True).stdout
+    return sum(1 for line in text.splitlines() if AVX512_REGISTERS.search(line))
+
+
+@pytest.fixture(scope="module")
+def avx512_artifact(tmp_path_factory) -> Path:
+    return compile_cpu(tmp_path_factory.mktemp("embed_cpp_v4") / "tiny", "--cpu", "x86-64-v4")
+
+
+def qemu_x86(cpu: str) -> tuple[str, ...]:
+    if shutil.which("qemu-x86_64") is None:
+        pytest.skip("needs qemu-x86_64 (apt-get install qemu-user)")
+    return ("qemu-x86_64", "-cpu", cpu)
+
+
+@X86_ONLY
+def test_the_portable_build_holds_no_avx512_instruction(artifact, avx512_artifact):
+    """The default --cpu x86-64-v3 library holds no instruction on an AVX-512 register; the count is the
+    one an x86-64-v4 build shows thousands of (the check can fail)."""
+    assert json.loads((artifact / "sessa_config.json").read_text())["cpu"] == "x86-64-v3"
+    assert avx512_instructions(artifact / "model.so") == 0
+    assert avx512_instructions(avx512_artifact / "model.so") > 100
+
+
+@X86_ONLY
+def test_the_portable_build_runs_on_haswell(program, artifact, model):
+    """Under qemu-x86_64 -cpu Haswell (AVX2, no AVX-512): PyTorch's greedy text."""
+    emulator = qemu_x86("Haswell")
+    assert {"avx2", "fma"} <= features_of(program, emulator) and "avx512f" not in features_of(program, emulator)
+    assert_greedy_matches(program, artifact, model, *CASES[0], emulator=emulator)
+
+
+@X86_ONLY
+def test_an_avx512_build_is_refused_on_haswell(program, avx512_artifact):
+    """One line naming what is missing, instead of SIGILL: the program asks cpuid, which qemu emulates
+    (/proc/cpuinfo under qemu-user is the host's, which has AVX-512 here)."""
+    assert_refused_for(run(program, avx512_artifact, "x", 4, emulator=qemu_x86("Haswell")), "x86-64-v4",
+                       "avx512f", "avx512vl")
+
+
+# -- AArch64 (Raspberry Pi 4/5, Jetson class) under qemu-aarch64 -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def aarch64_program(tmp_path_factory) -> Path:
+    import importlib.metadata as metadata
+
+    if shutil.which("qemu-aarch64") is None:
+        pytest.skip("needs qemu-aarch64 (apt-get install qemu-user)")
+    if not Path(AARCH64_SYSROOT, "lib", "ld-linux-aarch64.so.1").is_file():
+        pytest.skip(f"needs the AArch64 libc in {AARCH64_SYSROOT} (apt-get install g++-aarch64-linux-gnu)")
+    wanted = f"apache-tvm=={metadata.version('apache-tvm')} apache-tvm-ffi=={metadata.version('apache-tvm-ffi')}"
+    versions = AARCH64_RUNTIME / "VERSIONS"
+    if not versions.is_file() or versions.read_text().strip() != wanted:
+        pytest.skip(f"needs the AArch64 TVM runtime of {wanted} in {AARCH64_RUNTIME}: "
+                    "run examples/embed_cpp/fetch_aarch64_runtime.sh (.ci/run does)")
+    return build(tmp_path_factory.mktemp("embed_cpp_aarch64") / "sessa_embed", AARCH64_CXX,
+                 TVM_LIBS=str(AARCH64_RUNTIME))
+
+
+@pytest.fixture(scope="module")
+def aarch64_artifacts(tmp_path_factory, aarch64_program) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("embed_cpp_aarch64_model")
+    return {cpu: compile_cpu(folder / cpu, "--host", "aarch64-linux-gnu", "--cpu", cpu)
+            for cpu in ("generic", "cortex-a76")}
+
+
+def qemu_aarch64(cpu: str) -> tuple[str, ...]:
+    return ("qemu-aarch64", "-L", AARCH64_SYSROOT, "-cpu", cpu)
+
+
+@pytest.mark.parametrize("build_cpu,emulated,prompt,n_new", [("generic", "cortex-a72", *case) for case in CASES]
+                         + [("cortex-a76", "neoverse-n1", *CASES[0])])
+def test_aarch64_greedy_matches_pytorch(aarch64_program, aarch64_artifacts, model, build_cpu, emulated,
+                                        prompt, n_new):
+    """A Raspberry Pi 4 class core (Cortex-A72: NEON) runs the generic build, a Neoverse-N1 (NEON + dot
+    product, like Cortex-A76 / Pi 5 / Jetson Orin) the cortex-a76 one: PyTorch's greedy text both."""
+    assert_greedy_matches(aarch64_program, aarch64_artifacts[build_cpu], model, prompt, n_new,
+                          emulator=qemu_aarch64(emulated))
+
+
+def test_aarch64_dot_product_build_is_refused_on_cortex_a72(aarch64_program, aarch64_artifacts):
+    emulator = qemu_aarch64("cortex-a72")
+    assert features_of(aarch64_program, emulator) == {"asimd"}  # the hwcaps qemu gives the guest, not the host's
+    assert_refused_for(run(aarch64_program, aarch64_artifacts["cortex-a76"], "x", 4, emulator=emulator),
+                       "cortex-a76", "asimddp")

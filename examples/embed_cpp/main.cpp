@@ -2,6 +2,7 @@
 // decode, with the per-layer caches allocated once and written in place by the compiled `step`.
 //
 //   sessa_embed DIR PROMPT [N_NEW]
+//   sessa_embed --cpu-features      (the instruction-set features it finds on this CPU, one a line)
 //
 // DIR holds model.so and sessa_config.json (the manifest: capacity, entry name, cache shapes).
 // Links only the TVM runtime and tvm-ffi shipped in the Python wheels (see build.sh); the
@@ -22,11 +23,16 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <iterator>
 #include <set>
 #include <sstream>
 #include <string>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#elif defined(__aarch64__)
+#include <sys/auxv.h>
+#endif
 
 namespace ffi = tvm::ffi;
 namespace json = tvm::ffi::json;
@@ -60,19 +66,57 @@ static json::Object ReadManifest(const std::string& dir) {
 
 static std::string Str(const json::Object& obj, const char* key) { return obj.at(ffi::String(key)).cast<ffi::String>(); }
 
-// The instruction-set features of this CPU, as Linux's /proc/cpuinfo names them ("flags" on x86-64,
-// "Features" on AArch64); empty where it cannot be read.
+// The instruction-set features this CPU offers this process, named as Linux's /proc/cpuinfo names
+// them (the manifest's "cpu_features"; those sessa-export's --cpu levels use). Asked of the CPU and
+// the kernel, not read from /proc/cpuinfo, which under an emulator (qemu-user) describes the host:
+// x86-64 from cpuid, the AVX and AVX-512 registers only where the OS saves them (xgetbv), as the
+// kernel's flags do; AArch64 from the kernel's hwcaps, the source of /proc/cpuinfo's "Features".
+// Empty on other architectures (nothing is checked there).
 static std::set<std::string> CpuFeatures() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    const std::string key = line.substr(0, line.find(':'));
-    if (key.rfind("flags", 0) == 0 || key.rfind("Features", 0) == 0) {
-      std::istringstream words(line.substr(line.find(':') + 1));
-      return std::set<std::string>(std::istream_iterator<std::string>(words), std::istream_iterator<std::string>());
-    }
+  std::set<std::string> have;
+  auto add = [&](unsigned long word, unsigned long bit, const char* name) {
+    if (word & bit) have.insert(name);
+  };
+#if defined(__x86_64__)
+  unsigned a, b, c, d, lzcnt = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return have;
+  const unsigned ecx1 = c;
+  unsigned long long xcr0 = 0;
+  if (ecx1 & bit_OSXSAVE) {
+    unsigned lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    xcr0 = (static_cast<unsigned long long>(hi) << 32) | lo;
   }
-  return {};
+  const unsigned long avx_ok = (xcr0 & 0x6) == 0x6 ? ~0ul : 0, avx512_ok = (xcr0 & 0xe6) == 0xe6 ? ~0ul : 0;
+  add(ecx1, bit_SSE3, "pni");
+  add(ecx1, bit_SSSE3, "ssse3");
+  add(ecx1, bit_SSE4_1, "sse4_1");
+  add(ecx1, bit_SSE4_2, "sse4_2");
+  add(ecx1, bit_POPCNT, "popcnt");
+  add(ecx1, bit_CMPXCHG16B, "cx16");
+  add(ecx1, bit_MOVBE, "movbe");
+  add(ecx1 & avx_ok, bit_AVX, "avx");
+  add(ecx1 & avx_ok, bit_FMA, "fma");
+  add(ecx1 & avx_ok, bit_F16C, "f16c");
+  if (__get_cpuid(0x80000001, &a, &b, &lzcnt, &d)) add(lzcnt, bit_LZCNT, "abm");
+  if (__get_cpuid_count(7, 0, &a, &b, &c, &d)) {
+    add(b, bit_BMI, "bmi1");
+    add(b, bit_BMI2, "bmi2");
+    add(b & avx_ok, bit_AVX2, "avx2");
+    add(b & avx512_ok, bit_AVX512F, "avx512f");
+    add(b & avx512_ok, bit_AVX512DQ, "avx512dq");
+    add(b & avx512_ok, bit_AVX512CD, "avx512cd");
+    add(b & avx512_ok, bit_AVX512BW, "avx512bw");
+    add(b & avx512_ok, bit_AVX512VL, "avx512vl");
+  }
+#elif defined(__aarch64__)
+  const unsigned long hwcap = getauxval(AT_HWCAP), hwcap2 = getauxval(AT_HWCAP2);
+  add(hwcap, 1ul << 1, "asimd");     // HWCAP_ASIMD
+  add(hwcap, 1ul << 20, "asimddp");  // HWCAP_ASIMDDP
+  add(hwcap, 1ul << 22, "sve");      // HWCAP_SVE
+  add(hwcap2, 1ul << 13, "i8mm");    // HWCAP2_I8MM
+#endif
+  return have;
 }
 
 // Refuse a library built for instructions this CPU lacks (the manifest's "cpu_features"): it would
@@ -92,8 +136,12 @@ static void CheckCpu(const json::Object& manifest) {
 }
 
 static int Run(int argc, char** argv) {
+  if (argc == 2 && std::strcmp(argv[1], "--cpu-features") == 0) {  // what CheckCpu sees on this CPU
+    for (const std::string& feature : CpuFeatures()) std::printf("%s\n", feature.c_str());
+    return 0;
+  }
   if (argc < 3) {
-    std::fprintf(stderr, "usage: %s DIR PROMPT [N_NEW=64]\n", argv[0]);
+    std::fprintf(stderr, "usage: %s DIR PROMPT [N_NEW=64]   or   %s --cpu-features\n", argv[0], argv[0]);
     return 2;
   }
   const std::string dir = argv[1], prompt = argv[2];
