@@ -119,6 +119,9 @@ def export(
     state: str = typer.Option("grow", "--state", help="The state contract: grow (each step returns state "
                               "tensors of P + S positions; opset 23) or inplace (caches of a capacity, written in "
                               "place when bound as input and output, plus a past_sequence_length input; opset 24)."),
+    ort_format: bool = typer.Option(False, "--ort-format", help="Also write OUT/model.ort (ORT format, for "
+                                    "ONNX Runtime Mobile and minimal builds) and OUT/model.required_operators.config "
+                                    "(its operators, for a reduced-size ORT build: --include_ops_by_config)."),
 ) -> None:
     """Export to OUT/model.onnx + OUT/sessa_config.json: one step graph for prefill, chunks and decode."""
     from .sources import load_model
@@ -132,7 +135,8 @@ def export(
         status.update("tracing")
         graph = trace(source)
         export_onnx(graph, out, progress=lambda msg: status.update(msg),
-                    source=str(checkpoint.resolve()) if checkpoint else None, factory=model, state=state)
+                    source=str(checkpoint.resolve()) if checkpoint else None, factory=model, state=state,
+                    ort_format=ort_format)
     size = sum(f.stat().st_size for f in out.iterdir())
     console.print(f"wrote {out}/ ({format_bytes(size)}): {len(graph.mixers)} Sessa layers, "
                   f"inputs {graph.input_name} + {4 * len(graph.mixers)} state tensors ({state})")

@@ -35,6 +35,7 @@ from ..ops.op import Applied
 from ..ops.registry import OPS
 from ..state import BATCH, FIELDS, GROW, INPLACE, PAST_LENGTH, StateLayout, past_name, present_name
 from ..stepgraph import StepGraph, feature_widths
+from .ort_format import write_ort_format
 
 OPSET = 23
 INPLACE_OPSET = 24  # TensorScatter writes the in-place contract's caches
@@ -253,8 +254,10 @@ def build_onnx(graph: StepGraph, dtype: ir.DataType = ir.DataType.FLOAT, contrac
 
 
 def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], None] = lambda _: None,
-                source: str | None = None, factory: str | None = None, state: str = GROW) -> Path:
-    """Write OUT/model.onnx and OUT/sessa_config.json under the state contract `state`; nothing is
+                source: str | None = None, factory: str | None = None, state: str = GROW,
+                ort_format: bool = False) -> Path:
+    """Write OUT/model.onnx and OUT/sessa_config.json under the state contract `state`, and with
+    `ort_format` the ORT-format model and its required operators (ort_format.py); nothing is
     left at OUT on failure."""
     out = Path(out)
     layout = StateLayout.from_mixers(graph.mixers, state)  # an unknown contract fails before any work
@@ -267,8 +270,9 @@ def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], Non
         progress(f"saving {size / 2**20:.1f} MiB of weights")
         ir.save(model, tmp / MODEL_NAME, external_data="model.onnx.data" if size > EXTERNAL_DATA_LIMIT else None)
         check_model(tmp / MODEL_NAME, progress)
+        ort_files = write_ort_format(tmp, MODEL_NAME, progress) if ort_format else {}
         write_manifest(tmp, new_manifest(graph, "onnx", layout, opset=model.graph.opset_imports[""],
-                                         model_file=MODEL_NAME, source=source, factory=factory))
+                                         model_file=MODEL_NAME, source=source, factory=factory, **ort_files))
     return out
 
 
