@@ -24,6 +24,9 @@ export function readLayout(manifest, where = 'sessa_config.json') {
       'ONNX exports (sessa-export export CKPT -o OUT)');
   }
   const input = manifest.input ?? {};
+  if (typeof input.name !== 'string' || !Array.isArray(manifest.outputs) || typeof manifest.outputs[0] !== 'string') {
+    throw new SessaError(`${where}: "input" needs a "name" and "outputs" the logits' name; re-run the export`);
+  }
   if (input.kind !== 'tokens' || input.vocab_size !== 256) {
     throw new SessaError(`${where}: the model takes ${input.kind} with vocab_size ${input.vocab_size}; ` +
       'this example reads the prompt as bytes and needs a byte-level model (tokens, vocab_size 256)');
