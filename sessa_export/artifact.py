@@ -9,6 +9,7 @@ Manifest keys (schema version 2; version 1, written before "schema_version" exis
 same): format ("onnx" | "tvm"), tool, tool_version, config, input {name, kind, width,
 vocab_size}, outputs, state (`StateLayout.to_manifest()`), max_len, dtype, custom_ops,
 weights_sha256, source, factory, files {name: sha256}, quantization (None or the record),
+tokenizer (absent, or the file name of the tokenizer.json it carries: `add_tokenizer`),
 and each back end's own keys (ONNX: opset, model_file; TVM: target, capacity, library, ...).
 """
 
@@ -210,6 +211,19 @@ def write_manifest(directory: Path, manifest: dict) -> dict:
     return manifest
 
 
+def add_tokenizer(directory: Path, manifest: dict, tokenizer: str | Path | None) -> dict:
+    """Copy a tokenizer.json into the artifact being written and name it in the manifest ("tokenizer");
+    `write_manifest` then records its sha256 with the other files. None: the manifest names none."""
+    from .tokenizer import MANIFEST_KEY, TOKENIZER_FILE, tokenizer_for
+
+    manifest = {k: v for k, v in manifest.items() if k != MANIFEST_KEY}  # a copied manifest's is not this one's
+    if tokenizer is None:
+        return manifest
+    tokenizer_for(tokenizer, manifest["input"].get("vocab_size"), "the model")
+    shutil.copyfile(tokenizer, directory / TOKENIZER_FILE)
+    return {**manifest, MANIFEST_KEY: TOKENIZER_FILE}
+
+
 def quantization_record(**fields) -> dict:
     """The manifest's "quantization" object: exactly QUANTIZATION_KEYS, whatever the back end."""
     if set(fields) != set(QUANTIZATION_KEYS):
@@ -292,5 +306,5 @@ def verify_files(path: Path, manifest: dict) -> None:
 
 
 __all__ = ["MANIFEST_NAME", "SCHEMA_VERSION", "KIND", "atomic_directory", "scratch_directory", "check_replaceable", "files_sha256",
-           "weights_hash", "new_manifest", "write_manifest", "quantization_record", "read_manifest",
+           "weights_hash", "new_manifest", "write_manifest", "add_tokenizer", "quantization_record", "read_manifest",
            "state_layout", "member", "verify_files", "is_artifact"]

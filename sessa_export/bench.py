@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -52,14 +52,15 @@ def decode_positions(decode_steps: int, rounds: int = ROUNDS) -> int:
 
 def time_runners(runners: Mapping[str, object], vocab_size: int, context: int = 1024, decode_steps: int = 32,
                  batch: int = 1, rounds: int = ROUNDS, warmup: int = 3, seed: int = 0,
-                 settle_s: float = SETTLE_S) -> dict[str, Timing]:
+                 settle_s: float = SETTLE_S, tokens: Sequence[int] | None = None) -> dict[str, Timing]:
     """Prefill of `context` tokens and `decode_steps` decode steps after it, for every runner in turns.
 
     Each runner first prefills once untimed (first-run allocations) and takes `warmup` untimed
     decode steps from that prefill; its timed decode then continues from the same prefill, so
     every runner decodes the same tokens at the same positions. `decode_steps` is rounded up to
     a multiple of `rounds` (one block of steps per round). A runner whose `max_len` is shorter
-    than the positions this needs is refused before anything runs.
+    than the positions this needs is refused before anything runs. The ids fed are `tokens` (repeated
+    to the positions needed, every row alike), or random ones.
     """
     per_block = -(-decode_steps // rounds)
     positions = context + decode_positions(decode_steps, rounds)
@@ -69,7 +70,10 @@ def time_runners(runners: Mapping[str, object], vocab_size: int, context: int = 
             raise SessaExportError(f"{name} runs at most {limit} positions; the benchmark needs {positions} (a context "
                                    f"of {context}, then {positions - context} for decode): lower --context or "
                                    "--decode-steps")
-    ids = np.random.default_rng(seed).integers(0, vocab_size, (batch, positions))
+    if tokens is not None and len(tokens):
+        ids = np.tile(np.resize(np.asarray(tokens, dtype=np.int64), positions), (batch, 1))
+    else:
+        ids = np.random.default_rng(seed).integers(0, vocab_size, (batch, positions))
     timings = {name: Timing(context, batch) for name in runners}
     states, position = {}, dict.fromkeys(runners, context)
     for name, runner in runners.items():

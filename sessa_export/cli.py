@@ -122,11 +122,15 @@ def export(
     ort_format: bool = typer.Option(False, "--ort-format", help="Also write OUT/model.ort (ORT format, for "
                                     "ONNX Runtime Mobile and minimal builds) and OUT/model.required_operators.config "
                                     "(its operators, for a reduced-size ORT build: --include_ops_by_config)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json for the model, "
+                                             "copied into OUT (tokenizer.json, named in the manifest) so that `run OUT "
+                                             "--prompt` uses it."),
 ) -> None:
     """Export to OUT/model.onnx + OUT/sessa_config.json: one step graph for prefill, chunks and decode."""
     from .sources import load_model
     from .state import StateLayout
     from .to_onnx import export_onnx
+    from .tokenizer import tokenizer_for
     from .tracer import trace
 
     StateLayout.from_mixers([], state)  # an unknown --state fails before any work
@@ -134,7 +138,9 @@ def export(
         source = load_model(checkpoint, config, model)
         status.update("tracing")
         graph = trace(source)
-        export_onnx(graph, out, progress=lambda msg: status.update(msg),
+        if tokenizer is not None:
+            tokenizer_for(tokenizer, graph.vocab_size, "the model")  # before the export, not after it
+        export_onnx(graph, out, progress=lambda msg: status.update(msg), tokenizer=tokenizer,
                     source=str(checkpoint.resolve()) if checkpoint else None, factory=model, state=state,
                     ort_format=ort_format)
     size = sum(f.stat().st_size for f in out.iterdir())
@@ -166,25 +172,33 @@ def compile(  # noqa: A001 - the command is called `compile`
     quantization: str = typer.Option("none", "--quantization", help="none, q8 or q4 (--target cpu): the "
                                      "linear layers' weights (not the LM head) as int8 / packed int4 with a "
                                      "float32 scale per 32 inputs, dequantized inside the matmul kernels."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json for the model, "
+                                             "copied into OUT (tokenizer.json, named in the manifest) so that `run OUT "
+                                             "--prompt` uses it (default: the one an export directory given as the source carries)."),
 ) -> None:
     """Compile with TVM into OUT/ (library + sessa_config.json): one `step` for prefill, chunks and decode.
 
     With --quantization q8|q4 check the result with `sessa-export validate OUT` (quality thresholds:
     q8 as int8, q4 as int4).
     """
-    from .artifact import read_manifest
+    from .artifact import is_artifact, read_manifest
     from .sources import compile_source, load_model
     from .to_tvm import CompileTarget, check_quantization, compile_graph
+    from .tokenizer import recorded_tokenizer, tokenizer_for
     from .tracer import trace
 
     compile_target = CompileTarget(target, arch, host, cpu)  # checks target/arch/host/cpu before any work
     check_quantization(quantization, compile_target)
     checkpoint = compile_source(source, model) if source is not None else None
+    if tokenizer is None and source is not None and is_artifact(source):
+        tokenizer = recorded_tokenizer(source, read_manifest(source))
     with console.status("loading model") as status:
         loaded = load_model(checkpoint, config, model)
         status.update("tracing")
         graph = trace(loaded)
-        compile_graph(graph, out, compile_target, max_len, progress=lambda msg: status.update(msg),
+        if tokenizer is not None:
+            tokenizer_for(tokenizer, graph.vocab_size, "the model")  # before minutes of compiling, not after
+        compile_graph(graph, out, compile_target, max_len, progress=lambda msg: status.update(msg), tokenizer=tokenizer,
                       source=str(checkpoint.resolve()) if checkpoint else None, quantization=quantization,
                       factory=model, inputs=(source,))
     manifest = read_manifest(out)
@@ -197,34 +211,80 @@ def compile(  # noqa: A001 - the command is called `compile`
 @command
 def run(
     artifact: Path = typer.Argument(..., help="Export directory (or a checkpoint, to run PyTorch)."),
-    prompt: str = typer.Option(..., "--prompt", help="Prompt text; byte-level models read its UTF-8 bytes."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text, turned into token ids by the model's "
+                                         "tokenizer: --tokenizer, else the one the artifact carries, else its UTF-8 "
+                                         "bytes for a byte-level model (vocab_size 256)."),
+    prompt_token_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="The prompt as token ids, "
+                                                   "comma-separated (1,2,3), instead of --prompt: for models "
+                                                   "without a tokenizer."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json "
+                                             "(default: the artifact's own, if it carries one)."),
+    show_ids: bool = typer.Option(False, "--ids", help="Print the generated token ids (comma-separated, as "
+                                  "--prompt-ids takes them) instead of their text."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate."),
     temperature: float = typer.Option(0.0, help="0 = greedy."),
     top_k: int = typer.Option(0, "--top-k", help="Keep the k most likely tokens (0 = all)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = all)."),
     seed: int = typer.Option(0, help="Sampling seed."),
 ) -> None:
-    """Generate from a prompt, streaming the output: prefill, then decode with the state."""
-    from .generate import Sampling, generate, prompt_ids
+    """Generate from a prompt, streaming the output: prefill, then decode with the state.
+
+    Prints the generated text as the tokenizer decodes it (without the prompt), or the token ids with
+    --ids, and always for a model that has no tokenizer and is not byte-level.
+    """
+    from .artifact import is_artifact, read_manifest
+    from .generate import Sampling, check_new_tokens, generate, prompt_ids
     from .runtime import open_runner, vocab_size
+    from .tokenizer import BYTES, check_ids, load_tokenizer, model_tokenizer, needs_tokenizer, parse_ids
 
     sampling = Sampling(temperature, top_k, top_p, seed)  # bad settings fail here, before any work
-    prompt_ids(prompt, max_new_tokens, None, "")  # the prompt and the token count, before loading anything
+    check_new_tokens(max_new_tokens)
+    if (prompt is None) == (prompt_token_ids is None):
+        raise SessaExportError("give the prompt as --prompt TEXT or as --prompt-ids 1,2,3 (one of them)")
+    given_ids = parse_ids(prompt_token_ids) if prompt_token_ids is not None else None
+    if prompt is not None:
+        prompt_ids(BYTES.encode(prompt), max_new_tokens, None, "")  # not UTF-8, or empty: before loading anything
+    given = load_tokenizer(tokenizer) if tokenizer is not None else None
     runner = open_runner(artifact)
-    max_len = runner.max_len
-    ids = prompt_ids(prompt, max_new_tokens, max_len, f"{artifact} has max_len={max_len}")
-    if vocab_size(runner) < 256:
-        raise SessaExportError(f"--prompt is read as UTF-8 bytes, but {artifact} has a vocabulary of "
-                               f"{vocab_size(runner)} tokens: run needs a byte-level model (vocab_size 256)")
-    result = generate(runner, ids, max_new_tokens, sampling, on_tokens=_stream)
+    vocab, max_len = vocab_size(runner), runner.max_len
+    manifest = read_manifest(artifact) if is_artifact(artifact) else None
+    text = model_tokenizer(given, vocab, str(artifact), artifact, manifest)
+    if given_ids is not None:
+        ids, option = check_ids(given_ids, vocab, "--prompt-ids", str(artifact)).tolist(), "--prompt-ids"
+    elif text is None:
+        raise needs_tokenizer(str(artifact), vocab, "--prompt-ids 1,2,3")
+    else:
+        ids, option = text.encode(prompt), "--prompt"
+    ids = prompt_ids(ids, max_new_tokens, max_len, f"{artifact} has max_len={max_len}", option)
+    stream = _ids_stream() if show_ids or text is None else _text_stream(text)
+    result = generate(runner, ids, max_new_tokens, sampling, on_tokens=stream)
     sys.stdout.write("\n")
     err_console.print(f"{runner.name}: prefill {result.prompt_tokens} tokens in {result.prefill_s * 1e3:.1f} ms, "
                       f"decode {result.decode_tokens_per_s:.1f} tokens/s", highlight=False)
 
 
-def _stream(tokens) -> None:
-    sys.stdout.buffer.write(bytes([int(tokens[0]) % 256]))
-    sys.stdout.flush()
+def _text_stream(tokenizer) -> Callable:
+    """Write each generated token's text to stdout as soon as it makes whole characters."""
+    step = tokenizer.streamer()
+
+    def write(tokens) -> None:
+        sys.stdout.buffer.write(step(int(tokens[0])))
+        sys.stdout.flush()
+
+    return write
+
+
+def _ids_stream() -> Callable:
+    """Write each generated token id to stdout, comma-separated."""
+    first = True
+
+    def write(tokens) -> None:
+        nonlocal first
+        sys.stdout.write(("" if first else ",") + str(int(tokens[0])))
+        sys.stdout.flush()
+        first = False
+
+    return write
 
 
 @command
@@ -245,12 +305,19 @@ def validate(
     atol: float = typer.Option(1e-4, help="Absolute tolerance (fp32 default)."),
     rtol: float = typer.Option(1e-4, help="Tolerance relative to the tensor's max |value|."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON here."),
-    text: Optional[Path] = typer.Option(None, "--text", help="Evaluation text (read as bytes) instead of "
-                                        "the bundled held-out text."),
-    eval_bytes: int = typer.Option(16384, "--bytes", min=2, help="Quantized exports: bytes of text to evaluate, "
-                                   "in --window sequences spread evenly over the text."),
-    window: int = typer.Option(256, "--window", min=2, help="Quantized exports: bytes per sequence (a fresh "
-                               "state each); keep it within the model's training context."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Evaluation text instead of the bundled held-out "
+                                        "text: read as bytes by a byte-level model, else through its tokenizer."),
+    text_ids: Optional[Path] = typer.Option(None, "--text-ids", help="Evaluation token ids instead of text, for "
+                                            "models without a tokenizer: one integer per line, or a .npy of "
+                                            "integers [N]."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json that turns "
+                                             "the evaluation text into token ids (default: the artifact's own, if "
+                                             "it carries one; byte-level models read bytes)."),
+    eval_bytes: int = typer.Option(16384, "--bytes", "--tokens", min=2, help="Quantized exports: bytes (tokens, "
+                                   "for a model that reads token ids) of text to evaluate, in --window sequences "
+                                   "spread evenly over the text."),
+    window: int = typer.Option(256, "--window", min=2, help="Quantized exports: bytes (tokens) per sequence (a "
+                               "fresh state each); keep it within the model's training context."),
     chunk: int = typer.Option(128, "--chunk", min=1, help="Quantized exports: tokens per prefill step "
                               "(the state is carried between chunks)."),
 ) -> None:
@@ -265,6 +332,8 @@ def validate(
     the text, each prefilled in chunks of --chunk tokens with the state carried. The report gives
     top-1 agreement with the float32 reference, mean and max KL of the next-token distributions,
     bits per byte of both and their difference, the logits error and the size on disk of both.
+    A model that is not byte-level reads token ids instead: the text through its tokenizer
+    (--tokenizer, or the one the artifact carries), or --text-ids; its figures are per token.
     Exit 1 when the mode's threshold fails -
     int8: top-1 agreement >= 99% and mean KL <= 0.01 nats;
     int4: top-1 agreement >= 95% and bits per byte at most 3% above float32;
@@ -273,19 +342,23 @@ def validate(
     import json
 
     from .artifact import read_manifest
-    from .data import heldout_bytes
     from .runtime import open_runner, vocab_size
     from .sources import reference_runner
+    from .tokenizer import load_tokenizer, read_ids
     from .validate import Tolerance, cases, render, report_dict, run_case
 
     if json_out is not None and not json_out.parent.is_dir():  # before the run, not after it
         raise SessaExportError(f"--json {json_out}: the directory {json_out.parent} does not exist")
+    if text is not None and text_ids is not None:
+        raise SessaExportError("give --text or --text-ids, not both")
+    given_ids = read_ids(text_ids) if text_ids is not None else None
+    given = load_tokenizer(tokenizer) if tokenizer is not None else None
     candidate = open_runner(artifact)
     manifest = read_manifest(artifact)
     reference = reference_runner(artifact, manifest, checkpoint, model)
-    text_bytes = _read_text(text) if text is not None else heldout_bytes()
+    evaluation = _evaluation_text(artifact, manifest, vocab_size(candidate), text, given_ids, given)
     if manifest.get("quantization"):
-        _validate_quantized(artifact, manifest, reference, candidate, text_bytes, eval_bytes, window, chunk, json_out)
+        _validate_quantized(artifact, manifest, reference, candidate, evaluation, eval_bytes, window, chunk, json_out)
         return
     tol = Tolerance(atol, rtol)
     reports = []
@@ -296,8 +369,12 @@ def validate(
     if (prefill is not None or decode_steps is not None) and limit is not None and steps_t + steps_n > limit:
         raise SessaExportError(f"--prefill {steps_t} and --decode {steps_n} need {steps_t + steps_n} positions; "
                                f"{artifact} holds at most {limit}: pass smaller ones")
-    for name, ids, steps in track(cases(vocab_size(candidate), steps_t, steps_n, text_bytes,
-                                        seed, limit), "validating"):
+    byte_text = evaluation if isinstance(evaluation, bytes) else None  # token ids: their own case below
+    checks = cases(vocab_size(candidate), steps_t, steps_n, byte_text, seed, limit)
+    length = sum(checks[0][2])
+    if byte_text is None and len(evaluation) >= length:
+        checks.insert(1, ("text as token ids, prefill + decode", evaluation[None, :length], checks[0][2]))
+    for name, ids, steps in track(checks, "validating"):
         reports.append(run_case(name, reference, candidate, ids, steps, tol))
     render(reports, tol, console)
     if json_out is not None:
@@ -312,7 +389,28 @@ def _read_text(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def _validate_quantized(artifact: Path, manifest: dict, reference, candidate, text: bytes, eval_bytes: int,
+def _evaluation_text(artifact: Path, manifest: dict, vocab: int, text: Optional[Path], ids, given):
+    """What validate reads as text: --text-ids as given (checked against the vocabulary), else the text
+    (--text or the held-out text) through the model's tokenizer (`given`, else the artifact's) as token ids,
+    else its bytes (byte-level; for any other model the quality check then says what to pass)."""
+    import numpy as np
+
+    from .data import heldout_bytes
+    from .tokenizer import check_ids, model_tokenizer
+
+    if ids is not None:
+        return check_ids(ids, vocab, "--text-ids", str(artifact))
+    data = _read_text(text) if text is not None else heldout_bytes()
+    tokenizer = model_tokenizer(given, vocab, str(artifact), artifact, manifest)
+    if tokenizer is None or tokenizer.byte_level:
+        return data
+    try:
+        return np.array(tokenizer.encode(data.decode("utf-8"), "--text"), dtype=np.int64)
+    except UnicodeDecodeError:
+        raise SessaExportError(f"--text {text}: not UTF-8 text, which the tokenizer reads") from None
+
+
+def _validate_quantized(artifact: Path, manifest: dict, reference, candidate, text, eval_bytes: int,
                         window: int, chunk: int, json_out: Optional[Path]) -> None:
     """Quality of a quantized export against the float32 reference; exit 1 when the mode's threshold fails."""
     import json
@@ -376,21 +474,38 @@ def bench(
     decode_steps: int = typer.Option(32, "--decode-steps", min=1, help="Decode steps timed."),
     batch: int = typer.Option(1, min=1, help="Batch size."),
     threads: Optional[int] = typer.Option(None, min=1, help="Intra-op threads (ONNX Runtime)."),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json: the timed "
+                                             "tokens are the held-out text through it (default: the artifact's own "
+                                             "tokenizer, or bytes for a byte-level model; random ids for a model "
+                                             "with neither)."),
 ) -> None:
-    """Time prefill tokens/s and decode ms/token at a context (medians of repeated runs)."""
-    from .bench import time_runners
-    from .runtime import open_runner, vocab_size
+    """Time prefill tokens/s and decode ms/token at a context (medians of repeated runs).
 
+    The tokens timed are the bundled held-out text as the model's tokenizer reads it (repeated if the
+    context is longer), or random ids for a model without one; the speed does not depend on them.
+    """
+    from .artifact import is_artifact, read_manifest
+    from .bench import time_runners
+    from .data import heldout_bytes
+    from .runtime import open_runner, vocab_size
+    from .tokenizer import load_tokenizer, model_tokenizer
+
+    given = load_tokenizer(tokenizer) if tokenizer is not None else None
     runner = open_runner(artifact, threads)
+    vocab = vocab_size(runner)
+    text = model_tokenizer(given, vocab, str(artifact), artifact, read_manifest(artifact) if is_artifact(artifact)
+                           else None)
+    tokens = text.encode(heldout_bytes().decode("utf-8"), "the held-out text") if text is not None else None
     with console.status(f"timing {runner.name}"):
-        t = time_runners({runner.name: runner}, vocab_size(runner), context, decode_steps, batch)[runner.name]
+        t = time_runners({runner.name: runner}, vocab, context, decode_steps, batch, tokens=tokens)[runner.name]
     console.print(f"{runner.name}: prefill {t.prefill_tokens_per_s:,.0f} tokens/s at T={context}, "
                   f"decode {t.decode_ms_per_token:.2f} ms/token at context {context}, batch {batch}")
 
 
 @command
 def demo(
-    prompt: str = typer.Option("import os\n\n\ndef ", help="Prompt text."),
+    prompt: str = typer.Option("import os\n\n\ndef ", help="Prompt text (the bundled model is byte-level: "
+                               "its UTF-8 bytes are the token ids)."),
     max_new_tokens: int = typer.Option(200, min=1, help="Bytes to generate."),
     out: Path = typer.Option(Path("sessa-demo"), "-o", "--out", help="Where the artifacts are written "
                              "(OUT/onnx, OUT/tvm-cpu)."),
@@ -404,10 +519,11 @@ def demo(
     """
     from .demo import CAPACITY, run_demo
     from .generate import Sampling, prompt_ids
+    from .tokenizer import BYTES
 
     sampling = Sampling(temperature, top_k=40, seed=seed)  # bad settings fail here, before any work
-    ids = prompt_ids(prompt, max_new_tokens, CAPACITY, f"the demo compiles for {CAPACITY}")
-    if not run_demo(out, prompt, ids, max_new_tokens, sampling, console, track, _stream):
+    ids = prompt_ids(BYTES.encode(prompt), max_new_tokens, CAPACITY, f"the demo compiles for {CAPACITY}")
+    if not run_demo(out, prompt, ids, max_new_tokens, sampling, console, track, _text_stream(BYTES)):
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .data import encode
 from .errors import SessaExportError
 
 
@@ -108,19 +107,21 @@ def generate(
 MAX_NEW_TOKENS = 1 << 20  # one generation's tokens: their ids alone are kept in memory
 
 
-def prompt_ids(prompt: str, max_new_tokens: int, max_len: int | None, limit: str) -> np.ndarray:
-    """The prompt's byte ids [1, T]; refuses an empty prompt, more than MAX_NEW_TOKENS new tokens, or a
-    prompt that leaves no room for them (`limit` says where the limit comes from)."""
+def check_new_tokens(max_new_tokens: int) -> None:
+    """Refuse more than MAX_NEW_TOKENS new tokens, before anything loads."""
     if max_new_tokens > MAX_NEW_TOKENS:
         raise SessaExportError(f"--max-new-tokens {max_new_tokens} is more than one generation takes "
                                f"({MAX_NEW_TOKENS}); generate in several runs")
-    try:
-        ids = encode(prompt)
-    except UnicodeEncodeError:  # bytes of no encoding, passed through by the shell as surrogates
-        raise SessaExportError("--prompt is not valid UTF-8 text") from None
-    if not ids:
-        raise SessaExportError("--prompt is empty")
+
+
+def prompt_ids(ids: Sequence[int], max_new_tokens: int, max_len: int | None, limit: str,
+               option: str = "--prompt") -> np.ndarray:
+    """A prompt's token ids as [1, T]; refuses an empty prompt (`option` names where it came from), more than
+    MAX_NEW_TOKENS new tokens, or a prompt that leaves no room for them (`limit` says where the limit comes from)."""
+    check_new_tokens(max_new_tokens)
+    if not len(ids):
+        raise SessaExportError(f"{option} is empty (no tokens)")
     if max_len is not None and len(ids) + max_new_tokens - 1 > max_len:
         raise SessaExportError(f"the prompt ({len(ids)} tokens) and --max-new-tokens {max_new_tokens} need "
                                f"{len(ids) + max_new_tokens - 1} positions; {limit}")
-    return np.array([ids], dtype=np.int64)
+    return np.array([list(ids)], dtype=np.int64)

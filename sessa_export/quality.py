@@ -1,18 +1,20 @@
 """Quality of a quantized export against the float32 reference on held-out text.
 
-Both models read the same bytes: by default 16384 bytes of the bundled held-out text, as 64
+Both models read the same tokens: by default 16384 bytes of the bundled held-out text, as 64
 windows of 256 bytes spread evenly over the whole text (a batch of 64 sequences), each prefilled
 in chunks of 128 tokens with the state carried from chunk to chunk, as a long prompt is served.
 The window is the bundled model's training context: past it the float32 model itself degrades
 (on the same 16384 bytes: 2.10 bits per byte in 256-byte windows, 2.88 in 512, 3.88 in 1024,
 4.85 in 4096), and comparing two models that are both wrong says little; `--window` sets it for
-other models. Spreading the windows makes the sample cover every file of the text rather than
-the first one (a table of Tk constants, much harder to predict than the rest).
+other models. A model that is not byte-level reads token ids instead (`--text-ids`, or the text
+through its tokenizer: sessa_export/tokenizer.py), and the figures are then per token.
+Spreading the windows makes the sample cover every file of the text rather than the first one
+(a table of Tk constants, much harder to predict than the rest).
 At every position we compare the next-token distributions:
 
 - top-1 agreement: how often the two argmaxes agree;
 - KL(reference ‖ quantized) of the softmaxes, in nats: mean and max over positions;
-- bits per byte (mean −log2 p(next byte)) of each model and their difference;
+- bits per byte (mean −log2 p(next byte)) of each model and their difference (per token for token ids);
 - logits error: max |quantized − reference| over all positions and the vocabulary, relative to
   the logits' scale max |reference|;
 - size on disk of the float32 export and of the quantized one.
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import SessaExportError
+from .tokenizer import BYTE_VOCAB, check_ids
 
 DEFAULT_BYTES = 16384
 DEFAULT_WINDOW = 256
@@ -49,7 +52,7 @@ THRESHOLDS: dict[str, list[tuple[str, str, float]]] = {
 LABELS = {
     "top1_agreement": "top-1 agreement",
     "kl_mean": "mean KL (nats)",
-    "bpb_increase": "bits/byte increase (relative)",
+    "bpb_increase": "bits/{unit} increase (relative)",
     "logits_error": "max |logits error| / max |ref logits|",
 }
 
@@ -96,6 +99,7 @@ class QualityReport:
     size_reference: int | None = None
     size_quantized: int | None = None
     checks: list[Check] = field(default_factory=list)
+    unit: str = "byte"  # what a position is: "byte" (byte-level text) or "token" (token ids)
 
     @property
     def bpb_diff(self) -> float:
@@ -127,30 +131,38 @@ class QualityReport:
         return data
 
 
-def text_ids(text: bytes, length: int = DEFAULT_BYTES, vocab_size: int = 256, window: int = DEFAULT_WINDOW,
-             max_len: int | None = None) -> np.ndarray:
-    """`length` bytes of `text` as token ids [windows, window] (byte-level: vocab >= 256).
+def text_ids(text: bytes | np.ndarray, length: int = DEFAULT_BYTES, vocab_size: int = BYTE_VOCAB,
+             window: int = DEFAULT_WINDOW, max_len: int | None = None) -> np.ndarray:
+    """`length` positions of `text` as token ids [windows, window]: bytes are byte-level ids (a 256-token
+    vocabulary), an integer array [N] is token ids already (checked against `vocab_size`).
 
     length // window windows spread evenly from the start to the end of the text, so that a sample
     covers the whole text rather than its first file; a window as long as the text gives one
     sequence. `length` below one window is refused rather than silently raised to it.
     """
-    if vocab_size < 256:
-        raise SessaExportError(f"the quality check reads text as bytes, but the model's vocabulary has only "
-                               f"{vocab_size} tokens (needs >= 256)")
+    if isinstance(text, (bytes, bytearray)):
+        if vocab_size != BYTE_VOCAB:
+            raise SessaExportError(f"the quality check reads this text as bytes, but the model's vocabulary has "
+                                   f"{vocab_size} tokens: pass --tokenizer tokenizer.json (the text is tokenized) "
+                                   "or --text-ids FILE (token ids, one per line or a .npy)")
+        data, unit, option = np.frombuffer(bytes(text), dtype=np.uint8).astype(np.int64), "bytes", "--bytes"
+        source = "pass a longer --text"
+    else:
+        data = check_ids(np.asarray(text), vocab_size, "the evaluation token ids", "the model")
+        unit, option, source = "tokens", "--tokens", "pass more ids (--text-ids) or a longer --text"
     if window < 2:
         raise SessaExportError(f"--window must be >= 2, got {window}")
-    if len(text) < min(length, DEFAULT_BYTES):
-        raise SessaExportError(f"the evaluation text has {len(text)} bytes, fewer than the {min(length, DEFAULT_BYTES)} "
-                               "the quality check reads: pass a longer --text (or --bytes as long as it)")
-    window = min(window, max_len or window, len(text))
+    if len(data) < min(length, DEFAULT_BYTES):
+        raise SessaExportError(f"the evaluation text has {len(data)} {unit}, fewer than the "
+                               f"{min(length, DEFAULT_BYTES)} the quality check reads: {source} "
+                               f"(or {option} as many as it has)")
+    window = min(window, max_len or window, len(data))
     if length < window:
-        raise SessaExportError(f"--bytes {length} is less than one window of {window} bytes: "
-                               f"pass --bytes >= {window} or a smaller --window")
-    count = max(1, min(length, len(text)) // window)
-    span = len(text) - window
+        raise SessaExportError(f"{option} {length} is less than one window of {window} {unit}: "
+                               f"pass {option} >= {window} or a smaller --window")
+    count = max(1, min(length, len(data)) // window)
+    span = len(data) - window
     starts = [round(i * span / (count - 1)) for i in range(count)] if count > 1 else [0]
-    data = np.frombuffer(bytes(text), dtype=np.uint8).astype(np.int64)
     return np.stack([data[s:s + window] for s in starts])
 
 
@@ -173,8 +185,9 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def compare(mode: str, reference: np.ndarray, quantized: np.ndarray, ids: np.ndarray, chunk: int = DEFAULT_CHUNK,
-            size_reference: int | None = None, size_quantized: int | None = None) -> QualityReport:
-    """Metrics of quantized vs reference logits [B, T, V] for the token ids [B, T] they were computed on."""
+            size_reference: int | None = None, size_quantized: int | None = None, unit: str = "byte") -> QualityReport:
+    """Metrics of quantized vs reference logits [B, T, V] for the token ids [B, T] they were computed on
+    (`unit`: what a position is, "byte" or "token")."""
     if mode not in THRESHOLDS:
         raise SessaExportError(f"unknown quantization mode {mode!r} in the manifest")
     if reference.shape != quantized.shape:
@@ -199,23 +212,25 @@ def compare(mode: str, reference: np.ndarray, quantized: np.ndarray, ids: np.nda
         kl_mean=float(np.mean(np.maximum(kl, 0.0))), kl_max=float(np.max(kl)),
         bpb_reference=nll_ref / predicted / LN2, bpb_quantized=nll_q / predicted / LN2,
         logits_max_abs=max_abs, logits_scale=scale,
-        size_reference=size_reference, size_quantized=size_quantized)
+        size_reference=size_reference, size_quantized=size_quantized, unit=unit)
     report.checks = [Check(metric, op, limit, float(getattr(report, metric))) for metric, op, limit in THRESHOLDS[mode]]
     return report
 
 
-def evaluate(reference, candidate, mode: str, text: bytes, length: int = DEFAULT_BYTES, window: int = DEFAULT_WINDOW,
-             chunk: int = DEFAULT_CHUNK, size_reference: int | None = None,
+def evaluate(reference, candidate, mode: str, text: bytes | np.ndarray, length: int = DEFAULT_BYTES,
+             window: int = DEFAULT_WINDOW, chunk: int = DEFAULT_CHUNK, size_reference: int | None = None,
              size_quantized: int | None = None) -> QualityReport:
-    """Run both runners over `length` bytes of `text` (windows of `window`, chunks of `chunk`) and compare."""
-    config = getattr(reference, "config", None)
-    vocab = config.vocab_size if config is not None else 256
-    ids = text_ids(text, length, vocab, window, getattr(config, "max_len", None))
+    """Run both runners over `length` positions of `text` (bytes, or token ids [N]; windows of `window`,
+    chunks of `chunk`) and compare."""
+    if reference.vocab_size is None:
+        raise SessaExportError("the model takes embeddings, not token ids: the quality check reads token ids")
+    ids = text_ids(text, length, reference.vocab_size, window, reference.max_len)
+    unit = "byte" if isinstance(text, (bytes, bytearray)) else "token"
     return compare(mode, run_logits(reference, ids, chunk), run_logits(candidate, ids, chunk), ids, chunk,
-                   size_reference, size_quantized)
+                   size_reference, size_quantized, unit)
 
 
-def evaluate_artifact(artifact: Path, manifest: dict, reference, candidate, text: bytes,
+def evaluate_artifact(artifact: Path, manifest: dict, reference, candidate, text: bytes | np.ndarray,
                       length: int = DEFAULT_BYTES, window: int = DEFAULT_WINDOW,
                       chunk: int = DEFAULT_CHUNK) -> tuple[QualityReport, str]:
     """The quality report of a quantized artifact (its mode's bar, quantization.MODES) and a title."""
@@ -236,7 +251,7 @@ def evaluate_artifact(artifact: Path, manifest: dict, reference, candidate, text
 
 
 def describe(report: QualityReport) -> str:
-    return (f"{report.positions} bytes as {report.windows} window{'s' if report.windows > 1 else ''} of "
+    return (f"{report.positions} {report.unit}s as {report.windows} window{'s' if report.windows > 1 else ''} of "
             f"{report.window}, prefilled in chunks of {report.chunk}")
 
 
@@ -262,9 +277,9 @@ def render(report: QualityReport, console, title: str = "") -> None:
     row("top1_agreement", "top-1 agreement", f"{report.top1_agreement:.2%}")
     row("kl_mean", "KL mean (nats)", f"{report.kl_mean:.2e}")
     row("kl_max", "KL max (nats)", f"{report.kl_max:.2e}")
-    row("bpb_reference", "bits/byte float32", f"{report.bpb_reference:.4f}")
-    row("bpb_quantized", f"bits/byte {report.mode}", f"{report.bpb_quantized:.4f}")
-    row("bpb_increase", "bits/byte difference", f"{report.bpb_diff:+.4f} ({report.bpb_increase:+.2%})")
+    row("bpb_reference", f"bits/{report.unit} float32", f"{report.bpb_reference:.4f}")
+    row("bpb_quantized", f"bits/{report.unit} {report.mode}", f"{report.bpb_quantized:.4f}")
+    row("bpb_increase", f"bits/{report.unit} difference", f"{report.bpb_diff:+.4f} ({report.bpb_increase:+.2%})")
     row("logits_error", "max |logits error| / max |ref|",
         f"{report.logits_max_abs:.3e} / {report.logits_scale:.3g} = {report.logits_error:.2e}")
     ratio = f" ({report.size_ratio:.2f}x)" if report.size_ratio else ""
@@ -272,8 +287,8 @@ def render(report: QualityReport, console, title: str = "") -> None:
         f"{format_bytes(report.size_reference)} -> {format_bytes(report.size_quantized)}{ratio}")
     console.print(table)
     console.print("[green]PASS[/green]" if report.ok else
-                  "[red]FAIL[/red]: " + "; ".join(f"{LABELS[c.metric]} {c.value:.4g} not {c.op} {c.limit:g}"
-                                                 for c in report.checks if not c.ok))
+                  "[red]FAIL[/red]: " + "; ".join(f"{LABELS[c.metric].format(unit=report.unit)} {c.value:.4g} "
+                                                 f"not {c.op} {c.limit:g}" for c in report.checks if not c.ok))
 
 
 __all__ = ["THRESHOLDS", "QualityReport", "Check", "compare", "evaluate", "run_logits",

@@ -40,13 +40,14 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 
-from ..artifact import (MANIFEST_NAME, atomic_directory, check_replaceable, files_sha256, member,
+from ..artifact import (MANIFEST_NAME, add_tokenizer, atomic_directory, check_replaceable, files_sha256, member,
                         quantization_record, read_manifest, write_manifest)
 from ..errors import SessaExportError
 from ..ops import feedback_attention as fa_op
 from ..ops.mixer import GAIN
 from ..quantization import keep_matches
 from ..state import INPLACE
+from ..tokenizer import recorded_tokenizer
 from ..quantization import mode as quant_mode
 from . import EXTERNAL_DATA_LIMIT, MODEL_NAME, ROLE_KEY, check_model
 
@@ -460,7 +461,7 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
             onnx.save(qmodel, str(model_path))
         check_model(model_path, progress)
         new_manifest["quantization"] = quantization_record(**record, size_bytes=export_size(tmp, new_manifest))
-        new_manifest = write_manifest(tmp, new_manifest)
+        new_manifest = write_manifest(tmp, add_tokenizer(tmp, new_manifest, recorded_tokenizer(src, manifest)))
         progress("loading in ONNX Runtime")
         _smoke_test(tmp)
     return new_manifest

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..artifact import (atomic_directory, check_replaceable, new_manifest, quantization_record, scratch_directory,
-                        write_manifest)
+from ..artifact import (add_tokenizer, atomic_directory, check_replaceable, new_manifest, quantization_record,
+                        scratch_directory, write_manifest)
 from ..errors import SessaExportError
 from ..model import SessaMixer
 from ..ops.op import Applied
@@ -413,14 +413,14 @@ def resolve_capacity(graph: StepGraph, max_len: int | None) -> int:
 def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | None = None,
                   max_len: int | None = None, progress: Callable[[str], None] = lambda _: None,
                   source: str | None = None, quantization: str | None = None, factory: str | None = None,
-                  inputs: tuple = ()) -> Path:
+                  inputs: tuple = (), tokenizer: str | Path | None = None) -> Path:
     """Compile `graph` for `target` into OUT/ (library + sessa_config.json); nothing left on failure.
     OUT may not be, contain or lie inside `source` or any of `inputs` (an export it was compiled from).
 
     `source` (the checkpoint or weights) and `factory` (a custom model's package.module:factory) are
     recorded for `validate`. `quantization` "q8" / "q4" stores the linear layers' weights (all but
     the LM head) as int8 / packed int4 with a float32 scale per group of inputs, dequantized inside
-    the matmul kernels.
+    the matmul kernels. `tokenizer` (a tokenizer.json) is copied into OUT and named in the manifest.
     """
     target = target or CompileTarget()
     qmode = check_quantization(quantization, target)
@@ -460,7 +460,7 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
                                 source=source, factory=factory)
         if qmode is not None:
             manifest["quantization"] = _quantization(builder, qmode, (tmp / library).stat().st_size)
-        write_manifest(tmp, manifest)
+        write_manifest(tmp, add_tokenizer(tmp, manifest, tokenizer))
     return out
 
 
