@@ -236,3 +236,21 @@ def test_a_changed_tokenizer_in_an_artifact_is_refused(lm, tmp_path):
     shutil.copytree(lm["onnx"], copy)
     (copy / "tokenizer.json").write_text((copy / "tokenizer.json").read_text().replace('"merges"', '"merges" '))
     assert_clean_error(cli("run", copy, "--prompt", "x"), "tokenizer.json", "sha256")
+
+
+def test_quantized_custom_module_of_its_own_vocabulary_is_quality_checked(tmp_path):
+    """The issue's route: a --model export of a 96-token module, int8; validate died of an IndexError
+    (the reference read the held-out text as bytes). Now one line says what to pass, and --text-ids works."""
+    import custom_models
+    from conftest import randomize_weights
+
+    module = randomize_weights(custom_models.factory(), seed=3, std=0.2).eval()
+    weights = tmp_path / "weights.pt"
+    torch.save(module.state_dict(), weights)
+    model = ("--model", "custom_models:factory")
+    assert cli("export", weights, *model, "-o", tmp_path / "onnx").exit_code == 0
+    assert cli("quantize", tmp_path / "onnx", "--mode", "int8", "-o", tmp_path / "int8").exit_code == 0
+    assert_clean_error(cli("validate", tmp_path / "int8", *model), f"{custom_models.VOCAB} tokens", "--text-ids")
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, custom_models.VOCAB, 4096))
+    quality_ok(cli("validate", tmp_path / "int8", *model, "--text-ids", ids, "--tokens", 2048, "--window", 64))
