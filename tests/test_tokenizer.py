@@ -254,3 +254,27 @@ def test_quantized_custom_module_of_its_own_vocabulary_is_quality_checked(tmp_pa
     ids = tmp_path / "ids.npy"
     np.save(ids, np.random.default_rng(0).integers(0, custom_models.VOCAB, 4096))
     quality_ok(cli("validate", tmp_path / "int8", *model, "--text-ids", ids, "--tokens", 2048, "--window", 64))
+
+
+def test_bench_times_the_tokens_it_is_given():
+    """time_runners feeds `tokens` (repeated to the positions it needs), not random ids."""
+    from sessa_export.bench import time_runners
+
+    class Recorder:
+        name, max_len = "recorder", None
+
+        def __init__(self) -> None:
+            self.fed = []
+
+        def empty_state(self, batch: int) -> int:
+            return 0
+
+        def step(self, ids, state):
+            self.fed.append(ids.copy())
+            return np.zeros((ids.shape[0], ids.shape[1], 8), dtype=np.float32), state + ids.shape[1]
+
+    runner = Recorder()
+    time_runners({"recorder": runner}, 8, context=5, decode_steps=2, batch=2, rounds=1, warmup=0, settle_s=0,
+                 tokens=[3, 1, 4])
+    assert np.array_equal(runner.fed[0], [[3, 1, 4, 3, 1]] * 2)  # the untimed prefill
+    assert [int(f[0, 0]) for f in runner.fed[2:]] == [4, 3, 1]  # decode continues the text: positions 5, 6, 7
