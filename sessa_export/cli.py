@@ -170,8 +170,11 @@ def compile(  # noqa: A001 - the command is called `compile`
     model: Optional[str] = typer.Option(None, "--model", help="package.module:factory building an nn.Module "
                                         "whose positions meet only in Sessa mixers."),
     quantization: str = typer.Option("none", "--quantization", help="none, q8 or q4 (--target cpu): the "
-                                     "linear layers' weights (not the LM head) as int8 / packed int4 with a "
-                                     "float32 scale per 32 inputs, dequantized inside the matmul kernels."),
+                                     "linear layers' weights (the LM head included) and the embedding table as "
+                                     "int8 / packed int4 with a float16 scale per 32 inputs; decode runs integer "
+                                     "dot products (VNNI, AVX2, sdot/usdot as --cpu allows)."),
+    keep: list[str] = typer.Option([], "--keep", help="With --quantization: keep in float32 lm_head, embed, or a "
+                                   "module path prefix such as layers.0 (repeatable, or comma-separated)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json for the model, "
                                              "copied into OUT (tokenizer.json, named in the manifest) so that `run OUT "
                                              "--prompt` uses it (default: the one an export directory given as the source carries)."),
@@ -200,7 +203,8 @@ def compile(  # noqa: A001 - the command is called `compile`
             tokenizer_for(tokenizer, graph.vocab_size, "the model")  # before minutes of compiling, not after
         compile_graph(graph, out, compile_target, max_len, progress=lambda msg: status.update(msg), tokenizer=tokenizer,
                       source=str(checkpoint.resolve()) if checkpoint else None, quantization=quantization,
-                      factory=model, inputs=(source,))
+                      factory=model, inputs=(source,),
+                      keep=[part.strip() for item in keep for part in item.split(",") if part.strip()])
     manifest = read_manifest(out)
     size = sum(f.stat().st_size for f in out.iterdir())
     console.print(f"wrote {out}/ ({format_bytes(size)}): {manifest['library']} for {compile_target.describe()}, "

@@ -14,6 +14,7 @@ prefill tile reads its panel with unit stride. ``CpuElementwise`` parallelises t
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight as dl
@@ -286,9 +287,185 @@ class CpuMatmul(dl.ScheduleRule):
         return sch
 
 
+# -- quantized decode: integer dot products ---------------------------------------------------------
+# int_dot (ops/tvm_dequant_matmul.py) sums, per group, int32(xq) · int32(w) over runs of 4 inputs: the
+# activation xq int8, the stored weight w uint8 (q8: up to 255; q4: up to 15). Per build, the widest
+# instruction that does 4 such products into one int32 lane, L lanes at once:
+#   x86-64 AVX-512 VNNI: vpdpbusd zmm (L 16); AVX-VNNI: vpdpbusd ymm (L 8);
+#   AVX2: vpmaddubsw + vpmaddwd (L 8; q8 through |w - 128| and the sign of w - 128, then + 128 · Σxq,
+#         since vpmaddubsw saturates its 16-bit pair sums);
+#   AArch64 i8mm: usdot (L 4); dot product: sdot (L 4; q8 with w - 128, then + 128 · Σxq);
+#   else: no tensorization, the int32 lanes vectorised (plain NEON / SSE).
+DOT_LANES = {"vnni512": 16, "vnni256": 8, "avx2": 8, "usdot": 4, "sdot": 4}
+
+
+def dot_instruction(tgt: Target) -> str | None:
+    """The dot-product instruction family the build's CPU features give (None: none)."""
+    from tvm.target.codegen import target_has_features
+
+    def has(feature: str) -> bool:
+        try:
+            return bool(target_has_features(feature, tgt))
+        except Exception:  # a feature LLVM does not know for this architecture
+            return False
+
+    if architecture(str(tgt.attrs.get("mtriple", "")) or host_triple()) == "aarch64":
+        return "usdot" if has("i8mm") else "sdot" if has("dotprod") else None
+    if has("avx512vnni"):
+        return "vnni512"
+    if has("avxvnni"):
+        return "vnni256"
+    return "avx2" if has("avx2") else None
+
+
+def dot_product(kind: str, wide: bool, acc, a, b, a_values):
+    """C + Σ_c int32(a[c]) · int32(b[lane, c]) per int32 lane with `kind`'s instruction: `acc` int32 x L,
+    `a` int8 x 4 (the activation run), `b` uint8 x 4L (4 inputs of each of L columns), `a_values`
+    the four scalars of `a`; `wide`: b up to 255 (q8), else up to 15 (q4)."""
+    L = DOT_LANES[kind]
+    n = 4 * L
+    call = tirx.call_llvm_pure_intrin
+    broadcast = tirx.Broadcast(tirx.reinterpret("int32", a), L)
+    a = tirx.reinterpret(f"int8x{n}", broadcast)
+    raw = tirx.reinterpret(f"int8x{n}", b)
+    # w - 128 as int8 (the stored w >= 1); q4's w <= 15 fits int8 as it is
+    signed = tirx.reinterpret(f"int8x{n}", tirx.bitwise_xor(b, tirx.Broadcast(tirx.const(128, "uint8"), n))) \
+        if wide else raw
+    compensation = tirx.Broadcast(128 * sum(v.astype("int32") for v in a_values), L)  # Σ 128 · a
+    if kind in ("vnni512", "vnni256"):
+        return call(f"int32x{L}", f"llvm.x86.avx512.vpdpbusd.{8 * n}", acc, raw, a)
+    if kind == "usdot":
+        return call("int32x4", "llvm.aarch64.neon.usdot.v4i32.v16i8", acc, raw, a)
+    if kind == "sdot":
+        dot = call("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc, signed, a)
+        return dot + compensation if wide else dot
+    if wide:  # avx2, q8: |w - 128| · (sign(w - 128) · a): pair sums stay within int16
+        magnitude = call("int8x32", "llvm.x86.avx2.psign.b", signed, signed)
+        pairs = call("int16x16", "llvm.x86.avx2.pmadd.ub.sw", magnitude,
+                     call("int8x32", "llvm.x86.avx2.psign.b", a, signed))
+    else:
+        pairs = call("int16x16", "llvm.x86.avx2.pmadd.ub.sw", raw, a)
+    dot = acc + call("int32x8", "llvm.x86.avx2.pmadd.wd", pairs, tirx.Broadcast(tirx.const(1, "int16"), 16))
+    return dot + compensation if wide else dot
+
+
+def _vector_index(region, lanes: int) -> list:
+    """Indices of a BufferRegion whose last dim is `lanes` contiguous elements, as one vector access."""
+    *lead, last = region
+    return [r.min for r in lead] + [tirx.Ramp(last.min, tirx.IntImm(str(last.min.ty), 1), lanes)]
+
+
+def _dot_body(block, kind: str, wide: bool):
+    """The body of a blockized run of `int_dot` (L lanes x 4 inputs) as one dot-product instruction."""
+    L = DOT_LANES[kind]
+    out = block.writes[0]
+    reads = {str(r.source.dtype): r for r in block.reads}
+    a, b = reads["int8"], reads["uint8"]
+    *lead, last = a.region
+    a_values = [tirx.BufferLoad(a.source, [r.min for r in lead] + [last.min + i]) for i in range(4)]
+    value = dot_product(kind, wide, tirx.BufferLoad(out.source, _vector_index(out.region, L)),
+                        tirx.BufferLoad(a.source, _vector_index(a.region, 4)),
+                        tirx.BufferLoad(b.source, _vector_index(b.region, 4 * L)), a_values)
+    return tirx.BufferStore(out.source, value, _vector_index(out.region, L))
+
+
+def _replace_block_body(func: tirx.PrimFunc, name: str, body: Callable) -> tirx.PrimFunc:
+    """`func` with the body of every block called `name` replaced by body(block) (what tensorize does;
+    s_tir's tensorize crashes in this TVM build)."""
+    from tvm.s_tir import SBlock, SBlockRealize
+
+    def rebuild(stmt):
+        if isinstance(stmt, tirx.SeqStmt):
+            parts = [rebuild(s) for s in stmt.seq]
+            return stmt if all(p.same_as(s) for p, s in zip(parts, stmt.seq)) else tirx.SeqStmt(parts)
+        if isinstance(stmt, tirx.For):
+            inner = rebuild(stmt.body)
+            return stmt if inner.same_as(stmt.body) else tirx.For(
+                stmt.loop_var, stmt.min, stmt.extent, stmt.kind, inner, stmt.thread_binding, stmt.annotations, stmt.step)
+        if isinstance(stmt, SBlockRealize):
+            block = stmt.block
+            inner = body(block) if block.name_hint == name else rebuild(block.body)
+            if inner.same_as(block.body):
+                return stmt
+            return SBlockRealize(stmt.iter_values, stmt.predicate, SBlock(
+                block.iter_vars, block.reads, block.writes, block.name_hint, inner, block.init,
+                block.alloc_buffers, block.match_buffers, block.annotations))
+        return stmt
+
+    return func.with_body(rebuild(func.body))
+
+
+class CpuIntMatmul(dl.ScheduleRule):
+    """The quantized decode GEMV of ops/tvm_dequant_matmul.py (blocks ``int_dot``, ``int_scale``).
+
+    The activation blocks (absmax, int8 quantization, group sums: K values) run once, serially.
+    Then one parallel task per weight panel: for each batch row and group, the panel's integer dot
+    products into int32 accumulators in registers (``int_dot``, tensorized with the build's
+    dot-product instruction, `dot_instruction`; q4 nibbles unpacked a run of 4 inputs at a time
+    into a register tile first), then the float32 scaling into the panel's float accumulators
+    (``int_scale``): the weight streams once from memory, the scales are applied once per group.
+    """
+
+    def apply(self, func, target, _tunable):
+        from sessa_export.ops.tvm_dequant_matmul import INT_DOT, INT_SCALE
+
+        if target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        if not (has_block(sch, INT_DOT) and has_block(sch, INT_SCALE)):
+            return None
+        dot, scale = sch.get_sblock(INT_DOT), sch.get_sblock(INT_SCALE)
+        unpack = sch.get_sblock("unpack") if has_block(sch, "unpack") else None
+        epilogues = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
+                     if sch.get(b).name_hint == "bias_add"]
+        b, s, p, j, g = sch.get_loops(scale)
+        panel = int(sch.get(j).extent)
+        sch.reorder(p, b, s, g, j)
+        sch.parallel(p)
+        acc = sch.cache_write(scale, 0, "local")
+        sch.reverse_compute_at(acc, s)
+        for block in epilogues:
+            sch.reverse_compute_at(block, p)
+        sch.compute_at(dot, g)
+        sch.set_scope(dot, 0, "local")
+        j_dot, r4, c = sch.get_loops(dot)[-3:]
+        kind = dot_instruction(target)
+        if kind == "vnni512" and panel % DOT_LANES[kind]:  # panels of 8 columns: the ymm form (AVX512-VL)
+            kind = "vnni256"
+        lanes = DOT_LANES.get(kind, 0)
+        if lanes and panel % lanes == 0:
+            jo, ji = sch.split(j_dot, [None, lanes])
+            sch.reorder(r4, jo, ji, c)
+            if unpack is not None:
+                sch.compute_at(unpack, r4)
+                sch.set_scope(unpack, 0, "local")
+                sch.vectorize(sch.get_loops(unpack)[-1])
+            init = sch.decompose_reduction(dot, r4)
+            sch.vectorize(sch.fuse(*sch.get_loops(init)[-2:]))
+            run = sch.get(sch.blockize(ji)).name_hint
+            tensorized = (run, kind, unpack is None)
+        else:  # no dot-product instruction: int32 multiply-adds over the panel's lanes
+            sch.reorder(r4, c, j_dot)
+            if unpack is not None:
+                sch.compute_at(unpack, r4)
+                sch.set_scope(unpack, 0, "local")
+            _vectorize(sch, j_dot, 16)
+            init = sch.decompose_reduction(dot, r4)
+            _vectorize(sch, sch.get_loops(init)[-1], 16)
+            tensorized = None
+        for block in (scale, acc, *epilogues):
+            _vectorize(sch, sch.get_loops(block)[-1], 16)
+        init = sch.decompose_reduction(scale, g)
+        _vectorize(sch, sch.get_loops(init)[-1], 16)
+        if tensorized is None:
+            return sch
+        run, kind, wide = tensorized
+        return s_tir.Schedule(_replace_block_body(sch.mod["main"], run, lambda block: _dot_body(block, kind, wide)))
+
+
 def pipeline(tvm_target):
-    """The default Relax CPU pipeline with this file's rules scheduling the matmuls (CpuMatmul) and
-    the position-wise functions (CpuElementwise)."""
+    """The default Relax CPU pipeline with this file's rules scheduling the matmuls (CpuIntMatmul for
+    the quantized decode GEMVs, CpuMatmul for the rest) and the position-wise functions (CpuElementwise)."""
     import tvm
     from tvm.relax.backend.cpu_generic import pipeline as backend
 
@@ -297,7 +474,7 @@ def pipeline(tvm_target):
         with tvm_target:
             seq = tvm.transform.Sequential(
                 backend.library_dispatch_passes(tvm_target) + backend.legalize_passes(tvm_target)
-                + [dl.ApplyDefaultSchedule(CpuMatmul(), CpuElementwise())]
+                + [dl.ApplyDefaultSchedule(CpuIntMatmul(), CpuMatmul(), CpuElementwise())]
                 + backend.dataflow_lower_passes(tvm_target) + backend.finalize_passes(tvm_target))
             return seq(mod)
 

@@ -1,11 +1,13 @@
 """`sessa-export compile --quantization q8|q4`: group-quantized linear weights, dequantized in the kernels.
 
-On the bundled model (vocab 256): the q8 / q4 libraries are much smaller than float32's; the
-lowered module holds the linear weights as int8 / uint8 constants only, and its matmul kernels
-carry no separate dequantize block (the decode is inlined into the reduction); the compiled
-kernels are exact for the weights they stand for (parity with PyTorch running the dequantized
-weights); `validate` holds q8 to int8's quality bar and q4 to int4's; a bad --quantization
-exits 2 and writes nothing.
+On the bundled model (vocab 256, tied embeddings): the q8 / q4 libraries are much smaller than
+float32's; the lowered module holds the linear weights (the LM head included) and the embedding
+table as uint8 constants only, its prefill matmuls carry no separate dequantize block (the decode
+is inlined into the reduction) and its decode matmuls are integer GEMVs; the compiled kernels are
+exact for the weights they stand for (parity with PyTorch running the dequantized weights, and for
+single-token steps the activations quantized to int8 per group as the decode kernels do); --keep
+leaves named modules in float32; `validate` holds q8 to int8's quality bar and q4 to int4's; a bad
+--quantization or --keep exits 2 and writes nothing.
 """
 
 from __future__ import annotations
@@ -58,9 +60,23 @@ def test_libraries_are_smaller(builds):
 def test_manifest_records_the_quantization(builds, mode):
     manifest = json.loads((builds[mode] / "sessa_config.json").read_text())
     quant = manifest["quantization"]
-    assert quant["mode"] == mode and quant["block_size"] == 32
-    assert "lm_head.weight" in quant["float_weights"] and "lm_head.weight" not in quant["quantized_weights"]
-    assert "layers.0.mixer.q_proj.weight" in quant["quantized_weights"] and "mlps.0.fc_in.weight" in quant["quantized_weights"]
+    assert quant["mode"] == mode and quant["block_size"] == 32 and quant["keep"] == []
+    for name in ("lm_head.weight", "embed.weight", "layers.0.mixer.q_proj.weight", "mlps.0.fc_in.weight"):
+        assert name in quant["quantized_weights"], name
+    assert "lm_head.weight" not in quant["float_weights"] and "embed.weight" not in quant["float_weights"]
+
+
+def test_keep_leaves_modules_in_float32(model, builds, tmp_path):
+    """compile --keep lm_head,embed: both stay float32 (recorded), the library is larger, parity as q4's."""
+    out = tmp_path / "kept"
+    result = cli("compile", BUNDLED_MODEL, "-o", out, "--quantization", "q4", "--keep", "lm_head,embed",
+                 "--max-len", CAPACITY)
+    assert result.exit_code == 0, result.output
+    quant = json.loads((out / "sessa_config.json").read_text())["quantization"]
+    assert quant["keep"] == ["lm_head", "embed"]
+    assert set(quant["kept_weights"]) == {"lm_head.weight", "embed.weight"}
+    assert not {"lm_head.weight", "embed.weight"} & set(quant["quantized_weights"])
+    assert (out / "model.so").stat().st_size > (builds["q4"] / "model.so").stat().st_size
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -81,32 +97,55 @@ def test_dequantize_is_inside_the_matmul_kernels(model, mode):
     quantized = [m for path, m in model.named_modules() if path.startswith(("layers.", "mlps."))
                  and isinstance(m, torch.nn.Linear) and m.out_features >= 16]
     assert quantized
-    stored = "int8" if mode == "q8" else "uint8"
+    quantized.append(model.lm_head)
     for m in quantized:
         K, N = m.in_features, m.out_features
         P = cpu.weight_panel(N)
         float_shapes = {(K, N), (N, K), (N // P, K, P)}  # plain, torch and panel layouts
         assert not any(("float32", shape) in shapes for shape in float_shapes), (K, N)
-        assert (stored, (N // P, K if mode == "q8" else K // 2, P)) in shapes, (K, N)
+        assert ("uint8", (N // P, K // 4 if mode == "q8" else K // 8, 4 * P)) in shapes, (K, N)
+    vocab, width = model.embed.weight.shape
+    assert ("uint8", (vocab, width if mode == "q8" else width // 2)) in shapes  # the embedding rows
     kernels = {gv.name_hint: f for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
-               and "dequant_matmul" in gv.name_hint}
-    assert kernels, "no quantized matmul kernel in the lowered module"
+               and "_matmul_q" in gv.name_hint}
+    assert any(name.startswith("int_matmul") for name in kernels), "no integer decode kernel"
+    assert any(name.startswith("dequant_matmul") for name in kernels), "no quantized prefill kernel"
     for name, func in kernels.items():
         text = func.script()
         assert 'sblock("dequantize")' not in text, f"{name}: the weight is dequantized in a block of its own"
         assert func.attrs["tirx.is_scheduled"], f"{name} was left unscheduled"
 
 
+def quantize_activations(module, inputs):
+    """A single-token step's input to a quantized linear layer as the decode kernels see it: int8 per
+    group of 32 inputs, scale max|x| / 127 (float32, round half to even), written here from that rule."""
+    (x,) = inputs
+    if x.shape[-2] != 1:
+        return None  # prefill runs in float32
+    groups = x.reshape(*x.shape[:-1], -1, dq.GROUP_SIZE)
+    peak = groups.abs().amax(-1, keepdim=True)
+    values = torch.round(groups * (127.0 / peak.clamp_min(1e-30)))
+    return ((values * (peak * (1.0 / 127.0))).reshape(x.shape),)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_kernels_exact_for_the_dequantized_weights(model, builds, mode):
-    """The library computes the model whose weights are the dequantized ones, at fp32 parity (1e-4)."""
+    """The library computes the model whose weights are the dequantized ones, and whose single-token
+    steps quantize the activations of the quantized layers, at fp32 parity (1e-4)."""
     quant = json.loads((builds[mode] / "sessa_config.json").read_text())["quantization"]
     twin = copy.deepcopy(model)
+    weights = {}  # from the original weights: the tied embedding and LM head share one tensor
+    for name in quant["quantized_weights"]:
+        module = model.get_submodule(name.removesuffix(".weight"))
+        if isinstance(module, torch.nn.Embedding):
+            weights[name] = dq.dequantize_rows(*dq.quantize_rows(module.weight.detach().numpy(), mode), mode)
+        else:
+            q, scales = dq.quantize(module.weight.detach().numpy(), mode, cpu.weight_panel(module.out_features))
+            weights[name] = dq.dequantize(q, scales, mode)
+            twin.get_submodule(name.removesuffix(".weight")).register_forward_pre_hook(quantize_activations)
     with torch.no_grad():
-        for name in quant["quantized_weights"]:
-            linear = twin.get_submodule(name.removesuffix(".weight"))
-            q, scales = dq.quantize(linear.weight.numpy(), mode, cpu.weight_panel(linear.out_features))
-            linear.weight.copy_(torch.from_numpy(dq.dequantize(q, scales, mode)))
+        for name, weight in weights.items():
+            twin.get_parameter(name).copy_(torch.from_numpy(weight))
     ids = np.random.default_rng(3).integers(0, 256, (2, 40))
     run_parity(twin, TvmRunner(builds[mode], threads=1), ids, [33, 1, 1, 5])
 
@@ -132,4 +171,9 @@ def test_unknown_quantization_is_refused(tmp_path):
     assert not out.exists()
     assert_clean_error(cli("compile", BUNDLED_MODEL, "-o", out, "--target", "cuda", "--quantization", "q8"),
                        "--target cpu")
+    assert not out.exists()
+    assert_clean_error(cli("compile", BUNDLED_MODEL, "-o", out, "--quantization", "q8", "--keep", "lm_hed"),
+                       "--keep", "lm_hed")
+    assert not out.exists()
+    assert_clean_error(cli("compile", BUNDLED_MODEL, "-o", out, "--keep", "lm_head"), "--keep", "--quantization")
     assert not out.exists()

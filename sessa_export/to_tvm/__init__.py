@@ -15,9 +15,11 @@ the compiled library, so a deployment loads one file); the two attentions are TI
 `ops/tvm_kernels.py` (FeedbackAttention, decode and blocked prefill). `RelaxBuilder` walks the
 graph: each node is emitted by its op's `relax` face (ops/registry.py); what only TVM has is here:
 the caches of the state contract (sessa_export/state.py) and the two attention kernels.
-With `quantization="q8"|"q4"` (CPU), linear weights are stored group-quantized (groups of 32
-inputs, one float32 scale each) and dequantized inside the matmul kernels
-(`ops/tvm_dequant_matmul.py`): no float copy of a quantized weight exists at run time.
+With `quantization="q8"|"q4"` (CPU), linear weights (the LM head included) and the embedding table
+are stored group-quantized (groups of 32 inputs, one float16 scale each; `keep` leaves named modules
+in float32): decode runs integer dot products over activations quantized per group, prefill
+dequantizes inside the matmul kernels (`ops/tvm_dequant_matmul.py`); no float copy of a quantized
+weight exists at run time.
 
 Artifacts (`compile_graph`), all in one directory written atomically: the library and device
 code the target's file in targets/ packages (targets/__init__.py's table lists them), and
@@ -43,7 +45,7 @@ from ..errors import SessaExportError
 from ..model import SessaMixer
 from ..ops.op import Applied
 from ..ops.registry import OPS
-from ..quantization import QuantMode
+from ..quantization import QuantMode, keep_matches
 from ..quantization import mode as quant_mode
 from ..state import FIELDS, PAST
 from ..stepgraph import StepGraph, feature_widths
@@ -139,7 +141,7 @@ class RelaxBuilder:
     """Emits Relax bindings for one StepGraph on a BlockBuilder: a walker over the op table."""
 
     def __init__(self, graph: StepGraph, capacity: int, target: CompileTarget, dtype: str = "float32",
-                 quantization: QuantMode | None = None) -> None:
+                 quantization: QuantMode | None = None, keep: Sequence[str] = ()) -> None:
         from tvm import relax, tirx
 
         self.graph, self.capacity, self.target, self.dtype = graph, capacity, target, dtype
@@ -147,7 +149,8 @@ class RelaxBuilder:
         self.quantization = quantization
         self.quantized: dict[str, tuple[int, int]] = {}  # path -> (in, out) of each quantized weight
         self.float_weights: list[str] = []  # linear layers left in float32 under --quantization (see `linear`)
-        self.heads = {n.path for n in graph.nodes if n.op == "linear" and n.output in graph.outputs.values()}
+        self.keep = check_keep(graph, keep)  # --keep: module paths (prefixes) left in float32
+        self.kept_weights: list[str] = []  # the weights --keep left in float32
         self.rx, self.tirx = relax, tirx
         self.bb = relax.BlockBuilder()
         self.decode = False
@@ -196,10 +199,10 @@ class RelaxBuilder:
 
         op = self.rx.op
         panel = None if self.target.gpu else cpu.weight_panel(module.out_features)
-        if self.quantization is not None:  # CPU only (check_quantization)
-            # Kept in float32: the LM head; layers whose inputs are not whole groups or whose outputs
-            # fill no panel; and layers narrower than MIN_QUANTIZED_OUTPUTS.
-            if (path not in self.heads and module.in_features % self.quantization.block_size == 0
+        if self.quantization is not None and not self.kept(path):  # CPU only (check_quantization)
+            # Kept in float32: layers whose inputs are not whole groups (of 8 inputs at least) or whose
+            # outputs fill no panel; and layers narrower than MIN_QUANTIZED_OUTPUTS.
+            if (module.in_features % self.quantization.block_size == 0 and self.quantization.block_size % 8 == 0
                     and module.out_features >= MIN_QUANTIZED_OUTPUTS and panel):
                 return self.quantized_linear(x, module, path, panel)
             if path not in self.float_weights:
@@ -215,9 +218,35 @@ class RelaxBuilder:
         bias = None if module.bias is None else self.const(module.bias.reshape(-1, panel), f"{path}.bias")
         return cpu.emit_linear(self.bb, x, weight, bias, [self.batch, self.seq, module.out_features])
 
+    def kept(self, path: str) -> bool:
+        """Whether --keep names the module at `path` (its weight stays float32), noted once."""
+        kept = any(keep_matches(f"{path}.weight", k) for k in self.keep)
+        if kept and f"{path}.weight" not in self.kept_weights:
+            self.kept_weights.append(f"{path}.weight")
+        return kept
+
+    def embedding(self, node, ids):
+        """The token embedding: under --quantization its table stored by rows of int8 / packed int4
+        with a scale per group (ops/tvm_dequant_matmul.py), one row dequantized per token."""
+        from ..ops import tvm_dequant_matmul as dq
+
+        table, path, qmode = node.module.weight, node.path, self.quantization
+        if qmode is None or self.kept(path) or table.shape[1] % qmode.block_size or qmode.block_size % 2:
+            if qmode is not None and not self.kept(path) and path not in self.float_weights:
+                self.float_weights.append(path)
+            return OPS[node.op].relax(self, node, ids)
+        if f"{path}.weight.rows" not in self.consts:
+            rows, scales = dq.quantize_rows(table.detach().cpu().float().numpy(), qmode.name, qmode.block_size)
+            self.consts[f"{path}.weight.rows"], self.consts[f"{path}.weight.scales"] = \
+                self.rx.const(rows), self.rx.const(scales)
+            self.quantized[path] = tuple(table.shape[::-1])
+        return self.bb.emit_te(dq.embedding, ids, self.consts[f"{path}.weight.rows"],
+                               self.consts[f"{path}.weight.scales"], qmode.name, qmode.block_size)
+
     def quantized_linear(self, x, module: torch.nn.Linear, path: str, panel: int):
         """x @ W^T + b through ops/tvm_dequant_matmul.py: int8 / packed int4 weight in panels of
-        `panel` columns and a float32 scale per group of inputs, dequantized inside the matmul kernel."""
+        `panel` columns with a float16 scale per group of inputs; decode runs integer dot products over
+        activations quantized per group, prefill dequantizes inside the float matmul."""
         from ..ops import tvm_dequant_matmul as dq
 
         K, N, mode, bias, decode = module.in_features, module.out_features, self.quantization.name, \
@@ -228,9 +257,10 @@ class RelaxBuilder:
             self.consts[f"{path}.weight.q"] = self.rx.const(q)
             self.consts[f"{path}.weight.scales"] = self.rx.const(scales)
             self.quantized[path] = (K, N)
+        kernel = dq.int_matmul_kernel if decode else dq.dequant_matmul_kernel
         gv = self.kernel(("dequant_matmul", K, N, mode, bias, decode), lambda: (
-            f"dequant_matmul_{mode}_k{K}_n{N}" + ("_bias" if bias else "") + ("_decode" if decode else ""),
-            dq.dequant_matmul_kernel(K, N, mode, bias, panel, group, decode)))
+            f"{'int' if decode else 'dequant'}_matmul_{mode}_k{K}_n{N}" + ("_bias" if bias else ""),
+            kernel(K, N, mode, bias, panel, group)))
         args = [x, self.consts[f"{path}.weight.q"], self.consts[f"{path}.weight.scales"]]
         if bias:
             args.append(self.const(module.bias.reshape(-1, panel), f"{path}.bias"))
@@ -326,7 +356,8 @@ class RelaxBuilder:
             with self.bb.dataflow():
                 for node in g.nodes:
                     args = [self.values[i] if isinstance(i, str) else i for i in node.inputs]
-                    self.values[node.output] = OPS[node.op].relax(self, node, *args)
+                    face = (lambda _, n, *a: self.embedding(n, *a)) if node.op == "embedding" else OPS[node.op].relax
+                    self.values[node.output] = face(self, node, *args)
                 results = [self.values[v] for v in g.outputs.values()]
                 out = self.bb.emit_output(results[0] if len(results) == 1 else rx.Tuple(results))
             self.bb.emit_func_output(out)
@@ -370,11 +401,23 @@ def check_quantization(quantization: str | None, target: CompileTarget | None = 
     return qmode
 
 
+def check_keep(graph: StepGraph, keep: Sequence[str]) -> tuple[str, ...]:
+    """--keep names (lm_head, embed, a module path prefix), each matching a linear or embedding weight."""
+    keep = tuple(dict.fromkeys(k.strip() for k in keep if k and k.strip()))
+    weights = [f"{n.path}.weight" for n in graph.nodes if n.op in ("linear", "embedding")]
+    unmatched = [k for k in keep if not any(keep_matches(w, k) for w in weights)]
+    if unmatched:
+        raise SessaExportError(f"--keep {', '.join(unmatched)} matches no linear or embedding weight; "
+                               f"name a module such as lm_head, embed or layers.0")
+    return keep
+
+
 def build_module(graph: StepGraph, capacity: int, target: CompileTarget | None = None,
-                 quantization: str | None = None):
+                 quantization: str | None = None, keep: Sequence[str] = ()):
     """The step graph as a Relax IRModule (not yet lowered)."""
     target = target or CompileTarget()
-    return RelaxBuilder(graph, capacity, target, quantization=check_quantization(quantization, target)).build()
+    return RelaxBuilder(graph, capacity, target, quantization=check_quantization(quantization, target),
+                        keep=keep).build()
 
 
 # -- lowering and export -------------------------------------------------------------------------
@@ -413,24 +456,27 @@ def resolve_capacity(graph: StepGraph, max_len: int | None) -> int:
 def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | None = None,
                   max_len: int | None = None, progress: Callable[[str], None] = lambda _: None,
                   source: str | None = None, quantization: str | None = None, factory: str | None = None,
-                  inputs: tuple = (), tokenizer: str | Path | None = None) -> Path:
+                  inputs: tuple = (), tokenizer: str | Path | None = None, keep: Sequence[str] = ()) -> Path:
     """Compile `graph` for `target` into OUT/ (library + sessa_config.json); nothing left on failure.
     OUT may not be, contain or lie inside `source` or any of `inputs` (an export it was compiled from).
 
     `source` (the checkpoint or weights) and `factory` (a custom model's package.module:factory) are
-    recorded for `validate`. `quantization` "q8" / "q4" stores the linear layers' weights (all but
-    the LM head) as int8 / packed int4 with a float32 scale per group of inputs, dequantized inside
-    the matmul kernels. `tokenizer` (a tokenizer.json) is copied into OUT and named in the manifest.
+    recorded for `validate`. `quantization` "q8" / "q4" stores the linear layers' weights (the LM
+    head included) and the embedding table as int8 / packed int4 with a float16 scale per group of
+    inputs, but the modules `keep` names (quantization.keep_matches) in float32. `tokenizer` (a tokenizer.json) is copied into OUT and named in the manifest.
     """
     target = target or CompileTarget()
     qmode = check_quantization(quantization, target)
     out = Path(out)
     inputs = (source, *inputs)
     check_replaceable(out, inputs=inputs)  # before minutes of compiling, not after
+    keep = check_keep(graph, keep)
+    if keep and qmode is None:
+        raise SessaExportError("--keep applies to quantized builds: add --quantization q8 or q4, or drop --keep")
     capacity = resolve_capacity(graph, max_len)
     started = time.perf_counter()
     progress(f"building the Relax module (capacity {capacity}" + (f", {qmode.name} weights)" if qmode else ")"))
-    builder = RelaxBuilder(graph, capacity, target, quantization=qmode)
+    builder = RelaxBuilder(graph, capacity, target, quantization=qmode, keep=keep)
     mod = builder.build()
     progress(f"compiling for {target.describe()}")
     try:
@@ -467,12 +513,13 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
 def _quantization(builder: RelaxBuilder, qmode: QuantMode, size: int) -> dict:
     """The manifest's quantization record for a compiled library of `size` bytes."""
     values = sum(k * n for k, n in builder.quantized.values())
-    stored = values * qmode.bits // 8 + 4 * values // qmode.block_size  # weights and float32 scales
+    stored = values * qmode.bits // 8 + 2 * values // qmode.block_size  # weights and float16 scales
     return quantization_record(
-        mode=qmode.name, bits=qmode.bits, block_size=qmode.block_size, keep=[], kept_weights=[],
+        mode=qmode.name, bits=qmode.bits, block_size=qmode.block_size, keep=list(builder.keep),
+        kept_weights=builder.kept_weights,
         quantized_weights=sorted(f"{path}.weight" for path in builder.quantized),
         float_weights=[f"{path}.weight" for path in builder.float_weights],
-        method=f"sessa_export.ops.tvm_dequant_matmul ({qmode.summary}; symmetric, a float32 scale per "
+        method=f"sessa_export.ops.tvm_dequant_matmul ({qmode.summary}; symmetric, a float16 scale per "
                f"{qmode.block_size} inputs)",
         size_bytes=size, source_size_bytes=size - stored + 4 * values, source_export=None, source_sha256=None)
 
