@@ -118,7 +118,7 @@ def test_a_model_without_a_tokenizer_takes_and_prints_ids(lm, plain):
 
 
 def test_validate_fp32_passes_on_tokenized_text(lm):
-    result = cli("validate", lm["onnx"], "--prefill", 96, "--decode", 32)
+    result = cli("validate", lm["onnx"], "--prefill", 48, "--decode", 16)
     assert result.exit_code == 0, result.output
     assert "PASS" in result.stdout and "text as token ids" in result.stdout
 
