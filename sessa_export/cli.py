@@ -177,7 +177,8 @@ def compile(  # noqa: A001 - the command is called `compile`
                                    "module path prefix such as layers.0 (repeatable, or comma-separated)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json for the model, "
                                              "copied into OUT (tokenizer.json, named in the manifest) so that `run OUT "
-                                             "--prompt` uses it (default: the one an export directory given as the source carries)."),
+                                             "--prompt` uses it (default: the one an export directory given "
+                                             "as the source carries)."),
 ) -> None:
     """Compile with TVM into OUT/ (library + sessa_config.json): one `step` for prefill, chunks and decode.
 
@@ -201,7 +202,8 @@ def compile(  # noqa: A001 - the command is called `compile`
         graph = trace(loaded)
         if tokenizer is not None:
             tokenizer_for(tokenizer, graph.vocab_size, "the model")  # before minutes of compiling, not after
-        compile_graph(graph, out, compile_target, max_len, progress=lambda msg: status.update(msg), tokenizer=tokenizer,
+        compile_graph(graph, out, compile_target, max_len, progress=lambda msg: status.update(msg),
+                      tokenizer=tokenizer,
                       source=str(checkpoint.resolve()) if checkpoint else None, quantization=quantization,
                       factory=model, inputs=(source,),
                       keep=[part.strip() for item in keep for part in item.split(",") if part.strip()])
