@@ -122,6 +122,11 @@ def export(
     ort_format: bool = typer.Option(False, "--ort-format", help="Also write OUT/model.ort (ORT format, for "
                                     "ONNX Runtime Mobile and minimal builds) and OUT/model.required_operators.config "
                                     "(its operators, for a reduced-size ORT build: --include_ops_by_config)."),
+    mobile: bool = typer.Option(False, "--mobile", help="Also write the ORT Mobile step graphs for the NNAPI and "
+                                "CoreML execution providers: OUT/model.mobile_decode.onnx (1 token) and "
+                                "OUT/model.mobile_prefill.onnx (chunks of 64), fixed shapes, batch 1, caches of the "
+                                "model's max_len (at most 2048) written by the caller from the returned rows "
+                                "(README, ORT Mobile)."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json for the model, "
                                              "copied into OUT (tokenizer.json, named in the manifest) so that `run OUT "
                                              "--prompt` uses it."),
@@ -142,7 +147,7 @@ def export(
             tokenizer_for(tokenizer, graph.vocab_size, "the model")  # before the export, not after it
         export_onnx(graph, out, progress=lambda msg: status.update(msg), tokenizer=tokenizer,
                     source=str(checkpoint.resolve()) if checkpoint else None, factory=model, state=state,
-                    ort_format=ort_format)
+                    ort_format=ort_format, mobile=mobile)
     size = sum(f.stat().st_size for f in out.iterdir())
     console.print(f"wrote {out}/ ({format_bytes(size)}): {len(graph.mixers)} Sessa layers, "
                   f"inputs {graph.input_name} + {4 * len(graph.mixers)} state tensors ({state})")

@@ -38,13 +38,18 @@ def vocab_size(runner) -> int:
     return runner.vocab_size
 
 
-def open_runner(path: str | Path, threads: int | None = None):
-    """A runner for an exported artifact directory (ONNX or TVM) or, failing that, a checkpoint."""
+def open_runner(path: str | Path, threads: int | None = None, mobile: bool = False):
+    """A runner for an exported artifact directory (ONNX or TVM; `mobile`: an export's ORT Mobile models,
+    to_onnx/mobile.py) or, failing that, a checkpoint."""
     from ..checkpoint import load_checkpoint
 
     path = Path(path)
     if not path.exists():
         raise SessaExportError(f"not found: {path}")
+    if mobile:
+        from ..to_onnx.mobile import MobileRunner
+
+        return MobileRunner(path, threads)
     if path.is_dir() and ((path / MANIFEST_NAME).exists() or not (path / "config.json").exists()):
         manifest = read_manifest(path)  # not a checkpoint directory: a clear error when the manifest is missing
         if manifest["format"] == "onnx":

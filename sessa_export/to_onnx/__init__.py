@@ -255,10 +255,12 @@ def build_onnx(graph: StepGraph, dtype: ir.DataType = ir.DataType.FLOAT, contrac
 
 def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], None] = lambda _: None,
                 source: str | None = None, factory: str | None = None, state: str = GROW,
-                ort_format: bool = False, tokenizer: str | Path | None = None) -> Path:
+                ort_format: bool = False, tokenizer: str | Path | None = None,
+                mobile: bool = False) -> Path:
     """Write OUT/model.onnx and OUT/sessa_config.json under the state contract `state`, and with
     `ort_format` the ORT-format model and its required operators (ort_format.py), with a copy of
-    `tokenizer` (a tokenizer.json) when given; nothing is left at OUT on failure."""
+    `tokenizer` (a tokenizer.json) when given, with `mobile` the fixed-shape ORT Mobile step graphs
+    (mobile.py); nothing is left at OUT on failure."""
     out = Path(out)
     layout = StateLayout.from_mixers(graph.mixers, state)  # an unknown contract fails before any work
     inputs = (source,)
@@ -271,6 +273,10 @@ def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], Non
         ir.save(model, tmp / MODEL_NAME, external_data="model.onnx.data" if size > EXTERNAL_DATA_LIMIT else None)
         check_model(tmp / MODEL_NAME, progress)
         ort_files = write_ort_format(tmp, MODEL_NAME, progress) if ort_format else {}
+        if mobile:
+            from .mobile import write_mobile  # here: mobile.py imports OnnxBuilder from this module
+
+            ort_files.update(write_mobile(tmp, graph, progress))
         write_manifest(tmp, add_tokenizer(tmp, new_manifest(graph, "onnx", layout, opset=model.graph.opset_imports[""],
                                                             model_file=MODEL_NAME, source=source, factory=factory,
                                                             **ort_files), tokenizer))
