@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .artifact import atomic_directory
+from .artifact import atomic_directory, check_replaceable
 from .config import SessaConfig
 from .errors import SessaExportError
 from .model import SessaLM
@@ -25,6 +25,7 @@ from .model import SessaLM
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+CHECKPOINT_KIND = "a checkpoint directory"
 # Derived buffers the reference code may store: accepted, never required.
 OPTIONAL_SUFFIXES = ("mixer.rope_inv_freq", "mixer.causal_mask_f_full", "mixer.causal_mask_fb_full")
 
@@ -152,12 +153,18 @@ def load_checkpoint(path: str | Path, config_path: str | Path | None = None) -> 
     return model.eval()
 
 
-def save_checkpoint(model: SessaLM, out: str | Path) -> Path:
-    """Write `config.json` + `model.safetensors` (tied LM head stored once)."""
+def check_checkpoint_out(out: str | Path, inputs: tuple = ()) -> None:
+    """Refuse an `out` that save_checkpoint may not replace (before any work is done)."""
+    check_replaceable(Path(out), CONFIG_NAME, CHECKPOINT_KIND, (CONFIG_NAME, WEIGHTS_NAME), inputs)
+
+
+def save_checkpoint(model: SessaLM, out: str | Path, inputs: tuple = ()) -> Path:
+    """Write `config.json` + `model.safetensors` (tied LM head stored once); `out` may not be, hold or lie
+    inside one of `inputs`."""
     state_dict = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         state_dict.pop("lm_head.weight")
-    with atomic_directory(out, CONFIG_NAME, "a checkpoint directory", (CONFIG_NAME, WEIGHTS_NAME)) as tmp:
+    with atomic_directory(out, CONFIG_NAME, CHECKPOINT_KIND, (CONFIG_NAME, WEIGHTS_NAME), inputs) as tmp:
         (tmp / CONFIG_NAME).write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
         save_file(state_dict, str(tmp / WEIGHTS_NAME))
     return Path(out)

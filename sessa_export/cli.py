@@ -52,16 +52,23 @@ def command(fn: Callable) -> Callable:
 def inspect(
     checkpoint: Path = typer.Argument(..., help="Checkpoint directory, .safetensors or torch file."),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json for a bare state_dict."),
+    model: Optional[str] = typer.Option(None, "--model", help="path/to/file.py:factory or package.module:factory "
+                                        "building the nn.Module CHECKPOINT holds the weights of (a custom module)."),
 ) -> None:
     """Print a checkpoint's config, parameter count and bytes, layers, and state bytes per token.
 
     Given an export or compile directory, print its manifest: format, inputs, outputs, state layout, files.
+    With --model, print the custom module's Sessa layers as the tracer finds them, and whether
+    `sessa-export convert` can make it a SessaLM checkpoint.
     """
     from .artifact import is_artifact
     from .checkpoint import load_checkpoint
 
     if is_artifact(checkpoint):
         _inspect_artifact(checkpoint)
+        return
+    if model is not None:
+        _inspect_module(checkpoint, model)
         return
     model = load_checkpoint(checkpoint, config)
     c = model.config
@@ -81,6 +88,37 @@ def inspect(
         m = layer.mixer
         layers.add_row(str(i), str(m.n_heads), str(m.n_kv_heads), str(m.head_dim),
                        "on" if m.use_forward_rope else "off", str(c.mlp_hidden) if c.mlp_ratio > 0 else "-")
+    console.print(layers)
+
+
+def _inspect_module(weights: Path, spec: str) -> None:
+    from .convert import to_sessa_lm
+    from .sources import load_factory_model
+    from .tracer import trace
+
+    module = load_factory_model(spec, weights)
+    graph = trace(module)
+    params = sum(p.numel() for p in module.parameters())
+    table = Table(title=f"{weights} ({spec}: {type(module).__name__})", show_header=False)
+    table.add_row("input", f"{graph.input_name} ({graph.input_kind}"
+                  + (f", vocabulary {graph.vocab_size})" if graph.vocab_size else f", width {graph.input_width})"))
+    table.add_row("outputs", ", ".join(graph.outputs))
+    table.add_row("parameters", f"{params:,}")
+    per_token = graph.state.values_per_position()
+    table.add_row("state per token of context", f"{format_bytes(per_token * 4)} ({per_token:,} float32 values)")
+    try:
+        to_sessa_lm(module, spec)
+        table.add_row("as SessaLM", "maps onto SessaLM: `sessa-export convert` writes it as a checkpoint")
+    except SessaExportError as exc:
+        table.add_row("as SessaLM", escape(str(exc)))
+    console.print(table)
+    layers = Table(title="Sessa mixers")
+    for col in ("layer", "module", "heads", "kv heads", "head dim", "RoPE"):
+        layers.add_column(col)
+    paths = [n.path for n in graph.nodes if n.op == "mixer"]
+    for i, (path, m) in enumerate(zip(paths, graph.mixers)):
+        layers.add_row(str(i), path, str(m.n_heads), str(m.n_kv_heads), str(m.head_dim),
+                       "on" if m.use_forward_rope else "off")
     console.print(layers)
 
 
@@ -114,7 +152,8 @@ def export(
                                                 "with --model, the weights for the factory's module."),
     out: Path = typer.Option(..., "-o", "--out", help="Output directory (replaced when it exists)."),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json for a bare state_dict."),
-    model: Optional[str] = typer.Option(None, "--model", help="package.module:factory building an nn.Module "
+    model: Optional[str] = typer.Option(None, "--model", help="path/to/file.py:factory or package.module:factory "
+                                        "building an nn.Module "
                                         "whose positions meet only in Sessa mixers."),
     state: str = typer.Option("grow", "--state", help="The state contract: grow (each step returns state "
                               "tensors of P + S positions; opset 23) or inplace (caches of a capacity, written in "
@@ -172,7 +211,8 @@ def compile(  # noqa: A001 - the command is called `compile`
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Compiled capacity in positions (default: "
                                           "the model's max_len, else 2048)."),
     config: Optional[Path] = typer.Option(None, "--config", help="config.json for a bare state_dict."),
-    model: Optional[str] = typer.Option(None, "--model", help="package.module:factory building an nn.Module "
+    model: Optional[str] = typer.Option(None, "--model", help="path/to/file.py:factory or package.module:factory "
+                                        "building an nn.Module "
                                         "whose positions meet only in Sessa mixers."),
     quantization: str = typer.Option("none", "--quantization", help="none, q8 or q4 (--target cpu): the "
                                      "linear layers' weights (the LM head included) and the embedding table as "
@@ -303,10 +343,12 @@ def validate(
     artifact: Path = typer.Argument(..., help="Export directory to check."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Reference checkpoint "
                                               "(default: the one recorded at export); with --model, its weights."),
-    model: Optional[str] = typer.Option(None, "--model", help="package.module:factory of a custom model's export, "
+    model: Optional[str] = typer.Option(None, "--model", help="path/to/file.py:factory or package.module:factory "
+                                        "of a custom model's export, "
                                         "required for one (the artifact records it; sessa-export imports no code an "
-                                        "artifact names). The reference is then the module's own forward over each "
-                                        "prefix: logits are compared, not state."),
+                                        "artifact names). The reference is then the module's step graph run step by "
+                                        "step in PyTorch with the reference Sessa mixers (checked once against the "
+                                        "module's own forward): logits and state are compared."),
     prefill: Optional[int] = typer.Option(None, min=1, help="Prefill length T (default 384: past 256, so an ONNX "
                                           "export's forward attention is checked in its blocked form too; shortened "
                                           "with --decode to fit the artifact's max_len or capacity)."),
@@ -457,7 +499,7 @@ def quantize(
     and recurrence accumulate in float32. The ai.sessa.FeedbackAttention nodes and function are
     kept. Check the result with `sessa-export validate OUT2 --checkpoint CKPT`.
     """
-    from .to_onnx.quantize import quantize_export
+    from .to_onnx.quantize import left_in_float, quantize_export
 
     names = [part.strip() for item in keep for part in item.split(",") if part.strip()]
     with console.status("quantizing") as status:
@@ -468,7 +510,36 @@ def quantize(
     kept = (f"; kept in full precision: {', '.join(quant['keep'])} ({len(quant['kept_weights'])} weights)"
             if quant["kept_weights"] else "")
     console.print(f"wrote {out}/ ({format_bytes(after)}, {after / before:.2f}x of {format_bytes(before)}): "
-                  f"{quant['mode']}{block}, {len(quant['quantized_weights'])} weights quantized{kept}")
+                  f"{quant['mode']}{block}, {len(quant['quantized_weights'])} weights quantized{kept}"
+                  f"{left_in_float(quant)}")
+
+
+@command
+def convert(
+    checkpoint: Path = typer.Argument(..., help="The custom module's weights (safetensors or a torch state_dict)."),
+    model: str = typer.Option(..., "--model", help="path/to/file.py:factory or package.module:factory building "
+                              "the nn.Module the weights are for."),
+    out: Path = typer.Option(..., "-o", "--out", help="Checkpoint directory to write (config.json + "
+                             "model.safetensors; replaced when it exists)."),
+) -> None:
+    """Write a custom module as a SessaLM checkpoint (config.json + model.safetensors), when it is one.
+
+    The module must compute what a SessaLM computes: embedding, Sessa layers (each optionally followed
+    by an MLP), a final LayerNorm and a linear head (per-layer kv heads, tied or biased head allowed).
+    Otherwise the message names the first module or key that does not map. The converted model's
+    logits are checked against the module's own forward before anything is written.
+    """
+    from .checkpoint import check_checkpoint_out
+    from .convert import convert as convert_module
+    from .sources import load_factory_model
+
+    check_checkpoint_out(out, inputs=(checkpoint,))
+    with console.status("converting"):
+        lm = convert_module(load_factory_model(model, checkpoint), model, out, inputs=(checkpoint,))
+    c = lm.config
+    console.print(f"wrote {out}/ (config.json + model.safetensors): SessaLM, vocab {c.vocab_size}, d_model "
+                  f"{c.d_model}, {c.n_layers} layers, kv heads {list(c.layer_kv_heads)}, "
+                  f"{'tied' if c.tie_embeddings else 'untied'} head{' with bias' if c.lm_head_bias else ''}")
 
 
 def track(items, description: str):

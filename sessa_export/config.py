@@ -37,17 +37,29 @@ class SessaConfig:
     d_model: int = 128
     n_layers: int = 2
     n_heads: int = 4
-    n_kv_heads: int | None = None
+    n_kv_heads: int | tuple[int, ...] | None = None  # one for all layers, or one per layer
     max_len: int | None = None
     ln_eps: float = 1e-5
     gamma_max: float = 0.999
     use_forward_rope: bool = True
     mlp_ratio: float = 0.0
     tie_embeddings: bool = False
+    lm_head_bias: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.n_kv_heads, list):  # JSON gives lists; the frozen config holds a tuple
+            object.__setattr__(self, "n_kv_heads", tuple(self.n_kv_heads))
 
     @property
-    def kv_heads(self) -> int:
+    def kv_heads(self) -> int | tuple[int, ...]:
+        """n_kv_heads with null resolved to n_heads: one number, or one per layer."""
         return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def layer_kv_heads(self) -> tuple[int, ...]:
+        """The kv head count of each layer."""
+        kv = self.kv_heads
+        return tuple(kv) if isinstance(kv, tuple) else (kv,) * self.n_layers
 
     @property
     def head_dim(self) -> int:
@@ -59,7 +71,7 @@ class SessaConfig:
 
     def state_values_per_token(self) -> int:
         """Values of decode state per token of context, all layers (spec §2)."""
-        return self.n_layers * (2 * self.kv_heads * self.head_dim + 2 * self.d_model)
+        return sum(2 * kv * self.head_dim + 2 * self.d_model for kv in self.layer_kv_heads)
 
     def validate(self) -> "SessaConfig":
         """Raise SessaExportError naming the first inconsistent field."""
@@ -70,8 +82,16 @@ class SessaConfig:
                 problems.append(f"{name} must be a positive integer, got {value!r}")
         if problems:
             raise SessaExportError("invalid config: " + "; ".join(problems))
-        if self.n_kv_heads is not None and (not _is_int(self.n_kv_heads) or self.n_kv_heads < 1):
-            problems.append(f"n_kv_heads must be a positive integer or null, got {self.n_kv_heads!r}")
+        kv = self.n_kv_heads
+        if isinstance(kv, tuple):
+            if len(kv) != self.n_layers or not all(_is_int(k) and k >= 1 for k in kv):
+                problems.append(f"n_kv_heads as a list must hold n_layers ({self.n_layers}) positive integers, "
+                                f"one per layer, got {list(kv)!r}")
+            elif any(self.n_heads % k for k in kv):
+                problems.append(f"n_heads ({self.n_heads}) must be a multiple of every layer's n_kv_heads "
+                                f"({list(kv)})")
+        elif kv is not None and (not _is_int(kv) or kv < 1):
+            problems.append(f"n_kv_heads must be a positive integer, a list of one per layer, or null, got {kv!r}")
         elif self.n_heads % self.kv_heads:
             problems.append(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.kv_heads})")
         if self.d_model % self.n_heads:
@@ -86,7 +106,7 @@ class SessaConfig:
             problems.append(f"max_len must be a positive integer or null, got {self.max_len!r}")
         if not _is_number(self.mlp_ratio) or self.mlp_ratio < 0:
             problems.append(f"mlp_ratio must be a finite number >= 0, got {self.mlp_ratio!r}")
-        for name in ("use_forward_rope", "tie_embeddings"):
+        for name in ("use_forward_rope", "tie_embeddings", "lm_head_bias"):
             if not isinstance(getattr(self, name), bool):
                 problems.append(f"{name} must be true or false, got {getattr(self, name)!r}")
         if problems:
@@ -100,15 +120,20 @@ class SessaConfig:
 
     def num_parameters(self) -> int:
         """Parameters of a SessaLM of this shape (tied tables counted once), from the shapes alone."""
-        D, kv, h = self.d_model, self.kv_heads * self.head_dim, self.mlp_hidden
-        layer = (2 * D + (2 * D * D + 2 * D) + (D * D + D) + 2 * (kv * D + kv) + (D * D if self.n_heads > 1 else 0)
-                 + (2 * D * D + 2 * D) + (D + 1) + (D * D + D))
+        D, h = self.d_model, self.mlp_hidden
+        layers = sum(2 * D + (2 * D * D + 2 * D) + (D * D + D) + 2 * (kv * self.head_dim * (D + 1))
+                     + (D * D if self.n_heads > 1 else 0) + (2 * D * D + 2 * D) + (D + 1) + (D * D + D)
+                     for kv in self.layer_kv_heads)
         mlp = (2 * D + D * h + h + h * D + D) if self.mlp_ratio > 0 else 0
         tables = self.vocab_size * D * (1 if self.tie_embeddings else 2)
-        return self.n_layers * (layer + mlp) + tables + 2 * D
+        head_bias = self.vocab_size if self.lm_head_bias else 0
+        return layers + self.n_layers * mlp + tables + head_bias + 2 * D
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if isinstance(self.n_kv_heads, tuple):
+            data["n_kv_heads"] = list(self.n_kv_heads)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "SessaConfig":

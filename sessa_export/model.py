@@ -228,7 +228,11 @@ class MLP(nn.Module):
 
 
 class SessaLM(nn.Module):
-    """Token embedding -> N SessaLayer (each optionally followed by an MLP) -> LayerNorm -> LM head."""
+    """Token embedding -> N SessaLayer (each optionally followed by an MLP) -> LayerNorm -> LM head.
+
+    Per-layer kv heads (`n_kv_heads` as a list) and a biased head (`lm_head_bias`) hold the common
+    reference-code LMs; the state_dict keys are listed in README.md (Checkpoints).
+    """
 
     def __init__(self, config: SessaConfig) -> None:
         super().__init__()
@@ -236,13 +240,13 @@ class SessaLM(nn.Module):
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
         self.layers = nn.ModuleList(
-            SessaLayer(c.d_model, c.n_heads, c.n_kv_heads, c.max_len, c.ln_eps,
+            SessaLayer(c.d_model, c.n_heads, kv_heads, c.max_len, c.ln_eps,
                        use_forward_rope=c.use_forward_rope, gamma_max=c.gamma_max)
-            for _ in range(c.n_layers))
+            for kv_heads in c.layer_kv_heads)
         if c.mlp_ratio > 0:
             self.mlps = nn.ModuleList(MLP(c.d_model, c.mlp_hidden, c.ln_eps) for _ in range(c.n_layers))
         self.norm_f = nn.LayerNorm(c.d_model, eps=c.ln_eps)
-        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=c.lm_head_bias)
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 

@@ -6,30 +6,93 @@ recorded source and factory are resolved, and its weights hash checked, in one p
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
 from .artifact import is_artifact, read_manifest, weights_hash
 from .checkpoint import load_checkpoint, read_state_dict
 from .errors import SessaExportError
-from .runtime import ForwardRunner, TorchRunner
+from .runtime import StepGraphRunner, TorchRunner
 from .tracer import trace
 
 
-def load_factory_model(spec: str, weights: str | Path | None) -> nn.Module:
-    """Build `package.module:factory()` and load weights (safetensors or torch state_dict) into it."""
-    module_name, _, factory_name = spec.partition(":")
-    if not module_name or not factory_name:
-        raise SessaExportError(f"--model must look like package.module:factory, got {spec!r}")
+def import_factory(spec: str) -> Callable[[], object]:
+    """The factory `spec` names: `path/to/file.py:factory` (imported from that file) or
+    `package.module:factory` (imported from the current directory or sys.path); no PYTHONPATH needed.
+
+    Only called with a spec the user gave on the command line, never one an artifact records.
+    """
+    target, _, name = spec.rpartition(":")
+    if not target or not name.isidentifier():
+        raise SessaExportError(f"--model must look like path/to/file.py:factory or package.module:factory, "
+                               f"got {spec!r}")
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        path = Path(target).expanduser()
+        if not path.is_file():
+            raise SessaExportError(f"--model {spec}: no such file {path}")
+        module_name = f"sessa_user_model_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+        module = sys.modules.get(module_name)
+        if module is None:
+            loader = importlib.util.spec_from_file_location(module_name, path)
+            module = importlib.util.module_from_spec(loader)
+            sys.modules[module_name] = module
+            with _on_sys_path(path.resolve().parent):  # the file's own imports of its neighbours
+                try:
+                    loader.loader.exec_module(module)
+                except Exception as exc:  # the user's code may raise anything
+                    del sys.modules[module_name]
+                    raise SessaExportError(f"--model {spec}: importing {path} failed: "
+                                           f"{type(exc).__name__}: {exc}") from None
+        where = str(path)
+    else:
+        with _on_sys_path(Path.cwd()):
+            try:
+                module = importlib.import_module(target)
+            except ImportError as exc:
+                raise SessaExportError(f"cannot import {spec}: {exc}") from None
+            except Exception as exc:  # the user's code may raise anything
+                raise SessaExportError(f"--model {spec}: importing {target} failed: "
+                                       f"{type(exc).__name__}: {exc}") from None
+        where = target
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        defined = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                         and getattr(v, "__module__", None) == module.__name__)
+        raise SessaExportError(f"--model {spec}: {where} defines no factory {name!r}"
+                               + (f"; it defines {', '.join(defined)}" if defined else ""))
+    return factory
+
+
+@contextmanager
+def _on_sys_path(directory: Path):
+    """`directory` first on sys.path for the duration of an import."""
+    entry = str(directory)
+    sys.path.insert(0, entry)
     try:
-        factory = getattr(importlib.import_module(module_name), factory_name)
-    except (ImportError, AttributeError) as exc:
-        raise SessaExportError(f"cannot import {spec}: {exc}") from None
-    model = factory()
+        yield
+    finally:
+        sys.path.remove(entry)
+
+
+def load_factory_model(spec: str, weights: str | Path | None) -> nn.Module:
+    """Build the module of `--model spec` and load weights (safetensors or torch state_dict) into it."""
+    factory = import_factory(spec)
+    try:
+        model = factory()
+    except Exception as exc:  # the user's code may raise anything
+        raise SessaExportError(f"--model {spec}: {spec.rpartition(':')[2]}() raised "
+                               f"{type(exc).__name__}: {exc}") from None
     if not isinstance(model, nn.Module):
-        raise SessaExportError(f"{spec}() returned {type(model).__name__}, not a torch.nn.Module")
+        raise SessaExportError(f"--model {spec}: {spec.rpartition(':')[2]}() returned {type(model).__name__}, "
+                               "not a torch.nn.Module")
     if weights is not None:
         state_dict, _ = read_state_dict(Path(weights))
         try:
@@ -78,23 +141,28 @@ def reference_runner(artifact: Path, manifest: dict, checkpoint: Path | None, mo
     """The PyTorch reference an artifact is validated against, with the same weights as it was made from.
 
     The checkpoint defaults to what the artifact records; a custom module's factory is imported only
-    when the user names it (`model`); its reference is its own forward over each prefix (ForwardRunner).
+    when the user names it (`model`); its reference is its step graph run step by step with the
+    reference mixers (StepGraphRunner), checked once against the module's own forward.
     """
     source = checkpoint or (Path(manifest["source"]) if manifest.get("source") else None)
     if model is None and manifest.get("factory"):
         refuse_recorded_factory(artifact, manifest, "validate")
-    factory = model
-    if factory is not None:
+    if model is not None:
         if manifest["input"]["kind"] != "tokens":
             raise SessaExportError(f"{artifact} takes embeddings; validate compares models that take token ids")
-        reference = ForwardRunner(load_factory_model(factory, source), manifest["input"].get("vocab_size"))
+        module = load_factory_model(model, source)
+        graph = trace(module)
+        reference = StepGraphRunner(module, graph)
     elif source is None:
         raise SessaExportError(f"{artifact} records no source checkpoint: pass --checkpoint CKPT")
     else:
         reference = TorchRunner(load_checkpoint(source))
-    if manifest.get("weights_sha256") and weights_hash(trace(reference.model)) != manifest["weights_sha256"]:
-        raise SessaExportError(f"{source or factory} is not what this export was made from (weights hash differs)")
+        graph = trace(reference.model)
+    if manifest.get("weights_sha256") and weights_hash(graph) != manifest["weights_sha256"]:
+        raise SessaExportError(f"{source or model} is not what this export was made from (weights hash differs)")
+    if model is not None:
+        reference.check_against_forward(f"--model {model}")
     return reference
 
 
-__all__ = ["load_factory_model", "load_model", "compile_source", "reference_runner"]
+__all__ = ["import_factory", "load_factory_model", "load_model", "compile_source", "reference_runner"]

@@ -20,6 +20,8 @@ from .stepgraph import Node, StepGraph
 # A module is a Sessa mixer by class, or by carrying the reference SessaMixer's parameters.
 MIXER_STRUCTURE = ("q_proj", "k_proj", "v_proj", "proj_fb", "gamma_bias", "gamma_ctx")
 
+TOKEN_INPUT = "input_ids"  # the name of every export's token input
+
 POSITION_MIXERS = {nn.Conv1d: "a convolution over time", nn.Conv2d: "a convolution",
                    nn.MultiheadAttention: "an attention that is not a Sessa mixer",
                    nn.RNN: "a recurrent layer", nn.LSTM: "a recurrent layer", nn.GRU: "a recurrent layer"}
@@ -101,7 +103,13 @@ def trace(model: nn.Module) -> StepGraph:
         names = ", ".join(n.target for n in placeholders)
         raise SessaExportError(f"{type(model).__name__}.forward must take one input (tokens [B, T] or "
                                f"embeddings [B, T, D]); it takes: {names}")
-    input_name = placeholders[0].target
+    # A token input is `input_ids` whatever forward() calls it, as in SessaLM exports; an embeddings
+    # input keeps forward()'s argument name.
+    takes_tokens = any(n.op == "call_module" and isinstance(modules.get(n.target), nn.Embedding)
+                       and n.args and n.args[0] is placeholders[0] for n in graph.nodes)
+    input_name = TOKEN_INPUT if takes_tokens else placeholders[0].target
+    value_names = {n: (input_name if n is placeholders[0] else f"{n.name}_" if n.name == input_name else n.name)
+                   for n in graph.nodes}
     # Name what mixes positions before anything else: a time convolution usually sits between
     # transposes, and refusing the first `transpose` would hide the module that is at fault.
     for n in graph.nodes:
@@ -117,7 +125,7 @@ def trace(model: nn.Module) -> StepGraph:
 
     def name_of(arg) -> str | float:
         if isinstance(arg, fx.Node):
-            return arg.name
+            return value_names[arg]
         if isinstance(arg, (int, float)) and not isinstance(arg, bool):
             return float(arg)
         raise _refuse(f"the constant {arg!r}", "is not a number")
@@ -128,11 +136,11 @@ def trace(model: nn.Module) -> StepGraph:
         if n.op == "output":
             result = n.args[0]
             if isinstance(result, fx.Node):
-                outputs["logits" if input_kind == "tokens" else "output"] = result.name
+                outputs["logits" if input_kind == "tokens" else "output"] = value_names[result]
             elif isinstance(result, dict):
-                outputs.update({str(k): v.name for k, v in result.items()})
+                outputs.update({str(k): value_names[v] for k, v in result.items()})
             elif isinstance(result, (tuple, list)):
-                outputs.update({f"output_{k}": v.name for k, v in enumerate(result)})
+                outputs.update({f"output_{k}": value_names[v] for k, v in enumerate(result)})
             continue
         if n.op == "get_attr":
             raise _refuse(f"the parameter or buffer `{n.target}`",
@@ -145,25 +153,25 @@ def trace(model: nn.Module) -> StepGraph:
                 if len(args) != 1 or n.kwargs:
                     raise _refuse(f"Sessa mixer `{n.target}`", "is called with more than its input ā")
                 mixers.append(as_sessa_mixer(module, n.target))
-                nodes.append(Node("mixer", n.name, (name_of(args[0]),), mixers[-1], n.target,
+                nodes.append(Node("mixer", value_names[n], (name_of(args[0]),), mixers[-1], n.target,
                                   {"index": len(mixers) - 1}))
             elif isinstance(module, nn.Embedding):
                 if args[0] is not placeholders[0]:
                     raise _refuse(f"embedding `{n.target}`", "is indexed by something other than the "
                                   "input tokens (a position table, for example)")
                 input_kind = "tokens"
-                nodes.append(Node("embedding", n.name, (name_of(args[0]),), module, n.target))
+                nodes.append(Node("embedding", value_names[n], (name_of(args[0]),), module, n.target))
             elif isinstance(module, nn.Linear):
-                nodes.append(Node("linear", n.name, (name_of(args[0]),), module, n.target))
+                nodes.append(Node("linear", value_names[n], (name_of(args[0]),), module, n.target))
                 input_width = input_width or (module.in_features if args[0] is placeholders[0] else None)
             elif isinstance(module, nn.LayerNorm):
                 if len(module.normalized_shape) != 1:
                     raise _refuse(f"LayerNorm `{n.target}`", "normalises over more than the last dim")
-                nodes.append(Node("layer_norm", n.name, (name_of(args[0]),), module, n.target,
+                nodes.append(Node("layer_norm", value_names[n], (name_of(args[0]),), module, n.target,
                                   {"eps": module.eps}))
                 input_width = input_width or (module.normalized_shape[0] if args[0] is placeholders[0] else None)
             elif (op := registry.for_module(module)) is not None and op.arity == 1:
-                nodes.append(Node(op.name, n.name, (name_of(args[0]),), attrs=op.module_attrs(module)))
+                nodes.append(Node(op.name, value_names[n], (name_of(args[0]),), attrs=op.module_attrs(module)))
             else:
                 why = POSITION_MIXERS.get(type(module), "is not a position-wise module the tracer knows")
                 why = f"is {why}" if type(module) in POSITION_MIXERS else why
@@ -172,14 +180,14 @@ def trace(model: nn.Module) -> StepGraph:
         op = (registry.for_function(n.target) if n.op == "call_function"
               else registry.for_method(n.target) if n.op == "call_method" else None)
         if op is not None and op.name == "split":
-            nodes.append(_split_node(n, name_of))
+            nodes.append(_split_node(n, name_of, value_names[n]))
         elif op is not None and op.arity == 2 and not n.kwargs:
-            nodes.append(Node(op.name, n.name, tuple(name_of(a) for a in n.args)))
+            nodes.append(Node(op.name, value_names[n], tuple(name_of(a) for a in n.args)))
         elif op is not None and op.arity == 1 and (n.op == "call_function" or len(n.args) == 1):
-            nodes.append(Node(op.name, n.name, (name_of(n.args[0]),), attrs=op.call_attrs(n.kwargs)))
+            nodes.append(Node(op.name, value_names[n], (name_of(n.args[0]),), attrs=op.call_attrs(n.kwargs)))
         elif n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[1], int) \
                 and isinstance(n.args[0], fx.Node) and n.args[0].target in ("split", "chunk"):
-            nodes.append(Node("getitem", n.name, (n.args[0].name,), attrs={"index": n.args[1]}))
+            nodes.append(Node("getitem", value_names[n], (value_names[n.args[0]],), attrs={"index": n.args[1]}))
         else:
             target = getattr(n.target, "__name__", str(n.target))
             raise _refuse(f"the operation `{target}` (node {n.name})",
@@ -190,11 +198,11 @@ def trace(model: nn.Module) -> StepGraph:
     return StepGraph(input_name, input_kind, input_width, nodes, outputs, mixers, config)
 
 
-def _split_node(n: fx.Node, name_of) -> Node:
+def _split_node(n: fx.Node, name_of, output: str) -> Node:
     """`x.split(size, dim=-1)` / `x.chunk(k, dim=-1)` on the feature dim only."""
     dim = n.kwargs.get("dim", n.args[2] if len(n.args) > 2 else 0)
     if dim not in (-1, 2):
         raise _refuse(f"`{n.target}` (node {n.name}) along dim {dim}",
                       "splits something other than the feature dim (-1)")
     amount = n.args[1] if len(n.args) > 1 else n.kwargs.get("split_size", n.kwargs.get("chunks"))
-    return Node("split", n.name, (name_of(n.args[0]),), attrs={n.target: amount})
+    return Node("split", output, (name_of(n.args[0]),), attrs={n.target: amount})

@@ -358,7 +358,7 @@ def test_custom_model_exported_by_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr
     manifest = json.loads((out / "sessa_config.json").read_text())
-    assert (manifest["input"]["name"], manifest["input"]["kind"]) == ("token_ids", "tokens")
+    assert (manifest["input"]["name"], manifest["input"]["kind"]) == ("input_ids", "tokens")  # not forward()'s name
     assert [(s["n_heads"], s["n_kv_heads"], s["use_forward_rope"]) for s in manifest["state"]] == \
         [(2, 2, True), (4, 2, False)]
     assert_checked_with_feedback_op(out / "model.onnx", 2)
@@ -367,7 +367,7 @@ def test_custom_model_exported_by_the_cli(tmp_path):
 
 def test_validate_custom_model_against_its_own_forward(tmp_path):
     """`validate` on a --model export: the recorded factory and weights give the reference (the
-    module's forward over each prefix); logits only, since the module has no step state."""
+    module's step graph run step by step with the reference mixers); logits and every state tensor."""
     _, weights = custom_weights("factory", tmp_path, seed=31)
     out = tmp_path / "custom"
     assert cli("export", weights, "--model", "custom_models:factory", "-o", out).exit_code == 0
@@ -379,7 +379,8 @@ def test_validate_custom_model_against_its_own_forward(tmp_path):
                  "--json", tmp_path / "report.json")
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["ok"] and all(list(case["tensors"]) == ["logits"] for case in report["cases"])
+    assert report["ok"] and all(list(case["tensors"]) == ["logits", "key", "value", "feedback_key", "feedback_state"]
+                                for case in report["cases"])
     assert 0 < max(case["tensors"]["logits"]["max_abs"] for case in report["cases"]) <= ATOL
     # the comparison is live: with no tolerance at all, rounding differences fail it
     assert cli("validate", out, "--model", "custom_models:factory", "--prefill", 24, "--decode", 8,

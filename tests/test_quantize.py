@@ -168,7 +168,7 @@ def test_fp16_types_and_float32_islands(quantized):
     assert checked["Attention"] == 2 * layers and checked["LayerNormalization"] >= layers, checked
     inits = {i.name: i.data_type for i in model.graph.initializer}
     assert all(t == F32 for n, t in inits.items() if n.startswith("rope_inv_freq"))
-    assert inits.get("lm_head.weight", inits.get("lm_head.weight_fp16")) == F16
+    assert inits.get("embed.weight", inits.get("embed.weight_fp16")) == F16  # the table the tied head reads
     runner = OrtRunner(quantized["fp16"], threads=1)
     state = runner.empty_state(1)
     assert all(v.numpy().dtype == np.float16 for v in state.values())
@@ -228,7 +228,7 @@ def test_keep_leaves_named_layers_in_float32(fp32_export, tmp_path):
     model = model_of(out)
     floats = {w.name for w in find_weights(model)}
     kept = manifest_of(out)["quantization"]["kept_weights"]
-    assert "lm_head.weight" in kept and "embed.weight" in kept
+    assert "embed.weight" in kept  # the tied LM head reads it: `--keep lm_head` names it too
     assert any(k.startswith("layers.0.") for k in kept) and not any(k.startswith("layers.1.") for k in kept)
     assert floats == set(kept)
     assert manifest_of(out)["quantization"]["keep"] == ["lm_head", "embed", "layers.0"]

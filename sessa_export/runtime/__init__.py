@@ -4,7 +4,7 @@ Every runner has `name`, `layout` (the state contract, sessa_export/state.py), `
 `vocab_size`, `empty_state(batch)`, `step(input_ids, state) -> (logits, state)` and
 `state_arrays(state)`, which names each state tensor `past_key_values.{i}.{field}`.
 
-- torch_runner.py: the PyTorch references (`TorchRunner`, `ForwardRunner`);
+- torch_runner.py: the PyTorch references (`TorchRunner`, `StepGraphRunner`);
 - ort_runner.py: ONNX Runtime on an export (`OrtRunner`);
 - tvm_runner.py: the TVM runtime on a CPU library (`TvmRunner`).
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from ..artifact import MANIFEST_NAME, read_manifest
 from ..errors import SessaExportError
 from .ort_runner import OrtRunner
-from .torch_runner import ForwardRunner, TorchRunner
+from .torch_runner import StepGraphRunner, TorchRunner
 
 
 def available_cores() -> int:
@@ -60,4 +60,4 @@ def open_runner(path: str | Path, threads: int | None = None, mobile: bool = Fal
     return TorchRunner(load_checkpoint(path))
 
 
-__all__ = ["TorchRunner", "ForwardRunner", "OrtRunner", "open_runner", "available_cores", "vocab_size"]
+__all__ = ["TorchRunner", "StepGraphRunner", "OrtRunner", "open_runner", "available_cores", "vocab_size"]

@@ -57,6 +57,8 @@ class OnnxBuilder:
         self.outputs: list[ir.Value] = []
         self.cache: dict[str, ir.Value] = {}
         self.widths = feature_widths(graph)
+        # embedding tables by the identity of their Parameter: a linear layer sharing one is tied to it
+        self.tied = {id(n.module.weight): f"{n.path}.weight" for n in graph.nodes if n.op == "embedding"}
 
     # -- the builders' shared vocabulary (ops/op.py's Builder) -----------------------------------
     def const(self, array: np.ndarray | torch.Tensor, name: str) -> ir.Value:
@@ -80,8 +82,16 @@ class OnnxBuilder:
         return OPS[name].onnx(self, Applied(attrs), *inputs)
 
     def linear(self, x: ir.Value, module: torch.nn.Linear, path: str) -> ir.Value:
-        """x @ W^T + b, with W stored transposed ([in, out]) as MatMul quantizers expect."""
-        y = self.op("MatMul", [x, self.const(module.weight.T, f"{path}.weight")])
+        """x @ W^T + b, with W stored transposed ([in, out]) as MatMul quantizers expect; a weight tied
+        to an embedding table (tie_embeddings) is that table, stored once, through a Transpose named
+        `{path}.weight`."""
+        table = self.tied.get(id(module.weight))
+        if table is not None:
+            weight = self.op("Transpose", [self.const(module.weight, table)], perm=[1, 0])
+            weight.name = f"{path}.weight"
+        else:
+            weight = self.const(module.weight.T, f"{path}.weight")
+        y = self.op("MatMul", [x, weight])
         if module.bias is not None:
             y = self.op("Add", [y, self.const(module.bias, f"{path}.bias")])
         return y

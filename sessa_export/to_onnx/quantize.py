@@ -52,6 +52,7 @@ from ..quantization import mode as quant_mode
 from . import EXTERNAL_DATA_LIMIT, MODEL_NAME, ROLE_KEY, check_model
 
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations per block, integer products
+TIED_REASON = "is tied to the LM head: kept in float32 (stored once) so the head keeps its precision"
 
 # Ops that run in float32 inside a float16 model: the LayerNorm statistics and any softmax (the
 # FeedbackAttention function and the forward attention do their own float32 accumulation); Gelu
@@ -85,6 +86,12 @@ class Weight:
     def __init__(self, name: str, node: onnx.NodeProto, dims: list[int]) -> None:
         self.name, self.node, self.dims = name, node, dims
         self.nodes = [node]  # every node that reads it (a module called twice)
+        self.tied: list[str] = []  # linear weights that are this embedding table (to_onnx's tied Transpose)
+
+    @property
+    def names(self) -> list[str]:
+        """Its name and the names of the linear weights tied to it (what --keep may call it)."""
+        return [self.name, *self.tied]
 
     @property
     def module(self) -> str:
@@ -115,20 +122,24 @@ def find_weights(model: onnx.ModelProto) -> list[Weight]:
             found[init.name] = Weight(init.name, node, list(init.dims))
         elif found[init.name].node.op_type == node.op_type:
             found[init.name].nodes.append(node)
+    for node in model.graph.node:  # a head tied to an embedding reads the table through a Transpose
+        table = found.get(node.input[0]) if node.op_type == "Transpose" and node.input else None
+        if table is not None and table.kind == "embedding":
+            table.tied.extend(node.output)
     return list(found.values())
 
 
 def split_kept(weights: list[Weight], keep: Iterable[str]) -> tuple[list[Weight], list[Weight]]:
     """(weights to quantize, weights kept in full precision); an unmatched --keep name is an error."""
     keep = [k for k in keep if k.strip()]
-    unmatched = [k for k in keep if not any(keep_matches(w.name, k) for w in weights)]
+    unmatched = [k for k in keep if not any(keep_matches(n, k) for w in weights for n in w.names)]
     if unmatched:
-        modules = sorted({w.module for w in weights})
+        modules = sorted({n.removesuffix(".weight") for w in weights for n in w.names})
         tops = sorted({".".join(m.split(".")[:depth]) for m in modules for depth in (1, 2)})
         raise SessaExportError(f"--keep {', '.join(unmatched)} matches no linear or embedding weight; "
                                f"names are module paths or prefixes such as {', '.join(tops[:12])}"
                                + (" ..." if len(tops) > 12 else ""))
-    kept = [w for w in weights if any(keep_matches(w.name, k) for k in keep)]
+    kept = [w for w in weights if any(keep_matches(n, k) for n in w.names for k in keep)]
     return [w for w in weights if w not in kept], kept
 
 
@@ -410,6 +421,10 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
     if not weights:
         raise SessaExportError(f"{src}: no linear (MatMul) or embedding (Gather) weights to quantize")
     to_quantize, kept = split_kept(weights, keep)
+    # A table tied to the LM head stays float32 under int8 / int4: stored once, read by the Gather and
+    # (transposed) by the head, whose 8-bit form with int8 activations failed int8's top-1 bar on a tied model.
+    tied = [w for w in to_quantize if w.tied] if qmode.blocks else []
+    to_quantize = [w for w in to_quantize if w not in tied]
     if qmode.blocks and not to_quantize:
         raise SessaExportError(f"--keep {', '.join(keep)} keeps all {len(weights)} linear and embedding weights in "
                                f"full precision: {qmode.name} would quantize nothing; keep fewer")
@@ -439,10 +454,12 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
         mode=qmode.name, bits=qmode.bits, block_size=block, keep=keep,
         kept_weights=[w.name for w in kept],
         quantized_weights=[w.name for w in to_quantize if w.name not in still_float32],
-        # weights a mode leaves in float32 by design: fp16 computes the feedback gain in float32
-        float_weights=[w.name for w in to_quantize if w.name in still_float32],
+        # weights a mode leaves in float32 by design: fp16 computes the feedback gain in float32; int8 and
+        # int4 keep an embedding table tied to the LM head
+        float_weights=[w.name for w in to_quantize if w.name in still_float32] + [w.name for w in tied],
         method=(f"onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer(bits={qmode.bits}, "
                 f"block_size={block}, asymmetric, round to nearest, accuracy_level={ACCURACY_LEVEL})"
+                + "".join(f"; {w.name} {TIED_REASON}" for w in tied)
                 if qmode.blocks else
                 "sessa_export.to_onnx.quantize.to_float16 (float32 softmax, LayerNorm, Gelu, gain, RoPE angles, "
                 "feedback recurrence; the gain's weights stay float32)"),
@@ -465,6 +482,16 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
         progress("loading in ONNX Runtime")
         _smoke_test(tmp)
     return new_manifest
+
+
+def left_in_float(quant: dict) -> str:
+    """What quantize left in float32 by itself (the record's float_weights), for its one-line summary."""
+    names = quant["float_weights"]
+    if not names:
+        return ""
+    why = ("the feedback gain, computed in float32" if quant["mode"] == "fp16"
+           else "tied to the LM head: the head keeps float32 precision, the table is stored once")
+    return f"; left in float32: {', '.join(names)} ({why})"
 
 
 def _role(node: onnx.NodeProto) -> str | None:
@@ -503,5 +530,5 @@ def linear_weight_bytes(path: Path) -> int:
     return total
 
 
-__all__ = ["quantize_export", "to_float16", "find_weights", "export_size",
+__all__ = ["quantize_export", "to_float16", "find_weights", "export_size", "left_in_float",
            "linear_weight_bytes"]
