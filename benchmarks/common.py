@@ -83,6 +83,25 @@ def tvm_linear(weight: np.ndarray, rows: int, packed: bool = True) -> Callable:
     return relax.VirtualMachine(executable, tvm.cpu())["main"]
 
 
+QUANT_GROUP = 32  # inputs per 16-bit scale in the decode bound's accounting of q8/q4, int8/int4 weights
+
+
+def weight_bytes(model: torch.nn.Module, bits: int | None = None) -> int:
+    """Bytes of every weight but the embedding table (the LM head included; a tied table once) at its
+    precision: float32, or with `bits` each linear weight at `bits` per value plus a 16-bit scale per
+    QUANT_GROUP inputs (biases, norms and narrow layers stay float32)."""
+    embed = getattr(model, "embed", None)
+    tied = embed is not None and any(m.weight is embed.weight for m in model.modules() if isinstance(m, torch.nn.Linear))
+    quantized = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)
+                 and m.in_features % QUANT_GROUP == 0 and m.out_features >= 16} if bits else set()
+    total = 0
+    for p in model.parameters():  # each tensor once
+        if embed is not None and p is embed.weight and not tied:
+            continue
+        total += p.numel() * (bits / 8 + 2 / QUANT_GROUP) if id(p) in quantized else p.numel() * 4
+    return int(total)
+
+
 def read_bandwidth(threads: int, gigabytes: float = 1.0, repeat: int = 5) -> tuple[float, float]:
     """Bytes/s of numpy float32 sums over a `gigabytes` array (best of `repeat`): one thread over
     the whole array, and `threads` threads each summing its own slice (numpy releases the GIL)."""

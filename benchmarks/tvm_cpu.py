@@ -16,9 +16,17 @@ bandwidth, measured with numpy sums over a 1 GiB array, one slice per thread.
 The prefill ceiling is the other way round: the linear layers' FLOPs over the fastest float32
 matmul rate measured here (torch's kernels or TVM's packed-panel rule, one q/k/v-sized product).
 
-With --quantized, `compile --quantization q8` and `q4` builds are timed in the same turns.
+With --quantized (issue 12's benchmark), in one run: TVM float32, q8 and q4 (`compile --quantization`)
+and ONNX Runtime float32, int8 and int4 (`quantize --mode`, MatMulNBits; in-place state exports),
+timed in turns at each of --contexts (default 64 and 1024): decode ms/token as a fraction of each
+artifact's own bound (every weight but the embedding table, the LM head included, at its precision:
+4 bytes, or 8 / 4 bits plus a 16-bit scale per 32 inputs, plus one read of the float32 state of the
+context, over the measured read bandwidth), and prefill tokens/s at the largest context as a
+fraction of the ceiling (the linear layers' FLOPs at torch's float32 matmul rate on the q/k/v-sized
+product, measured in the same run); then the issue's targets, met or not.
 
-Run: python benchmarks/tvm_cpu.py [--threads N] [--context 1024] [--skip-onnx] [--skip-torch] [--quantized]
+Run: python benchmarks/tvm_cpu.py [--threads N] [--context 1024] [--skip-onnx] [--skip-torch]
+     python benchmarks/tvm_cpu.py --quantized [--contexts 64,1024] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (DECODE_CONTEXT, DECODE_STEPS, config_125m, machine_description, read_bandwidth,  # noqa: E402
-                    median_ms, print_table, set_threads, tvm_linear)
+                    median_ms, print_table, set_threads, tvm_linear, weight_bytes)
 
 from sessa_export.bench import time_runners  # noqa: E402
 from sessa_export.model import SessaLM, init_weights  # noqa: E402
@@ -86,8 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--capacity", type=int, default=2048, help="compiled TVM capacity")
     parser.add_argument("--skip-onnx", action="store_true")
     parser.add_argument("--skip-torch", action="store_true")
-    parser.add_argument("--quantized", action="store_true", help="also compile and time --quantization q8 and q4")
+    parser.add_argument("--quantized", action="store_true", help="TVM fp32 / q8 / q4 against ONNX Runtime fp32 / "
+                        "int8 / int4 at --contexts, each against its own bound (issue 12)")
+    parser.add_argument("--contexts", default="64,1024", help="--quantized: decode contexts (the largest is also "
+                        "the prefill length)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the artifacts here (default: temp)")
+    parser.add_argument("--reuse", action="store_true", help="--quantized: time the artifacts already in --workdir "
+                        "instead of building them again")
     args = parser.parse_args(argv)
 
     threads = set_threads(args.threads)
@@ -101,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     graph = trace(model)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sessa-bench-tvm-"))
     vocab = model.config.vocab_size
+    if args.quantized:
+        return quantized(args, model, graph, work, threads, bandwidth)
 
     from sessa_export.to_tvm import CompileTarget, compile_graph
     from sessa_export.runtime.tvm_runner import TvmRunner
@@ -152,6 +167,77 @@ def main(argv: list[str] | None = None) -> int:
           f"faster than {args.context * fastest / flops:,.0f} tokens/s (before the two attentions)")
     if "PyTorch" in results:
         print(f"prefill target 2x PyTorch: {2 * args.context / results['PyTorch'][0]:,.0f} tokens/s")
+    return 0
+
+
+BITS = {"TVM fp32": None, "TVM q8": 8, "TVM q4": 4, "ORT fp32": None, "ORT int8": 8, "ORT int4": 4}
+
+
+def quantized(args, model: SessaLM, graph, work: Path, threads: int, bandwidth: float) -> int:
+    """Issue 12's benchmark (module docstring): six artifacts, decode at each context, prefill at the largest."""
+    from sessa_export.runtime import OrtRunner
+    from sessa_export.runtime.tvm_runner import TvmRunner
+    from sessa_export.to_onnx import export_onnx
+    from sessa_export.to_onnx.quantize import quantize_export
+    from sessa_export.to_tvm import CompileTarget, compile_graph
+
+    contexts = sorted({int(c) for c in args.contexts.split(",")})
+    runners = {}
+    built = lambda name: args.reuse and (work / name.replace(" ", "-") / "sessa_config.json").exists()  # noqa: E731
+    for name, mode in (("TVM fp32", None), ("TVM q8", "q8"), ("TVM q4", "q4")):
+        start = time.perf_counter()
+        if not built(name):
+            compile_graph(graph, work / name.replace(" ", "-"), CompileTarget("cpu", cpu=args.cpu),
+                          max_len=args.capacity, quantization=mode)
+            print(f"{name}: compiled in {time.perf_counter() - start:.0f} s", flush=True)
+        runners[name] = TvmRunner(work / name.replace(" ", "-"), threads)
+    if not args.skip_onnx:
+        if not built("ORT fp32"):
+            export_onnx(graph, work / "ORT-fp32", state="inplace")
+        for mode in ("int8", "int4"):
+            if not built(f"ORT {mode}"):
+                quantize_export(work / "ORT-fp32", work / f"ORT-{mode}", mode)
+        for name in ("ORT fp32", "ORT int8", "ORT int4"):
+            runners[name] = OrtRunner(work / name.replace(" ", "-"), threads)
+    timings = {}
+    for context in contexts:
+        print(f"timing at context {context} ({time.strftime('%H:%M:%S UTC', time.gmtime())})", flush=True)
+        timings[context] = time_runners(runners, model.config.vocab_size, context, args.decode_steps)
+    again = read_bandwidth(threads)[1]  # the machine is shared: the bound uses the best read rate seen in the run
+    print(f"read bandwidth after the timings: {again / 1e9:.1f} GB/s (before: {bandwidth / 1e9:.1f})", flush=True)
+    bandwidth = max(bandwidth, again)
+    rate = matmul_rates()["torch"]
+    prefill_at = contexts[-1]
+    flops = dense_flops(model, prefill_at)
+    ceiling = prefill_at * rate / flops  # tokens/s
+    state = model.config.state_values_per_token() * 4
+    bound = {name: {c: (weight_bytes(model, BITS[name]) + state * c) / bandwidth for c in contexts} for name in runners}
+    rows = []
+    for name in runners:
+        row = [name]
+        for c in contexts:
+            ms = timings[c][name].decode_ms_per_token
+            row += [f"{ms:.2f}", f"{bound[name][c] * 1e3:.2f}", f"{bound[name][c] * 1e3 / ms:.0%}"]
+        tokens = timings[prefill_at][name].prefill_tokens_per_s
+        rows.append(row + [f"{tokens:,.0f}", f"{tokens / ceiling:.0%}"])
+    headers = ["artifact"]
+    for c in contexts:
+        headers += [f"decode ms @{c}", "bound ms", "of bound"]
+    print_table(headers + [f"prefill tok/s T={prefill_at}", "of ceiling"], rows,
+                title=f"125M-class Sessa LM, batch 1, {threads} threads, TVM --cpu {args.cpu}; read bandwidth "
+                      f"{bandwidth / 1e9:.1f} GB/s; torch float32 matmul {rate / 1e9:.0f} GFLOP/s (1024x768 @ "
+                      f"768x2304): prefill ceiling {ceiling:,.0f} tokens/s ({flops / 1e9:.0f} GFLOP)")
+    print("targets:")
+    ms = {(name, c): timings[c][name].decode_ms_per_token for name in runners for c in contexts}
+    for name in ("TVM fp32", "TVM q8", "TVM q4"):
+        for c in contexts:
+            share = bound[name][c] * 1e3 / ms[name, c]
+            print(f"  {name} decode at {c} >= 85% of its bound: {share:.0%} {'met' if share >= 0.85 else 'NOT met'}")
+        share = timings[prefill_at][name].prefill_tokens_per_s / ceiling
+        print(f"  {name} prefill >= 70% of the ceiling: {share:.0%} {'met' if share >= 0.7 else 'NOT met'}")
+    for c, target in ((contexts[-1], 1.8), (contexts[0], 3.0)):
+        speedup = ms["TVM fp32", c] / ms["TVM q4", c]
+        print(f"  TVM q4 >= {target}x TVM fp32 at {c}: {speedup:.2f}x {'met' if speedup >= target else 'NOT met'}")
     return 0
 
 

@@ -48,8 +48,8 @@ MODES: dict[str, QuantMode] = {m.name: m for m in (
     QuantMode("int8", "onnx", 8, 32, "int8", False, "MatMulNBits / GatherBlockQuantized, 8-bit blocks"),
     QuantMode("int4", "onnx", 4, 32, "int4", False, "MatMulNBits / GatherBlockQuantized, 4-bit blocks"),
     QuantMode("fp16", "onnx", 16, None, "fp16", True, "float16 weights, activations and state"),
-    QuantMode("q8", "tvm", 8, 32, "int8", True, "int8 weights dequantized inside the matmul kernels"),
-    QuantMode("q4", "tvm", 4, 32, "int4", True, "packed int4 weights dequantized inside the matmul kernels"),
+    QuantMode("q8", "tvm", 8, 32, "int8", True, "int8 weights, integer dot products over int8 activations in decode"),
+    QuantMode("q4", "tvm", 4, 32, "int4", True, "packed int4 weights, integer dot products over int8 activations in decode"),
 )}
 
 

@@ -27,6 +27,10 @@ from sessa_export.ops.tvm_matmul import PACKED_MATMUL, packed_matmul
 
 from . import packaging
 
+# The storage scope of a task's small accumulator and register tiles: TVM puts "global" allocations
+# of constant size under 1 KiB on the stack (LLVM then keeps them in registers), "local" ones it
+# takes from the workspace pool, a call per allocation and task.
+SCRATCH = "global"
 PANELS = (32, 16, 8)  # columns per weight panel, by preference: 32 = two AVX-512 or eight NEON registers
 ROW_TILE = 8  # prefill rows per register tile (8 x 32 accumulators: 16 AVX-512 registers)
 
@@ -207,8 +211,11 @@ class CpuMatmul(dl.ScheduleRule):
     accumulators in registers, column tiles outermost so a task's panel stays in cache across
     row tiles. The rows are padded to a multiple of ROW_TILE (copies of x and of the result,
     both cheap): a row predicate would keep LLVM from holding the accumulators in registers.
-    Weight decode blocks of ops/tvm_dequant_matmul.py (named "dequantize*") lead the function:
-    they are inlined into the matmul after the padding, so no float weight is ever written.
+    Weight decode blocks of ops/tvm_dequant_matmul.py (named "dequantize*") lead the function. In a
+    matrix-vector product they are inlined into the reduction (each weight widened and scaled in
+    registers as it is used); in a prefill each task owns one panel, decodes it once into a float32
+    buffer of that panel alone and runs every row tile over it: the float weight of the whole layer
+    is never written.
     """
 
     def apply(self, func, target, _tunable):
@@ -250,7 +257,7 @@ class CpuMatmul(dl.ScheduleRule):
             width = columns if packed else _gemv_width(columns)
             col_o, col_i = (panel, col) if packed else sch.split(col, [None, width])
             sch.reorder(*outer, row, col_o, red, col_i)
-            tile = sch.fuse(*outer, row, col_o)
+            task = tile = sch.fuse(*outer, row, col_o)
             row_i = None
         else:
             width = columns if packed else (32 if columns % 32 == 0 else _vector_width(columns))
@@ -259,8 +266,6 @@ class CpuMatmul(dl.ScheduleRule):
             at = [sch.get(b).name_hint for b in blocks].index(name)
             producers, epilogues = blocks[:at], blocks[at + 1:]
             producers = [b for b in producers if sch.get(b).name_hint not in decoded]
-            for block in decoded:
-                sch.compute_inline(sch.get_sblock(block))
             for block in producers:
                 body = sch.get_loops(block)
                 sch.parallel(sch.fuse(*body[:-1]) if len(body) > 2 else body[0])
@@ -268,9 +273,16 @@ class CpuMatmul(dl.ScheduleRule):
             row_o, row_i = sch.split(row, [None, ROW_TILE])
             col_o, col_i = (panel, col) if packed else sch.split(col, [None, width])
             sch.reorder(col_o, *outer, row_o, red, row_i, col_i)
-            tile = sch.fuse(col_o, *outer, row_o)
-        sch.parallel(tile)
-        acc = sch.cache_write(matmul, 0, "local")
+            if decoded:  # a task per panel: decoded once, then every row tile over it
+                task, tile = col_o, sch.fuse(*outer, row_o)
+                for block in decoded:
+                    sch.compute_at(sch.get_sblock(block), col_o)
+                    inner = sch.get_loops(sch.get_sblock(block))[-1]
+                    _vectorize(sch, inner, _vector_width(sch.get(inner).extent))
+            else:
+                task = tile = sch.fuse(col_o, *outer, row_o)
+        sch.parallel(task)
+        acc = sch.cache_write(matmul, 0, SCRATCH)
         sch.reverse_compute_at(acc, tile)
         for block in epilogues:
             sch.reverse_compute_at(block, tile)
@@ -422,12 +434,12 @@ class CpuIntMatmul(dl.ScheduleRule):
         panel = int(sch.get(j).extent)
         sch.reorder(p, b, s, g, j)
         sch.parallel(p)
-        acc = sch.cache_write(scale, 0, "local")
+        acc = sch.cache_write(scale, 0, SCRATCH)
         sch.reverse_compute_at(acc, s)
         for block in epilogues:
             sch.reverse_compute_at(block, p)
         sch.compute_at(dot, g)
-        sch.set_scope(dot, 0, "local")
+        sch.set_scope(dot, 0, SCRATCH)
         j_dot, r4, c = sch.get_loops(dot)[-3:]
         kind = dot_instruction(target)
         if kind == "vnni512" and panel % DOT_LANES[kind]:  # panels of 8 columns: the ymm form (AVX512-VL)
@@ -438,7 +450,7 @@ class CpuIntMatmul(dl.ScheduleRule):
             sch.reorder(r4, jo, ji, c)
             if unpack is not None:
                 sch.compute_at(unpack, r4)
-                sch.set_scope(unpack, 0, "local")
+                sch.set_scope(unpack, 0, SCRATCH)
                 sch.vectorize(sch.get_loops(unpack)[-1])
             init = sch.decompose_reduction(dot, r4)
             sch.vectorize(sch.fuse(*sch.get_loops(init)[-2:]))
@@ -448,7 +460,7 @@ class CpuIntMatmul(dl.ScheduleRule):
             sch.reorder(r4, c, j_dot)
             if unpack is not None:
                 sch.compute_at(unpack, r4)
-                sch.set_scope(unpack, 0, "local")
+                sch.set_scope(unpack, 0, SCRATCH)
             _vectorize(sch, j_dot, 16)
             init = sch.decompose_reduction(dot, r4)
             _vectorize(sch, sch.get_loops(init)[-1], 16)
