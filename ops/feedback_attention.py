@@ -12,7 +12,8 @@ the block's 64 × 64 matrices and applied to its D-wide rows in one product (app
 to the rows in turn took ORT twice as long). A decode step (S = 1) skips the solve behind an If:
 its one row sees exactly the P past keys (the Loop's machinery cost ORT about 0.3 ms per layer
 and step). Everything accumulates in float32 and casts back to the input type, so float16 and
-bfloat16 models keep the spec's precision (§3).
+bfloat16 models keep the spec's precision (§3); the present key and state take the past ones'
+type, so a state may be stored narrower than the activations (export --state-dtype).
 
 Every model that uses the op carries this function, so a runtime that knows nothing of
 `ai.sessa` inlines it; a runtime with a fused kernel replaces the node.
@@ -38,7 +39,7 @@ FLOAT = 1  # onnx.TensorProto.FLOAT
 
 @script(sessa, default_opset=op)
 def FeedbackAttention(query, key, forward, gain, past_key, past_state, scale: float = 0.0):
-    present_key = op.Concat(past_key, key, axis=1)
+    present_key = op.Concat(past_key, op.CastLike(key, past_key), axis=1)  # the state may be stored narrower
     width = op.Cast(op.Shape(query, start=-1), to=FLOAT)
     given = op.Constant(value_float=scale)
     scale_used = op.Where(op.Equal(given, op.Constant(value_float=0.0)), op.Reciprocal(op.Sqrt(width)), given)
@@ -99,7 +100,7 @@ def FeedbackAttention(query, key, forward, gain, past_key, past_state, scale: fl
             solved = op.Concat(solved, op.MatMul(inverse, x), axis=1)
 
     state = op.CastLike(solved, forward)
-    present_state = op.Concat(past_state, state, axis=1)
+    present_state = op.Concat(past_state, op.CastLike(state, past_state), axis=1)
     return state, present_key, present_state
 
 

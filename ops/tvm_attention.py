@@ -40,6 +40,7 @@ from . import tvm_fastmath as fastmath
 
 NAME = "forward_attention"
 DTYPES = ("float32", "float16")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
 CAPACITY_MESSAGE = "sessa: context exceeds the compiled capacity (past + new > capacity)"
 _NEG = -3.4028234663852886e38  # float32 lowest: the running max before any key
 
@@ -64,14 +65,19 @@ class AttentionTiling:
 
 
 def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope: bool,
-                             dtype: str = "float32", tiling: AttentionTiling = AttentionTiling()) -> tirx.PrimFunc:
+                             dtype: str = "float32", tiling: AttentionTiling = AttentionTiling(),
+                             cache_dtype: str | None = None) -> tirx.PrimFunc:
     """The append + attention PrimFunc for one head layout (symbolic batch, seq_len, capacity).
 
     Signature: ``(q, k, v, inv_freq, key_cache, value_cache, past_len: int64, out)`` with
-    ``inv_freq [max(1, d/2)]`` float32 (ignored when ``rope`` is false).
+    ``inv_freq [max(1, d/2)]`` float32 (ignored when ``rope`` is false). The caches are stored in
+    ``cache_dtype`` (default ``dtype``; compile --state-dtype): rows are rounded to it when written
+    and read back as float32.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    cache_dtype = cache_dtype or dtype
+    if dtype not in DTYPES or cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES} and cache_dtype one of {CACHE_DTYPES}, "
+                         f"got {dtype!r}, {cache_dtype!r}")
     if n_heads % n_kv_heads:
         raise ValueError(f"n_heads {n_heads} is not a multiple of n_kv_heads {n_kv_heads}")
     if rope and head_dim % 2:
@@ -248,8 +254,8 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
         k = T.match_buffer(k_h, (batch, seq_len, Hkv * d), dtype)
         v = T.match_buffer(v_h, (batch, seq_len, Hkv * d), dtype)
         inv_freq = T.match_buffer(inv_freq_h, (half,), f32)
-        key_cache = T.match_buffer(key_cache_h, (batch, Hkv, capacity, d), dtype)
-        value_cache = T.match_buffer(value_cache_h, (batch, Hkv, capacity, d), dtype)
+        key_cache = T.match_buffer(key_cache_h, (batch, Hkv, capacity, d), cache_dtype)
+        value_cache = T.match_buffer(value_cache_h, (batch, Hkv, capacity, d), cache_dtype)
         out = T.match_buffer(out_h, (batch, seq_len, H * d), dtype)
         assert past_len + seq_len <= capacity, CAPACITY_MESSAGE
         # 1. append the new keys (rotated) and values to the caches
@@ -264,13 +270,13 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
                             for p in range(d // 2):
                                 even, odd = rotate(k[b, i, hk * d + 2 * p], k[b, i, hk * d + 2 * p + 1],
                                                    past_len + i, inv_freq[p])
-                                key_cache[b, hk, past_len + i, 2 * p] = even
-                                key_cache[b, hk, past_len + i, 2 * p + 1] = odd
+                                key_cache[b, hk, past_len + i, 2 * p] = T.Cast(cache_dtype, even)
+                                key_cache[b, hk, past_len + i, 2 * p + 1] = T.Cast(cache_dtype, odd)
                         else:
                             for dd in range(d):
-                                key_cache[b, hk, past_len + i, dd] = k[b, i, hk * d + dd]
+                                key_cache[b, hk, past_len + i, dd] = T.Cast(cache_dtype, k[b, i, hk * d + dd])
                         for dd in range(d):
-                            value_cache[b, hk, past_len + i, dd] = v[b, i, hk * d + dd]
+                            value_cache[b, hk, past_len + i, dd] = T.Cast(cache_dtype, v[b, i, hk * d + dd])
         else:
             for bi in T.parallel(batch * seq_len):
                 for hk in range(Hkv):
@@ -279,13 +285,13 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
                             even, odd = rotate(k[bi // seq_len, bi % seq_len, hk * d + 2 * p],
                                                k[bi // seq_len, bi % seq_len, hk * d + 2 * p + 1],
                                                past_len + bi % seq_len, inv_freq[p])
-                            key_cache[bi // seq_len, hk, past_len + bi % seq_len, 2 * p] = even
-                            key_cache[bi // seq_len, hk, past_len + bi % seq_len, 2 * p + 1] = odd
+                            key_cache[bi // seq_len, hk, past_len + bi % seq_len, 2 * p] = T.Cast(cache_dtype, even)
+                            key_cache[bi // seq_len, hk, past_len + bi % seq_len, 2 * p + 1] = T.Cast(cache_dtype, odd)
                     else:
                         for dd in T.vectorized(d):
-                            key_cache[bi // seq_len, hk, past_len + bi % seq_len, dd] = k[bi // seq_len, bi % seq_len, hk * d + dd]
+                            key_cache[bi // seq_len, hk, past_len + bi % seq_len, dd] = T.Cast(cache_dtype, k[bi // seq_len, bi % seq_len, hk * d + dd])
                     for dd in T.vectorized(d):
-                        value_cache[bi // seq_len, hk, past_len + bi % seq_len, dd] = v[bi // seq_len, bi % seq_len, hk * d + dd]
+                        value_cache[bi // seq_len, hk, past_len + bi % seq_len, dd] = T.Cast(cache_dtype, v[bi // seq_len, bi % seq_len, hk * d + dd])
         # 2. one online-softmax task per (batch, row, head)
         if gpu:
             for bx in T.thread_binding(T.ceildiv(batch * seq_len * H, threads), thread="blockIdx.x"):

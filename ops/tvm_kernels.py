@@ -67,6 +67,7 @@ from tvm.script import tirx as T
 DECODE = "feedback_attention_decode"
 PREFILL = "feedback_attention_prefill"
 DTYPES = ("float32", "float16")
+CACHE_DTYPES = ("float32", "float16", "bfloat16")
 
 _LOWEST = -3.4028234663852886e38  # running max before any key: exp(_LOWEST - m) is 0, not NaN
 
@@ -124,16 +125,20 @@ def feedback_attention_kernels(
     dtype: str = "float32",
     scale: float | None = None,
     tilings: Mapping[str, FeedbackTiling] = DEFAULT_TILINGS,
+    cache_dtype: str | None = None,
 ) -> dict[str, tirx.PrimFunc]:
     """Unscheduled decode (S = 1) and prefill (any S >= 1) PrimFuncs, keyed by global symbol.
 
-    ``scale`` defaults to ``d_model ** -0.5``, the ONNX op's default attribute.
+    ``scale`` defaults to ``d_model ** -0.5``, the ONNX op's default attribute. The caches are
+    stored in ``cache_dtype`` (default ``dtype``; compile --state-dtype).
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    cache_dtype = cache_dtype or dtype
+    if dtype not in DTYPES or cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES} and cache_dtype one of {CACHE_DTYPES}, "
+                         f"got {dtype!r}, {cache_dtype!r}")
     scale = d_model**-0.5 if scale is None else float(scale)
     return {
-        name: _feedback_attention(name, d_model, dtype, scale, tilings[name])
+        name: _feedback_attention(name, d_model, dtype, scale, tilings[name], cache_dtype)
         for name in (DECODE, PREFILL)
     }
 
@@ -144,7 +149,7 @@ def feedback_attention_module(kernels: Mapping[str, tirx.PrimFunc]) -> tvm.IRMod
 
 
 def _feedback_attention(
-    name: str, d_model: int, dtype: str, scale: float, tiling: FeedbackTiling
+    name: str, d_model: int, dtype: str, scale: float, tiling: FeedbackTiling, cache_dtype: str
 ) -> tirx.PrimFunc:
     """Build one kernel; ``name`` DECODE fixes S = 1 and drops the (empty) diagonal tile."""
     decode = name == DECODE
@@ -228,18 +233,18 @@ def _feedback_attention(
         key = T.match_buffer(key_h, (batch, seq_len, D), dtype)
         forward = T.match_buffer(forward_h, (batch, seq_len, D), dtype)
         gain = T.match_buffer(gain_h, (batch, seq_len, 1), dtype)
-        key_cache = T.match_buffer(key_cache_h, (batch, capacity, D), dtype)
-        state_cache = T.match_buffer(state_cache_h, (batch, capacity, D), dtype)
+        key_cache = T.match_buffer(key_cache_h, (batch, capacity, D), cache_dtype)
+        state_cache = T.match_buffer(state_cache_h, (batch, capacity, D), cache_dtype)
         state = T.match_buffer(state_h, (batch, seq_len, D), dtype)
         with T.sblock("root"):
             if not decode:
                 # Keys first, in a pass of their own: every row block reads them from key_cache.
                 for b, i, d in T.grid(batch, seq_len, D):
                     with T.sblock("append_key"):
-                        key_cache[b, past_len + i, d] = key[b, i, d]
+                        key_cache[b, past_len + i, d] = T.Cast(cache_dtype, key[b, i, d])
             for b, c in T.grid(batch, NC):
                 with T.sblock("task"):
-                    key_tile = T.sblock_alloc_buffer((J, KC), dtype)
+                    key_tile = T.sblock_alloc_buffer((J, KC), cache_dtype)
                     score = T.sblock_alloc_buffer((R, J), f32)
                     prob = T.sblock_alloc_buffer((R, J), f32)
                     row_max = T.sblock_alloc_buffer((R,), f32)
@@ -354,11 +359,12 @@ def _feedback_attention(
                                                     row_sum[ri] > T.float32(0), acc[ri, cq] / row_sum[ri], T.float32(0)
                                                 ),
                                             )
-                                            state_cache[b, past_len + r * R + ri, c * DC + item(cq, w)] = state[
-                                                b, r * R + ri, c * DC + item(cq, w)
-                                            ]
+                                            state_cache[b, past_len + r * R + ri, c * DC + item(cq, w)] = T.Cast(
+                                                cache_dtype, state[b, r * R + ri, c * DC + item(cq, w)]
+                                            )
                                             if decode:
                                                 # Nothing reads key P in this call: it is written last.
-                                                key_cache[b, past_len, c * DC + item(cq, w)] = key[b, 0, c * DC + item(cq, w)]
+                                                key_cache[b, past_len, c * DC + item(cq, w)] = T.Cast(
+                                                    cache_dtype, key[b, 0, c * DC + item(cq, w)])
 
     return kernel.with_attr("global_symbol", name)

@@ -272,8 +272,9 @@ def read_manifest(path: Path) -> dict:
 
 
 def state_layout(manifest: dict) -> StateLayout:
-    """The manifest's state contract."""
-    return StateLayout.from_manifest(manifest["state"], manifest.get("state_contract"))
+    """The manifest's state contract (a contract written before it recorded the state's dtype: the model's)."""
+    return StateLayout.from_manifest(manifest["state"], manifest.get("state_contract"),
+                                     dtype=manifest.get("dtype", "float32"))
 
 
 def member(path: Path, manifest: dict, key: str, default: str, verify: bool = True) -> Path:

@@ -32,6 +32,7 @@ err_console = Console(stderr=True, emoji=False)
 EXIT_CHECK_FAILED = 1
 EXIT_BAD_INPUT = 2
 DEFAULT_PREFILL, DEFAULT_DECODE = 384, 256  # validate's steps, shortened to fit an artifact unless given
+DRIFT_PROMPT = 32  # random tokens before validate's drift decode
 
 
 def command(fn: Callable) -> Callable:
@@ -155,9 +156,14 @@ def export(
     model: Optional[str] = typer.Option(None, "--model", help="path/to/file.py:factory or package.module:factory "
                                         "building an nn.Module "
                                         "whose positions meet only in Sessa mixers."),
-    state: str = typer.Option("grow", "--state", help="The state contract: grow (each step returns state "
-                              "tensors of P + S positions; opset 23) or inplace (caches of a capacity, written in "
-                              "place when bound as input and output, plus a past_sequence_length input; opset 24)."),
+    state: Optional[str] = typer.Option(None, "--state", help="The state contract: grow (the default: each step "
+                                        "returns state tensors of P + S positions; opset 23) or inplace (caches of a "
+                                        "capacity, written in place when bound as input and output, plus a "
+                                        "past_sequence_length input; opset 24)."),
+    genai: bool = typer.Option(False, "--genai", help="Write a folder ONNX Runtime GenAI loads as it is "
+                               "(onnxruntime_genai.Model): the in-place contract with the names GenAI binds under "
+                               "past_present_share_buffer, genai_config.json, and a tokenizer.json (--tokenizer, or "
+                               "byte-level for a 256-token vocabulary)."),
     ort_format: bool = typer.Option(False, "--ort-format", help="Also write OUT/model.ort (ORT format, for "
                                     "ONNX Runtime Mobile and minimal builds) and OUT/model.required_operators.config "
                                     "(its operators, for a reduced-size ORT build: --include_ops_by_config)."),
@@ -166,18 +172,25 @@ def export(
                                 "OUT/model.mobile_prefill.onnx (chunks of 64), fixed shapes, batch 1, caches of the "
                                 "model's max_len (at most 2048) written by the caller from the returned rows "
                                 "(README, ORT Mobile)."),
+    state_dtype: str = typer.Option("float32", "--state-dtype", help="The state's precision, apart from the "
+                                    "weights': float32, float16 or bfloat16 (--state inplace). Reads cast to float32 "
+                                    "and the feedback recurrence accumulates in float32; `validate` reports the cost."),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="A Hugging Face tokenizer.json for the model, "
                                              "copied into OUT (tokenizer.json, named in the manifest) so that `run OUT "
                                              "--prompt` uses it."),
 ) -> None:
     """Export to OUT/model.onnx + OUT/sessa_config.json: one step graph for prefill, chunks and decode."""
     from .sources import load_model
-    from .state import StateLayout
-    from .to_onnx import export_onnx
+    from .to_onnx import check_state, export_onnx
     from .tokenizer import tokenizer_for
     from .tracer import trace
 
-    StateLayout.from_mixers([], state)  # an unknown --state fails before any work
+    if state == "genai":
+        raise SessaExportError("--state genai: pass --genai, which also writes the files GenAI loads")
+    if genai and state not in (None, "inplace"):
+        raise SessaExportError(f"--genai writes GenAI's form of the in-place contract: drop --state {state}")
+    state = "genai" if genai else state or "grow"
+    check_state([], state, state_dtype)  # a --state or --state-dtype it cannot run fails before any work
     with console.status("loading model") as status:
         source = load_model(checkpoint, config, model)
         status.update("tracing")
@@ -186,10 +199,10 @@ def export(
             tokenizer_for(tokenizer, graph.vocab_size, "the model")  # before the export, not after it
         export_onnx(graph, out, progress=lambda msg: status.update(msg), tokenizer=tokenizer,
                     source=str(checkpoint.resolve()) if checkpoint else None, factory=model, state=state,
-                    ort_format=ort_format, mobile=mobile)
+                    state_dtype=state_dtype, ort_format=ort_format, mobile=mobile)
     size = sum(f.stat().st_size for f in out.iterdir())
     console.print(f"wrote {out}/ ({format_bytes(size)}): {len(graph.mixers)} Sessa layers, "
-                  f"inputs {graph.input_name} + {4 * len(graph.mixers)} state tensors ({state})")
+                  f"inputs {graph.input_name} + {4 * len(graph.mixers)} state tensors ({state}, {state_dtype})")
 
 
 @command
@@ -214,6 +227,9 @@ def compile(  # noqa: A001 - the command is called `compile`
     model: Optional[str] = typer.Option(None, "--model", help="path/to/file.py:factory or package.module:factory "
                                         "building an nn.Module "
                                         "whose positions meet only in Sessa mixers."),
+    state_dtype: str = typer.Option("float32", "--state-dtype", help="The caches' precision, apart from the "
+                                    "weights': float32, float16 or bfloat16. The kernels read them as float32 and "
+                                    "accumulate in float32; `validate` reports the cost."),
     quantization: str = typer.Option("none", "--quantization", help="none, q8 or q4 (--target cpu): the "
                                      "linear layers' weights (the LM head included) and the embedding table as "
                                      "int8 / packed int4 with a float16 scale per 32 inputs; decode runs integer "
@@ -233,10 +249,12 @@ def compile(  # noqa: A001 - the command is called `compile`
     from .artifact import is_artifact, read_manifest
     from .sources import compile_source, load_model
     from .to_tvm import CompileTarget, check_quantization, compile_graph
+    from .state import state_dtype as state_dtype_of
     from .tokenizer import recorded_tokenizer, tokenizer_for
     from .tracer import trace
 
     compile_target = CompileTarget(target, arch, host, cpu)  # checks target/arch/host/cpu before any work
+    state_dtype_of(state_dtype)
     check_quantization(quantization, compile_target)
     checkpoint = compile_source(source, model) if source is not None else None
     if tokenizer is None and source is not None and is_artifact(source):
@@ -250,7 +268,7 @@ def compile(  # noqa: A001 - the command is called `compile`
         compile_graph(graph, out, compile_target, max_len, progress=lambda msg: status.update(msg),
                       tokenizer=tokenizer,
                       source=str(checkpoint.resolve()) if checkpoint else None, quantization=quantization,
-                      factory=model, inputs=(source,),
+                      factory=model, inputs=(source,), state_dtype=state_dtype,
                       keep=[part.strip() for item in keep for part in item.split(",") if part.strip()])
     manifest = read_manifest(out)
     size = sum(f.stat().st_size for f in out.iterdir())
@@ -373,6 +391,9 @@ def validate(
                                "fresh state each); keep it within the model's training context."),
     chunk: int = typer.Option(128, "--chunk", min=1, help="Quantized exports: tokens per prefill step "
                               "(the state is carried between chunks)."),
+    drift: int = typer.Option(4096, "--drift", min=0, help="Artifacts with a float16/bfloat16 state: greedy decode "
+                              "steps over which the logits error is followed (shortened to the artifact's limit; "
+                              "0 skips)."),
 ) -> None:
     """Compare an export with the PyTorch reference; exit 1 when a tolerance fails.
 
@@ -391,6 +412,11 @@ def validate(
     int8: top-1 agreement >= 99% and mean KL <= 0.01 nats;
     int4: top-1 agreement >= 95% and bits per byte at most 3% above float32;
     fp16: max |logits error| <= 1e-2 x max |reference logits|.
+
+    An artifact whose state is stored in float16 or bfloat16 (--state-dtype) is held to its
+    quantization mode's bar, or with float32 weights to fp16's; and a greedy decode of --drift
+    steps follows its logits error against the float32 reference (with float32 weights it must
+    stay within the same 1e-2).
     """
     import json
 
@@ -410,8 +436,9 @@ def validate(
     manifest = read_manifest(artifact)
     reference = reference_runner(artifact, manifest, checkpoint, model)
     evaluation = _evaluation_text(artifact, manifest, vocab_size(candidate), text, given_ids, given)
-    if manifest.get("quantization"):
-        _validate_quantized(artifact, manifest, reference, candidate, evaluation, eval_bytes, window, chunk, json_out)
+    if manifest.get("quantization") or candidate.layout.dtype != "float32":
+        _validate_quantized(artifact, manifest, reference, candidate, evaluation, eval_bytes, window, chunk, json_out,
+                            drift, seed)
         return
     tol = Tolerance(atol, rtol)
     reports = []
@@ -464,18 +491,38 @@ def _evaluation_text(artifact: Path, manifest: dict, vocab: int, text: Optional[
 
 
 def _validate_quantized(artifact: Path, manifest: dict, reference, candidate, text, eval_bytes: int,
-                        window: int, chunk: int, json_out: Optional[Path]) -> None:
-    """Quality of a quantized export against the float32 reference; exit 1 when the mode's threshold fails."""
+                        window: int, chunk: int, json_out: Optional[Path], drift_steps: int, seed: int) -> None:
+    """Quality of a quantized or narrow-state artifact against the float32 reference, and the drift of a
+    narrow state; exit 1 when a bar fails."""
     import json
 
-    from .quality import describe, evaluate_artifact, render
+    import numpy as np
+
+    from rich.progress import Progress
+
+    from .quality import THRESHOLDS, describe, evaluate_artifact, render
+    from .runtime import vocab_size
 
     with console.status("evaluating against float32 (the report says on how many bytes)"):
         report, title = evaluate_artifact(artifact, manifest, reference, candidate, text, eval_bytes, window, chunk)
     render(report, console, title=f"{title}, {describe(report)}")
+    result, ok = report.to_dict(), report.ok
+    limits = [n for n in (manifest.get("max_len"), candidate.max_len) if n]  # TVM: capacity
+    prompt = np.random.default_rng(seed).integers(0, vocab_size(candidate), (1, DRIFT_PROMPT))
+    steps = min([drift_steps] + [n - DRIFT_PROMPT for n in limits])
+    if candidate.layout.dtype != "float32" and steps > 0:
+        from .drift import greedy_drift, render as render_drift
+
+        bar = None if manifest.get("quantization") else THRESHOLDS["state"][0][2]
+        with Progress(console=err_console, transient=True) as bars:
+            task = bars.add_task(f"drift over {steps} greedy steps", total=steps)
+            drift = greedy_drift(reference, candidate, prompt, steps, candidate.layout.dtype, bar,
+                                 progress=lambda done: bars.update(task, completed=done))
+        render_drift(drift, console)
+        result["drift"], ok = drift.to_dict(), ok and drift.ok
     if json_out is not None:
-        json_out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    if not report.ok:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
+    if not ok:
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 

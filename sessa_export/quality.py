@@ -23,7 +23,8 @@ Thresholds per mode (`THRESHOLDS`; `validate` exits 1 when one fails):
 - int8: top-1 agreement >= 99% and mean KL <= 0.01;
 - int4: top-1 agreement >= 95% and bits per byte at most 3% above float32 (set for block 32;
   larger blocks are held to the same bar);
-- fp16: max |logits error| <= 1e-2 of the logits' scale.
+- fp16: max |logits error| <= 1e-2 of the logits' scale;
+- state: the same, for float32 weights with a float16 or bfloat16 state (--state-dtype).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ THRESHOLDS: dict[str, list[tuple[str, str, float]]] = {
     "int8": [("top1_agreement", ">=", 0.99), ("kl_mean", "<=", 0.01)],
     "int4": [("top1_agreement", ">=", 0.95), ("bpb_increase", "<=", 0.03)],
     "fp16": [("logits_error", "<=", 1e-2)],
+    "state": [("logits_error", "<=", 1e-2)],
 }
 
 LABELS = {
@@ -233,11 +235,16 @@ def evaluate(reference, candidate, mode: str, text: bytes | np.ndarray, length: 
 def evaluate_artifact(artifact: Path, manifest: dict, reference, candidate, text: bytes | np.ndarray,
                       length: int = DEFAULT_BYTES, window: int = DEFAULT_WINDOW,
                       chunk: int = DEFAULT_CHUNK) -> tuple[QualityReport, str]:
-    """The quality report of a quantized artifact (its mode's bar, quantization.MODES) and a title."""
-    from .artifact import MANIFEST_NAME
+    """The quality report of a quantized artifact (its mode's bar, quantization.MODES), or of one whose state
+    is stored narrower than float32 (the "state" bar), and a title."""
+    from .artifact import MANIFEST_NAME, state_layout
     from .quantization import MODES
 
-    quant = manifest["quantization"]
+    state = state_layout(manifest).dtype
+    quant = manifest.get("quantization")
+    if not quant:
+        report = evaluate(reference, candidate, "state", text, length, window, chunk)
+        return report, f"{artifact}: {state} state vs float32 reference"
     mode = MODES.get(quant.get("mode")) if isinstance(quant.get("mode"), str) else None
     if mode is None or mode.backend != manifest["format"]:
         names = [name for name, m in MODES.items() if m.backend == manifest["format"]]
@@ -247,7 +254,8 @@ def evaluate_artifact(artifact: Path, manifest: dict, reference, candidate, text
                       size_reference=quant.get("source_size_bytes"), size_quantized=quant.get("size_bytes"))
     block = f", block {quant['block_size']}" if quant.get("block_size") else ""
     kept = f", kept in full precision: {', '.join(quant['keep'])}" if quant.get("keep") else ""
-    return report, f"{artifact}: {mode.name}{block}{kept} vs float32 reference"
+    narrow = f", {state} state" if state != "float32" and mode.name != "fp16" else ""
+    return report, f"{artifact}: {mode.name}{block}{kept}{narrow} vs float32 reference"
 
 
 def describe(report: QualityReport) -> str:
@@ -283,8 +291,9 @@ def render(report: QualityReport, console, title: str = "") -> None:
     row("logits_error", "max |logits error| / max |ref|",
         f"{report.logits_max_abs:.3e} / {report.logits_scale:.3g} = {report.logits_error:.2e}")
     ratio = f" ({report.size_ratio:.2f}x)" if report.size_ratio else ""
-    row("size", "size on disk float32 -> quantized",
-        f"{format_bytes(report.size_reference)} -> {format_bytes(report.size_quantized)}{ratio}")
+    if report.size_reference or report.size_quantized:  # unknown for a float32-weights artifact with a narrow state
+        row("size", "size on disk float32 -> quantized",
+            f"{format_bytes(report.size_reference)} -> {format_bytes(report.size_quantized)}{ratio}")
     console.print(table)
     console.print("[green]PASS[/green]" if report.ok else
                   "[red]FAIL[/red]: " + "; ".join(f"{LABELS[c.metric].format(unit=report.unit)} {c.value:.4g} "

@@ -12,7 +12,7 @@ positions. The exporters, runners, validation, benchmarks and the C++ example re
 manifest's "state" list is `StateLayout.to_manifest()`); nothing guesses a tensor's kind.
 
 Calling convention of a step: the data input, then the state tensors in `names()` order (layer
-by layer, fields in FIELDS order). Two contracts (`CONTRACTS`):
+by layer, fields in FIELDS order). Three contracts (`CONTRACTS`):
 
 - "grow": the state tensors hold exactly P positions (axis "past"); the ONNX graph returns
   `present.{i}.{field}` with P + S positions, which become the next step's past.
@@ -22,6 +22,16 @@ by layer, fields in FIELDS order). Two contracts (`CONTRACTS`):
   buffers as the inputs, nothing is copied. The caller grows C with the context (`capacity_for`:
   whole blocks of CAPACITY_BLOCK positions, at most max_len) and copies the valid rows once when
   it does. A TVM module takes caches the same way, with C fixed when it is compiled.
+- "genai": "inplace" as ONNX Runtime GenAI binds a decoder with `past_present_share_buffer`: each
+  layer's key / value are KV layer i (`past_key_values.{i}.key` / `.value`), its feedback_key /
+  feedback_state KV layer L + i with one head of width d_model ([batch, 1, capacity, d_model]),
+  and the length is given as `attention_mask` [batch, P + S] (all ones; P = its width − S).
+  Tensors keep their FIELDS names everywhere else (`names()`); `graph_name` maps them.
+
+The state's precision (`STATE_DTYPES`: float32, float16, bfloat16) is the layout's too, chosen
+apart from the weights': the caches store it, every read casts to float32 and the recurrence
+accumulates in float32 (spec §3). numpy has no bfloat16, so a bfloat16 state is held in uint16
+arrays of the same bits (`StateDType.storage`).
 """
 
 from __future__ import annotations
@@ -35,11 +45,40 @@ from .errors import SessaExportError
 
 FIELDS = ("key", "value", "feedback_key", "feedback_state")
 BATCH, PAST = "batch", "past"  # the symbolic axes of every state tensor
-GROW, INPLACE = "grow", "inplace"
-CONTRACTS = (GROW, INPLACE)
-POSITIONS = {GROW: PAST, INPLACE: "capacity"}  # the name of the positions axis under each contract
+GROW, INPLACE, GENAI = "grow", "inplace", "genai"
+CONTRACTS = (GROW, INPLACE, GENAI)
+POSITIONS = {GROW: PAST, INPLACE: "capacity", GENAI: "capacity"}  # the positions axis under each contract
 PAST_LENGTH = "past_sequence_length"  # the in-place contract's input: P
+ATTENTION_MASK = "attention_mask"  # the genai contract's: [batch, P + S]
+FEEDBACK_FIELDS = ("feedback_key", "feedback_state")
 CAPACITY_BLOCK = 256  # in-place capacities are whole blocks of positions
+
+
+@dataclass(frozen=True)
+class StateDType:
+    """One precision the state can be stored in: its numpy storage, ONNX type and size."""
+
+    name: str
+    storage: type  # the numpy dtype of the arrays that hold it
+    onnx_type: int  # onnx.TensorProto element type
+    itemsize: int
+
+    def to_float32(self, array: np.ndarray) -> np.ndarray:
+        """The stored values as float32."""
+        if self.name == "bfloat16":
+            return (np.asarray(array, np.uint16).astype(np.uint32) << 16).view(np.float32)
+        return np.asarray(array).astype(np.float32)
+
+
+STATE_DTYPES = {d.name: d for d in (StateDType("float32", np.float32, 1, 4), StateDType("float16", np.float16, 10, 2),
+                                    StateDType("bfloat16", np.uint16, 16, 2))}
+
+
+def state_dtype(name: str) -> StateDType:
+    """The STATE_DTYPES entry called `name`; a clear error for any other."""
+    if name not in STATE_DTYPES:
+        raise SessaExportError(f"unknown --state-dtype {name!r}; choose one of {', '.join(STATE_DTYPES)}")
+    return STATE_DTYPES[name]
 
 
 def capacity_for(positions: int, max_len: int | None) -> int:
@@ -91,26 +130,32 @@ class LayerLayout:
 
 @dataclass(frozen=True)
 class StateLayout:
-    """Every layer's state, in call order, under one contract ("grow" or "inplace")."""
+    """Every layer's state, in call order, under one contract ("grow" or "inplace") and one precision."""
 
     layers: tuple[LayerLayout, ...]
     contract: str = GROW
+    dtype: str = "float32"  # a STATE_DTYPES name
 
     @classmethod
-    def from_mixers(cls, mixers: Sequence, contract: str = GROW) -> StateLayout:
+    def from_mixers(cls, mixers: Sequence, contract: str = GROW, dtype: str = "float32") -> StateLayout:
         """The layout of a model's Sessa mixers (sessa_export.model.SessaMixer), in order."""
         if contract not in CONTRACTS:
             raise SessaExportError(f"unknown --state {contract!r}; choose one of {', '.join(CONTRACTS)}")
+        state_dtype(dtype)
         return cls(tuple(LayerLayout(i, m.n_heads, m.n_kv_heads, m.head_dim, m.D, bool(m.use_forward_rope),
-                                     float(m.gamma_max)) for i, m in enumerate(mixers)), contract)
+                                     float(m.gamma_max)) for i, m in enumerate(mixers)), contract, dtype)
 
     @classmethod
-    def from_manifest(cls, entries: object, contract: object = None, where: str = "sessa_config.json") -> StateLayout:
+    def from_manifest(cls, entries: object, contract: object = None, where: str = "sessa_config.json",
+                      dtype: str = "float32") -> StateLayout:
         """Read the manifest's "state" list and "state_contract" (what `to_manifest` and `contract_manifest`
-        wrote; no contract: "grow"); a clear error when they do not fit."""
+        wrote; no contract: "grow"; no "dtype" in it: `dtype`, the model's); a clear error when they do not fit."""
         kind = GROW if contract is None else contract.get("kind") if isinstance(contract, dict) else None
         if kind not in CONTRACTS:
             raise SessaExportError(f"{where}: unknown \"state_contract\" {contract!r}; re-run the export")
+        dtype = contract.get("dtype", dtype) if isinstance(contract, dict) else dtype
+        if dtype not in STATE_DTYPES:
+            raise SessaExportError(f"{where}: unknown state dtype {dtype!r}; re-run the export")
         keys = ("n_heads", "n_kv_heads", "head_dim", "d_model")
         if not isinstance(entries, list):
             raise SessaExportError(f"{where}: \"state\" must be a list of layers; re-run the export")
@@ -122,7 +167,7 @@ class StateLayout:
                                        "re-run the export")
             layers.append(LayerLayout(i, *(entry[k] for k in keys), bool(entry.get("use_forward_rope", False)),
                                      float(entry.get("gamma_max", 0.0))))
-        layout = cls(tuple(layers), kind)
+        layout = cls(tuple(layers), kind, dtype)
         contract = ("past", "present", "shapes")  # manifests before "fields" was written hold the same
         if any({k: e.get(k) for k in contract} != {k: w[k] for k in contract}
                for e, w in zip(entries, layout.to_manifest())):
@@ -135,8 +180,8 @@ class StateLayout:
         return [{
             "layer": s.layer,
             "fields": list(FIELDS),
-            "past": {f: past_name(s.layer, f) for f in FIELDS},
-            "present": {f: present_name(s.layer, f) for f in FIELDS},
+            "past": {f: self.graph_name(s.layer, f) for f in FIELDS},
+            "present": {f: self.graph_name(s.layer, f, present=True) for f in FIELDS},
             "shapes": {f: self.axes(s, f) for f in FIELDS},
             "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "head_dim": s.head_dim,
             "d_model": s.d_model, "use_forward_rope": s.use_forward_rope, "gamma_max": s.gamma_max,
@@ -146,15 +191,28 @@ class StateLayout:
         """The manifest's "state_contract": which form, and for "inplace" its length input, capacity rule
         and which outputs alias which inputs."""
         if self.contract == GROW:
-            return {"kind": GROW}
-        return {"kind": INPLACE, "past_length_input": PAST_LENGTH, "capacity_axis": POSITIONS[INPLACE],
+            return {"kind": GROW, "dtype": self.dtype}
+        length = ({"past_length_input": PAST_LENGTH} if self.contract == INPLACE else
+                  {"attention_mask_input": ATTENTION_MASK, "past_length": "the attention mask's width minus the new "
+                   "positions (its values are not read)"})
+        return {"kind": self.contract, "dtype": self.dtype, **length, "capacity_axis": POSITIONS[self.contract],
                 "capacity_rule": f"whole blocks of {CAPACITY_BLOCK} positions, at most max_len; "
                                  "the caller copies the valid rows into larger caches when one fills",
                 "aliases": {present: past for present, past in self.present_of().items()}}
 
     def axes(self, layer: LayerLayout, field: str) -> list:
-        """Axes of `field` of `layer` under this contract (positions axis "past" or "capacity")."""
-        return [POSITIONS[self.contract] if a == PAST else a for a in layer.axes(field)]
+        """Axes of `field` of `layer` as the graph holds it (positions axis "past" or "capacity"; genai gives
+        the feedback fields a head axis of 1)."""
+        axes = [POSITIONS[self.contract] if a == PAST else a for a in layer.axes(field)]
+        return axes[:1] + [1] + axes[1:] if self.contract == GENAI and field in FEEDBACK_FIELDS else axes
+
+    def graph_name(self, layer: int, field: str, present: bool = False) -> str:
+        """The graph's name of a state input (or output, `present`): FIELDS names, or genai's KV layers."""
+        if self.contract != GENAI:
+            return present_name(layer, field) if present else past_name(layer, field)
+        kv_layer = layer + len(self.layers) if field in FEEDBACK_FIELDS else layer
+        kind = "key" if field in ("key", "feedback_key") else "value"
+        return f"present.{kv_layer}.{kind}" if present else f"past_key_values.{kv_layer}.{kind}"
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -170,8 +228,8 @@ class StateLayout:
         return [past_name(layer.layer, field) for layer, field in self.tensors()]
 
     def present_of(self) -> dict[str, str]:
-        """present name -> the past name it feeds next step."""
-        return {present_name(layer.layer, f): past_name(layer.layer, f) for layer, f in self.tensors()}
+        """The graph's present name -> the past name (`names()`) it feeds next step."""
+        return {self.graph_name(layer.layer, f, present=True): past_name(layer.layer, f) for layer, f in self.tensors()}
 
     def field_of(self, name: str) -> str:
         """The field of a past tensor name (`past_key_values.{i}.{field}`)."""
@@ -180,14 +238,23 @@ class StateLayout:
             raise KeyError(name)
         return field
 
-    @staticmethod
-    def position_axis(field: str) -> int:
-        """The axis of `field` that counts positions."""
-        return LayerLayout(0, 1, 1, 1, 1, False, 0.0).axes(field).index(PAST)
+    def position_axis(self, field: str) -> int:
+        """The axis of `field` that counts positions, as the graph holds it."""
+        return self.axes(LayerLayout(0, 1, 1, 1, 1, False, 0.0), field).index(POSITIONS[self.contract])
 
-    def zeros(self, batch: int, positions: int = 0, dtype=np.float32) -> dict[str, np.ndarray]:
-        """Every state tensor, zero-filled, named by `names()`."""
-        return {past_name(layer.layer, f): np.zeros(layer.shape(f, batch, positions), dtype)
+    @property
+    def storage(self) -> StateDType:
+        """The state's precision (STATE_DTYPES)."""
+        return STATE_DTYPES[self.dtype]
+
+    def shape(self, layer: LayerLayout, field: str, batch: int, positions: int) -> list[int]:
+        """The concrete shape of a state tensor as the graph holds it."""
+        return [batch if a == BATCH else positions if a == POSITIONS[self.contract] else a
+                for a in self.axes(layer, field)]
+
+    def zeros(self, batch: int, positions: int = 0) -> dict[str, np.ndarray]:
+        """Every state tensor, zero-filled in the state's storage dtype as the graph holds it, named by `names()`."""
+        return {past_name(layer.layer, f): np.zeros(self.shape(layer, f, batch, positions), self.storage.storage)
                 for layer, f in self.tensors()}
 
     def positions_held(self, batch: int, shapes: Mapping[str, Sequence[int]]) -> int:
@@ -200,13 +267,13 @@ class StateLayout:
             raise SessaExportError("the state does not fit the model: "
                                    + "; ".join(f"{what}: {', '.join(names)}" for what, names in
                                                (("missing", missing), ("unexpected", unexpected)) if names))
-        held = set()
+        held, positions = set(), POSITIONS[self.contract]
         for layer, field in self.tensors():
-            name, shape, axes = past_name(layer.layer, field), list(shapes[past_name(layer.layer, field)]), layer.axes(field)
-            want = [batch if a == BATCH else POSITIONS[self.contract] if a == PAST else a for a in axes]
-            if len(shape) != len(axes) or any(a != PAST and w != got for a, w, got in zip(axes, want, shape)):
+            name, axes = past_name(layer.layer, field), self.axes(layer, field)
+            shape, want = list(shapes[name]), [batch if a == BATCH else a for a in axes]
+            if len(shape) != len(axes) or any(a != positions and w != got for a, w, got in zip(axes, want, shape)):
                 raise SessaExportError(f"state tensor {name} has shape {shape}, expected {want}")
-            held.add(shape[axes.index(PAST)])
+            held.add(shape[axes.index(positions)])
         if len(held) > 1:
             raise SessaExportError(f"the state tensors hold different numbers of past positions: {sorted(held)}")
         return held.pop() if held else 0
@@ -216,5 +283,6 @@ class StateLayout:
         return sum(layer.values_per_position() for layer in self.layers)
 
 
-__all__ = ["FIELDS", "CONTRACTS", "GROW", "INPLACE", "PAST_LENGTH", "LayerLayout", "StateLayout", "capacity_for",
+__all__ = ["FIELDS", "CONTRACTS", "GROW", "INPLACE", "GENAI", "PAST_LENGTH", "ATTENTION_MASK", "STATE_DTYPES", "StateDType", "state_dtype",
+           "LayerLayout", "StateLayout", "capacity_for",
            "past_name", "present_name"]

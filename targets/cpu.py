@@ -167,10 +167,11 @@ def scheduled_feedback_attention(
     host: str | None = None,
     cpu: str | None = None,
     d_chunks: int | None = None,
+    cache_dtype: str | None = None,
 ) -> tuple[Target, dict[str, tirx.PrimFunc]]:
     """The CPU target and both kernels, tiled and scheduled for it (keyed by global symbol)."""
     tgt = tvm_target(arch, host, cpu)
-    kernels = feedback_attention_kernels(d_model, dtype, scale, feedback_tilings(d_model, tgt, d_chunks))
+    kernels = feedback_attention_kernels(d_model, dtype, scale, feedback_tilings(d_model, tgt, d_chunks), cache_dtype)
     return tgt, {name: schedule_feedback_attention(func, tgt) for name, func in kernels.items()}
 
 

@@ -34,7 +34,7 @@ def feedback_tilings(d_model: int, dtype: str, threads: int, key_tile_bytes: int
     """
     rows = 16
     shapes = {DECODE: (1, threads), PREFILL: (rows, max(rows, threads // rows))}
-    itemsize = 2 if dtype == "float16" else 4
+    itemsize = 2 if dtype in ("float16", "bfloat16") else 4
     tilings = {}
     for name, (block_rows, key_tile) in shapes.items():
         cols = _largest_divisor(d_model, key_tile_bytes // (key_tile * itemsize))
@@ -106,9 +106,11 @@ class GpuRules:
         return feedback_tilings(d_model, dtype, self.threads, self.key_tile_bytes)
 
     def scheduled_feedback_attention(self, d_model: int, dtype: str = "float32", scale: float | None = None,
-                                     arch: str | None = None, host: str | None = None):
+                                     arch: str | None = None, host: str | None = None,
+                                     cache_dtype: str | None = None):
         """The target and both FeedbackAttention kernels, tiled and scheduled under these limits."""
-        kernels = feedback_attention_kernels(d_model, dtype, scale, self.feedback_tilings(d_model, dtype))
+        kernels = feedback_attention_kernels(d_model, dtype, scale, self.feedback_tilings(d_model, cache_dtype or dtype),
+                                             cache_dtype)
         return self.tvm_target(arch, host), {name: schedule_feedback_attention(func, self.threads)
                                              for name, func in kernels.items()}
 

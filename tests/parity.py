@@ -113,3 +113,19 @@ PARITY_CHECKS = {
 def models_per_config(make_lm) -> dict:
     """One random model per CONFIGS entry (fixed seeds), for the back ends' parity tests."""
     return {name: make_lm(seed=10 + i, std=0.2, **fields) for i, (name, fields) in enumerate(CONFIGS.items())}
+
+
+def assert_written_in_place(runner, ids: np.ndarray):
+    """A prefill of 10 tokens, then one decode step on an in-place runner: the step keeps the caches'
+    memory, leaves rows < 10 as they were and writes row 10. Returns the state after it and the pointers."""
+    _, state = runner.step(ids[:, :10], runner.empty_state(ids.shape[0]))
+    pointers = {name: value.data_ptr() for name, value in state.values.items()}
+    before = {name: array.copy() for name, array in state.arrays.items()}
+    _, after = runner.step(ids[:, 10:11], state)
+    assert {name: value.data_ptr() for name, value in after.values.items()} == pointers, "a step moved the caches"
+    assert after.arrays is state.arrays and after.past == 11
+    for name, array in after.arrays.items():
+        axis = runner.layout.position_axis(runner.layout.field_of(name))
+        assert np.array_equal(np.take(array, range(10), axis), np.take(before[name], range(10), axis)), name
+        assert not np.array_equal(np.take(array, [10], axis), np.take(before[name], [10], axis)), f"{name}: row 10"
+    return after, pointers

@@ -98,7 +98,8 @@ def test_runners_read_one_state_layout(make_lm, tmp_path):
     assert layouts[0] == layouts[1] == layouts[2]
     layer = layouts[0].layers[1]
     assert layer.shape("key", 3, 5) == [3, 2, 5, WIDTH // 4] and layer.shape("feedback_state", 3, 5) == [3, 5, WIDTH]
-    assert [StateLayout.position_axis(f) for f in FIELDS] == [2, 2, 1, 1]
+    assert [StateLayout(()).position_axis(f) for f in FIELDS] == [2, 2, 1, 1]
+    assert [StateLayout((), "genai").position_axis(f) for f in FIELDS] == [2, 2, 2, 2]
     assert layouts[0].values_per_position() == model.config.state_values_per_token()
 
 

@@ -141,6 +141,20 @@ def test_greedy_matches_pytorch(program, artifact, model, prompt, n_new):
     assert_greedy_matches(program, artifact, model, prompt, n_new)
 
 
+def test_a_float16_state_library_runs_as_in_python(program, tmp_path):
+    """compile --state-dtype float16: the program allocates float16 caches (from the manifest) and prints
+    the bytes the Python runner's greedy decode of the same library gives."""
+    from sessa_export.generate import Sampling, generate
+    from sessa_export.runtime.tvm_runner import TvmRunner
+
+    artifact = compile_cpu(tmp_path / "tiny16", "--state-dtype", "float16")
+    prompt, n_new = CASES[0]
+    expected = generate(TvmRunner(artifact, threads=1), np.array([encode(prompt)]), n_new, Sampling()).tokens[0]
+    result = run(program, artifact, prompt, n_new)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert result.stdout == bytes(int(t) for t in expected)
+
+
 def test_capacity_is_checked(program, artifact):
     full = run(program, artifact, "x" * 100, CAPACITY - 100 + 1)  # 100 + n - 1 = 128 positions: fits
     assert full.returncode == 0 and len(full.stdout) == CAPACITY - 100 + 1, full.stderr

@@ -165,7 +165,17 @@ static int Run(int argc, char** argv) {
   // Caches: the state layout of the manifest ("state": per layer its "fields" in call order and
   // their "shapes"); "batch" -> 1, "past" -> capacity. Allocated once; `step` writes rows
   // P..P+S-1 of each in place.
-  const DLDataType f32{kDLFloat, 32, 1}, i64{kDLInt, 64, 1};
+  // ... in the state's dtype ("state_contract"."dtype": compile --state-dtype; float32 before it was recorded)
+  const DLDataType i64{kDLInt, 64, 1};
+  std::string state_dtype = "float32";
+  if (manifest.find(ffi::String("state_contract")) != manifest.end()) {
+    json::Object contract = manifest.at(ffi::String("state_contract")).cast<json::Object>();
+    if (contract.find(ffi::String("dtype")) != contract.end()) state_dtype = Str(contract, "dtype");
+  }
+  const DLDataType cache_type = state_dtype == "float32"    ? DLDataType{kDLFloat, 32, 1}
+                                : state_dtype == "float16"  ? DLDataType{kDLFloat, 16, 1}
+                                : state_dtype == "bfloat16" ? DLDataType{kDLBfloat, 16, 1}
+                                                            : throw std::runtime_error("unknown state dtype " + state_dtype);
   std::vector<ffi::Tensor> caches;
   size_t cache_bytes = 0;
   for (const ffi::Any& item : manifest.at(ffi::String("state")).cast<json::Array>()) {
@@ -181,7 +191,7 @@ static int Run(int argc, char** argv) {
         else
           shape.push_back(dim.cast<int64_t>());
       }
-      caches.push_back(Empty(shape, f32));
+      caches.push_back(Empty(shape, cache_type));
       cache_bytes += ffi::GetDataSize(caches.back());
     }
   }

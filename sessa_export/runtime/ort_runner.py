@@ -19,7 +19,7 @@ import numpy as np
 
 from ..artifact import member, read_manifest, state_layout
 from ..errors import SessaExportError
-from ..state import INPLACE, PAST_LENGTH, capacity_for
+from ..state import ATTENTION_MASK, GENAI, GROW, PAST_LENGTH, capacity_for
 from .cache_writes import CacheWrites
 
 
@@ -40,7 +40,8 @@ class CacheState:
         from onnxruntime import OrtValue
 
         arrays = {name: array.copy() for name, array in self.arrays.items()}
-        values = {name: OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        values = {name: OrtValue.ortvalue_from_numpy_with_onnx_type(array, self.values[name].element_type())
+                  for name, array in arrays.items()}
         return CacheState(arrays, values, self.past, self.batch, self.capacity)
 
 
@@ -72,25 +73,31 @@ class OrtRunner:
         self.layout = state_layout(self.manifest)
         self.present_of = self.layout.present_of()
         self.present_name = {past: present for present, past in self.present_of.items()}
+        self.graph_input = {name: self.layout.graph_name(layer.layer, field)  # genai names them as KV layers
+                            for name, (layer, field) in zip(self.layout.names(), self.layout.tensors())}
         self.dtype = np.float16 if self.manifest.get("dtype") == "float16" else np.float32
+        self.storage = self.layout.storage  # the state's precision
         self.max_len = self.manifest.get("max_len")
-        self.inplace = self.layout.contract == INPLACE
+        self.inplace = self.layout.contract != GROW
 
     def empty_state(self, batch: int) -> dict | CacheState:
         if self.inplace:
             return self._caches(batch, capacity_for(1, self.max_len))
-        return {name: self._ort.OrtValue.ortvalue_from_numpy(array)
-                for name, array in self.layout.zeros(batch, 0, self.dtype).items()}
+        return {name: self._value(array) for name, array in self.layout.zeros(batch, 0).items()}
+
+    def _value(self, array: np.ndarray):
+        """An OrtValue over `array`'s memory, typed as the state's dtype (bfloat16 from its uint16 bits)."""
+        return self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, self.storage.onnx_type)
 
     def _caches(self, batch: int, capacity: int, state: CacheState | None = None) -> CacheState:
         """Zeroed caches of `capacity`, holding the valid rows of `state` if given."""
-        arrays = self.layout.zeros(batch, capacity, self.dtype)
+        arrays = self.layout.zeros(batch, capacity)
         if state is not None:
             for (layer, field), (name, array) in zip(self.layout.tensors(), arrays.items()):
                 rows = [slice(None)] * array.ndim
                 rows[self.layout.position_axis(field)] = slice(0, state.past)
                 array[tuple(rows)] = state.arrays[name][tuple(rows)]
-        values = {name: self._ort.OrtValue.ortvalue_from_numpy(array) for name, array in arrays.items()}
+        values = {name: self._value(array) for name, array in arrays.items()}
         return CacheState(arrays, values, 0 if state is None else state.past, batch, capacity)
 
     def step(self, input_ids: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
@@ -146,9 +153,12 @@ class OrtRunner:
         """One session run with the caches bound as input and output; the logits."""
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.input_name, np.ascontiguousarray(self._feed(input_ids)))
-        binding.bind_cpu_input(PAST_LENGTH, np.array(state.past, dtype=np.int64))
+        if self.layout.contract == GENAI:
+            binding.bind_cpu_input(ATTENTION_MASK, np.ones((state.batch, state.past + input_ids.shape[1]), np.int64))
+        else:
+            binding.bind_cpu_input(PAST_LENGTH, np.array(state.past, dtype=np.int64))
         for name, value in state.values.items():
-            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_input(self.graph_input[name], value)
             binding.bind_ortvalue_output(self.present_name[name], value)
         binding.bind_output(self.manifest["outputs"][0])
         try:
@@ -159,6 +169,8 @@ class OrtRunner:
 
     def state_arrays(self, state: dict | CacheState) -> dict[str, np.ndarray]:
         if isinstance(state, CacheState):
-            return {name: np.take(array, range(state.past), axis=self.layout.position_axis(field)).astype(np.float32)
+            rows = {name: np.take(array, range(state.past), axis=self.layout.position_axis(field)).reshape(
+                        layer.shape(field, state.batch, state.past))  # genai's head axis of 1 dropped
                     for (layer, field), (name, array) in zip(self.layout.tensors(), state.arrays.items())}
-        return {name: value.numpy().astype(np.float32) for name, value in state.items()}
+            return {name: self.storage.to_float32(array) for name, array in rows.items()}
+        return {name: self.storage.to_float32(value.numpy()) for name, value in state.items()}

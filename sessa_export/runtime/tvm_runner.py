@@ -94,7 +94,7 @@ class TvmRunner:
 
     def empty_state(self, batch: int) -> TvmState:
         """Caches for `batch` sequences, capacity rows each, uninitialised: only rows < P are read."""
-        caches = [self._tvm.runtime.empty(layer.shape(f, batch, self.capacity), "float32", self._tvm.cpu())
+        caches = [self._tvm.runtime.empty(layer.shape(f, batch, self.capacity), self.layout.dtype, self._tvm.cpu())
                   for layer, f in self.layout.tensors()]
         return TvmState(tuple(caches), 0, batch)
 
@@ -130,10 +130,10 @@ class TvmRunner:
         for name, (layer, field), cache in zip(self.layout.names(), self.layout.tensors(), state.caches):
             try:
                 array = np.from_dlpack(cache)  # a view: copy the first P rows only
-            except (TypeError, BufferError, AttributeError):
+            except (TypeError, BufferError, AttributeError, RuntimeError):  # numpy has no bfloat16 DLPack
                 array = cache.numpy()
             rows = np.take(array, range(state.past), axis=self.layout.position_axis(field))
-            arrays[name] = np.asarray(rows, dtype=np.float32)
+            arrays[name] = np.asarray(rows, dtype=np.float32)  # float16 and ml_dtypes' bfloat16 convert exactly
         return arrays
 
 

@@ -33,8 +33,10 @@ from ..ops import feedback_attention as fa_op
 from ..ops import feedback_attention_cache as fa_cache_op
 from ..ops.op import Applied
 from ..ops.registry import OPS
-from ..state import BATCH, FIELDS, GROW, INPLACE, PAST_LENGTH, StateLayout, past_name, present_name
+from ..state import ATTENTION_MASK, BATCH, FIELDS, GENAI, GROW, PAST_LENGTH, StateLayout
 from ..stepgraph import StepGraph, feature_widths
+from ..tokenizer import MANIFEST_KEY as TOKENIZER_KEY
+from .genai import write_genai_files
 from .ort_format import write_ort_format
 
 OPSET = 23
@@ -48,9 +50,10 @@ ROLE_KEY = "sessa.role"  # node metadata: what a node computes (ops/mixer.py's G
 class OnnxBuilder:
     """Emits ONNX nodes for one StepGraph on an onnx_ir tape: a walker over the op table."""
 
-    def __init__(self, graph: StepGraph, contract: str = GROW) -> None:
+    def __init__(self, graph: StepGraph, contract: str = GROW, state_dtype: str = "float32") -> None:
         self.graph = graph
-        self.layout = StateLayout.from_mixers(graph.mixers, contract)
+        self.layout = StateLayout.from_mixers(graph.mixers, contract, state_dtype)
+        self.state_type = ir.DataType(self.layout.storage.onnx_type)
         self.tape = ir.tape.Tape()
         self.values: dict[str, ir.Value] = {}
         self.inputs: list[ir.Value] = []
@@ -85,7 +88,7 @@ class OnnxBuilder:
         """x @ W^T + b, with W stored transposed ([in, out]) as MatMul quantizers expect; a weight tied
         to an embedding table (tie_embeddings) is that table, stored once, through a Transpose named
         `{path}.weight`."""
-        table = self.tied.get(id(module.weight))
+        table = None
         if table is not None:
             weight = self.op("Transpose", [self.const(module.weight, table)], perm=[1, 0])
             weight.name = f"{path}.weight"
@@ -112,7 +115,7 @@ class OnnxBuilder:
     def positions(self) -> dict[str, ir.Value]:
         """Shared per-step values: positions P..P+S-1, P + S, and [batch, sequence]."""
         if "positions" not in self.cache:
-            if self.layout.contract == INPLACE:
+            if self.layout.contract != GROW:
                 past = self.op("Reshape", [self.past_length, self.const(np.array([1]), "shape1")])
             else:
                 past = self.op("Shape", [self.past[0]["feedback_key"]], start=1, end=2)
@@ -158,7 +161,7 @@ class OnnxBuilder:
             q = self.op("RotaryEmbedding", [q, cos, sin], interleaved=1, num_heads=H)
             k = self.op("RotaryEmbedding", [k, cos, sin], interleaved=1, num_heads=Hkv)
         attributes = {"q_num_heads": H, "kv_num_heads": Hkv, "scale": float(d ** -0.5)}
-        if self.layout.contract == INPLACE:
+        if self.layout.contract != GROW:
             heads, key, value = self.tape.op_multi_out(
                 causal_cache_op.OP_TYPE, [q, k, v, self.past_length, past["key"], past["value"]],
                 attributes=attributes, domain=causal_op.DOMAIN, num_outputs=3)
@@ -174,7 +177,7 @@ class OnnxBuilder:
         past = self.past[layer]
         inputs = [q_b, k_b, f, gain, past["feedback_key"], past["feedback_state"]]
         op_type = fa_op.OP_TYPE
-        if self.layout.contract == INPLACE:
+        if self.layout.contract != GROW:
             op_type, inputs = fa_cache_op.OP_TYPE, [*inputs, self.past_length]
         s, feedback_key, feedback_state = self.tape.op_multi_out(
             op_type, inputs, attributes={"scale": float(mixer.D ** -0.5)}, domain=fa_op.DOMAIN, num_outputs=3)
@@ -182,16 +185,20 @@ class OnnxBuilder:
         return s
 
     def present(self, layer: int, **values: ir.Value) -> None:
-        """Name state outputs `present.{layer}.{field}`: P + S ("total") positions, or the capacity."""
+        """Name state outputs `present.{layer}.{field}`: P + S ("total") positions, or the capacity, in the
+        state's dtype (the in-place caches are in it already; a grown state is cast to it)."""
         for field, value in values.items():
             axes = self.layout.axes(self.layout.layers[layer], field)
             shape = ["total" if a == "past" else a for a in axes]
-            self.outputs.append(self.typed(value, present_name(layer, field), shape))
+            if self.layout.contract == GROW and self.state_type != self.dtype:
+                value = self.op("Cast", [value], to=self.state_type)
+            self.outputs.append(self.typed(value, self.layout.graph_name(layer, field, present=True), shape,
+                                           self.state_type))
 
     # -- the walk ---------------------------------------------------------------------------------
-    def typed(self, value: ir.Value, name: str, shape: list) -> ir.Value:
-        """Name a graph output and give it the model's dtype and a symbolic shape."""
-        value.name, value.type, value.shape = name, ir.TensorType(self.dtype), ir.Shape(shape)
+    def typed(self, value: ir.Value, name: str, shape: list, dtype: ir.DataType | None = None) -> ir.Value:
+        """Name a graph output and give it a dtype (default the model's) and a symbolic shape."""
+        value.name, value.type, value.shape = name, ir.TensorType(dtype or self.dtype), ir.Shape(shape)
         return value
 
     def new_input(self, name: str, dtype: ir.DataType, shape: list) -> ir.Value:
@@ -207,10 +214,15 @@ class OnnxBuilder:
         else:
             self.data_input = self.new_input(g.input_name, dtype, [BATCH, "sequence", g.input_width])
         self.values[g.input_name] = self.data_input
-        if layout.contract == INPLACE:
+        if layout.contract == GENAI:  # P = the mask's width − S, as a scalar
+            mask = self.new_input(ATTENTION_MASK, ir.DataType.INT64, [BATCH, "total"])
+            past = self.op("Sub", [self.op("Shape", [mask], start=1, end=2),
+                                   self.op("Shape", [self.data_input], start=1, end=2)])
+            self.past_length = self.op("Reshape", [past, self.const(np.array([], dtype=np.int64), "shape0")])
+        elif layout.contract != GROW:
             self.past_length = self.new_input(PAST_LENGTH, ir.DataType.INT64, [])
-        self.past = [{f: self.new_input(past_name(layer.layer, f), dtype, layout.axes(layer, f)) for f in FIELDS}
-                     for layer in layout.layers]
+        self.past = [{f: self.new_input(layout.graph_name(layer.layer, f), self.state_type, layout.axes(layer, f))
+                      for f in FIELDS} for layer in layout.layers]
         for node in g.nodes:
             args = [self.values[i] if isinstance(i, str) else i for i in node.inputs]
             self.values[node.output] = OPS[node.op].onnx(self, node, *args)
@@ -218,7 +230,7 @@ class OnnxBuilder:
         for out_name, value_name in g.outputs.items():
             shape = [BATCH, "sequence", self.widths.get(value_name, "width")]
             results.append(self.typed(self.op("Identity", [self.values[value_name]]), out_name, shape))
-        inplace = layout.contract == INPLACE
+        inplace = layout.contract != GROW
         opset = INPLACE_OPSET if inplace else OPSET
         graph = ir.Graph(self.inputs, results + self.outputs, nodes=self.tape.nodes,
                          initializers=self.tape.initializers,
@@ -258,25 +270,29 @@ def _domains(nodes) -> set[str]:
     return found
 
 
-def build_onnx(graph: StepGraph, dtype: ir.DataType = ir.DataType.FLOAT, contract: str = GROW) -> ir.Model:
-    """The step graph as an in-memory ONNX model under the state `contract` (state.CONTRACTS)."""
-    return OnnxBuilder(graph, contract).build(dtype)
+def build_onnx(graph: StepGraph, dtype: ir.DataType = ir.DataType.FLOAT, contract: str = GROW,
+               state_dtype: str = "float32") -> ir.Model:
+    """The step graph as an in-memory ONNX model under the state `contract` (state.CONTRACTS), its state
+    stored in `state_dtype` (state.STATE_DTYPES)."""
+    return OnnxBuilder(graph, contract, state_dtype).build(dtype)
 
 
 def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], None] = lambda _: None,
                 source: str | None = None, factory: str | None = None, state: str = GROW,
-                ort_format: bool = False, tokenizer: str | Path | None = None,
+                state_dtype: str = "float32", tokenizer: str | Path | None = None, ort_format: bool = False,
                 mobile: bool = False) -> Path:
-    """Write OUT/model.onnx and OUT/sessa_config.json under the state contract `state`, and with
-    `ort_format` the ORT-format model and its required operators (ort_format.py), with a copy of
-    `tokenizer` (a tokenizer.json) when given, with `mobile` the fixed-shape ORT Mobile step graphs
-    (mobile.py); nothing is left at OUT on failure."""
+    """Write OUT/model.onnx and OUT/sessa_config.json under the state contract `state`, the state stored
+    in `state_dtype`, with a copy of `tokenizer` (a tokenizer.json) when given, and with `ort_format` the
+    ORT-format model and its required operators (ort_format.py); under the "genai" contract also
+    genai_config.json (and a byte-level tokenizer.json when no tokenizer is given: genai.py), so ONNX
+    Runtime GenAI loads OUT as it is; with `mobile` the fixed-shape ORT Mobile step graphs (mobile.py).
+    Nothing is left at OUT on failure."""
     out = Path(out)
-    layout = StateLayout.from_mixers(graph.mixers, state)  # an unknown contract fails before any work
+    layout = check_state(graph.mixers, state, state_dtype)  # before any work
     inputs = (source,)
     check_replaceable(out, inputs=inputs)
     progress("building ONNX graph")
-    model = build_onnx(graph, contract=state)
+    model = build_onnx(graph, contract=state, state_dtype=state_dtype)
     size = sum(v.const_value.nbytes for v in model.graph.initializers.values())
     with atomic_directory(out, inputs=inputs) as tmp:
         progress(f"saving {size / 2**20:.1f} MiB of weights")
@@ -287,10 +303,26 @@ def export_onnx(graph: StepGraph, out: str | Path, progress: Callable[[str], Non
             from .mobile import write_mobile  # here: mobile.py imports OnnxBuilder from this module
 
             ort_files.update(write_mobile(tmp, graph, progress))
-        write_manifest(tmp, add_tokenizer(tmp, new_manifest(graph, "onnx", layout, opset=model.graph.opset_imports[""],
-                                                            model_file=MODEL_NAME, source=source, factory=factory,
-                                                            **ort_files), tokenizer))
+        manifest = add_tokenizer(tmp, new_manifest(graph, "onnx", layout, opset=model.graph.opset_imports[""],
+                                                   model_file=MODEL_NAME, source=source, factory=factory,
+                                                   **ort_files), tokenizer)
+        if state == GENAI:
+            manifest.update(write_genai_files(tmp, graph, layout, MODEL_NAME, manifest.get(TOKENIZER_KEY)))
+        write_manifest(tmp, manifest)
     return out
+
+
+def check_state(mixers: Sequence, state: str, state_dtype: str) -> StateLayout:
+    """The state layout of an export of these mixers; a clear error for a contract or dtype it cannot run."""
+    layout = StateLayout.from_mixers(mixers, state, state_dtype)
+    if state_dtype == "bfloat16" and state == GROW:
+        raise SessaExportError("--state-dtype bfloat16 needs --state inplace: a growing bfloat16 state cannot be "
+                               "read back by ONNX Runtime's Python API (numpy has no bfloat16), so it could not be "
+                               "validated; use --state inplace, or float16")
+    if state_dtype == "bfloat16" and state == GENAI:
+        raise SessaExportError("--genai takes --state-dtype float32 or float16: ONNX Runtime GenAI allocates its KV "
+                               "buffers in the model's float types")
+    return layout
 
 
 def check_model(path: Path, progress: Callable[[str], None]) -> None:
@@ -302,4 +334,4 @@ def check_model(path: Path, progress: Callable[[str], None]) -> None:
         raise SessaExportError(f"{path.name} failed onnx.checker: {str(exc).splitlines()[0]}") from None
 
 
-__all__ = ["OPSET", "MODEL_NAME", "OnnxBuilder", "build_onnx", "export_onnx", "check_model"]
+__all__ = ["OPSET", "MODEL_NAME", "OnnxBuilder", "build_onnx", "export_onnx", "check_state", "check_model"]

@@ -46,7 +46,7 @@ from ..errors import SessaExportError
 from ..ops import feedback_attention as fa_op
 from ..ops.mixer import GAIN
 from ..quantization import keep_matches
-from ..state import INPLACE
+from ..state import GROW
 from ..tokenizer import recorded_tokenizer
 from ..quantization import mode as quant_mode
 from . import EXTERNAL_DATA_LIMIT, MODEL_NAME, ROLE_KEY, check_model
@@ -388,11 +388,15 @@ def _load_source(src: Path, mode_name: str) -> tuple[dict, onnx.ModelProto]:
     if quant:
         raise SessaExportError(f"{src} is already quantized (mode {quant.get('mode', '?')}); quantize the float32 "
                                f"export it came from ({quant.get('source_export') or 'its source'}) instead")
-    if mode_name == "fp16" and (manifest.get("state_contract") or {}).get("kind") == INPLACE:
+    if mode_name == "fp16" and (manifest.get("state_contract") or {}).get("kind", GROW) != GROW:
         raise SessaExportError(f"{src} keeps its state in place: fp16 converts exports of the growing "
                                "contract only; export with --state grow to convert it")
     if manifest.get("dtype", "float32") != "float32":
         raise SessaExportError(f"{src} holds a {manifest['dtype']} model; quantize starts from a float32 export")
+    state_dtype = (manifest.get("state_contract") or {}).get("dtype", "float32")
+    if mode_name == "fp16" and state_dtype != "float32":
+        raise SessaExportError(f"{src} stores its state in {state_dtype}; fp16 stores the state in float16 itself: "
+                               "convert a float32-state export (export --state-dtype float32)")
     model_file = member(src, manifest, "model_file", MODEL_NAME)
     try:
         model = onnx.load(str(model_file))
@@ -464,9 +468,13 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
                 "sessa_export.to_onnx.quantize.to_float16 (float32 softmax, LayerNorm, Gelu, gain, RoPE angles, "
                 "feedback recurrence; the gain's weights stay float32)"),
         source_export=str(src.resolve()), source_sha256=source_sha, source_size_bytes=source_size)
-    new_manifest = {**{k: v for k, v in manifest.items() if k != "files"},  # write_manifest records the new ones
+    dropped = {"files", "ort_model_file", "ort_operators_config",  # new files are recorded; the .ort and mobile
+               "mobile_decode_file", "mobile_prefill_file", "mobile_weights_file", "mobile"}  # models are not rewritten
+    new_manifest = {**{k: v for k, v in manifest.items() if k not in dropped},
                     "dtype": "float16" if qmode.name == "fp16" else manifest.get("dtype", "float32"),
                     "model_file": MODEL_NAME}
+    if qmode.name == "fp16" and manifest.get("state_contract"):
+        new_manifest["state_contract"] = {**manifest["state_contract"], "dtype": "float16"}
     with atomic_directory(out, inputs=(src,)) as tmp:
         size = qmodel.ByteSize()
         progress(f"saving {size / 2**20:.1f} MiB")

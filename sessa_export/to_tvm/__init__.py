@@ -47,7 +47,8 @@ from ..ops.op import Applied
 from ..ops.registry import OPS
 from ..quantization import QuantMode, keep_matches
 from ..quantization import mode as quant_mode
-from ..state import FIELDS, PAST
+from ..state import FIELDS, PAST, StateLayout
+from ..state import state_dtype as state_dtype_of
 from ..stepgraph import StepGraph, feature_widths
 from ..targets import TARGETS, Target
 
@@ -141,10 +142,11 @@ class RelaxBuilder:
     """Emits Relax bindings for one StepGraph on a BlockBuilder: a walker over the op table."""
 
     def __init__(self, graph: StepGraph, capacity: int, target: CompileTarget, dtype: str = "float32",
-                 quantization: QuantMode | None = None, keep: Sequence[str] = ()) -> None:
+                 quantization: QuantMode | None = None, state_dtype: str = "float32", keep: Sequence[str] = ()) -> None:
         from tvm import relax, tirx
 
         self.graph, self.capacity, self.target, self.dtype = graph, capacity, target, dtype
+        self.state_dtype = state_dtype  # the caches' (state.STATE_DTYPES); the kernels read them as float32
         self.rules = target.entry.implementation()
         self.quantization = quantization
         self.quantized: dict[str, tuple[int, int]] = {}  # path -> (in, out) of each quantized weight
@@ -288,7 +290,8 @@ class RelaxBuilder:
             [q, k, v, self.const(inv_freq, f"{path}.rope_inv_freq", "float32"), caches["key"], caches["value"],
              rx.prim_value(P)],
             tvm_attention.inplace_indices(),
-            [self.tensor_type([B, Hkv, C, d]), self.tensor_type([B, Hkv, C, d]), self.tensor_type([B, S, H * d])]),
+            [self.tensor_type([B, Hkv, C, d], self.state_dtype), self.tensor_type([B, Hkv, C, d], self.state_dtype),
+             self.tensor_type([B, S, H * d])]),
             f"attention_{layer}")
         return self.emit(rx.TupleGetItem(out, 2))
 
@@ -299,7 +302,8 @@ class RelaxBuilder:
         result = self.emit(rx.op.call_tir_inplace(
             self.feedback_kernel(D, self.decode),
             [q_b, k_b, f, gain, caches["feedback_key"], caches["feedback_state"], rx.prim_value(P)], [4, 5, -1],
-            [self.tensor_type([B, C, D]), self.tensor_type([B, C, D]), self.tensor_type([B, S, D])]),
+            [self.tensor_type([B, C, D], self.state_dtype), self.tensor_type([B, C, D], self.state_dtype),
+             self.tensor_type([B, S, D])]),
             f"feedback_{layer}")
         return self.emit(rx.TupleGetItem(result, 2))
 
@@ -311,7 +315,8 @@ class RelaxBuilder:
         return self.kernel(
             ("attention", H, Hkv, d, rope),
             lambda: (f"forward_attention_h{H}_kv{Hkv}_d{d}" + ("_rope" if rope else ""),
-                     tvm_attention.forward_attention_kernel(H, Hkv, d, rope, self.dtype, self.rules.attention_tiling(d))))
+                     tvm_attention.forward_attention_kernel(H, Hkv, d, rope, self.dtype, self.rules.attention_tiling(d),
+                                                            self.state_dtype)))
 
     def feedback_kernel(self, D: int, decode: bool):
         """GlobalVar of the decode (S = 1) or prefill FeedbackAttention kernel, scheduled for the target."""
@@ -320,7 +325,8 @@ class RelaxBuilder:
         if ("feedback", D) not in self.kernels:
             try:
                 _, kernels = self.rules.scheduled_feedback_attention(D, self.dtype, D ** -0.5, arch=self.target.arch,
-                                                                     host=self.target.host, **self.target.options)
+                                                                     host=self.target.host, cache_dtype=self.state_dtype,
+                                                                     **self.target.options)
             except Exception as exc:  # s_tir raises ScheduleError & co. with the whole PrimFunc in the message
                 raise SessaExportError(f"the FeedbackAttention kernels (D={D}) could not be scheduled for "
                                        f"{self.target.describe()}: {last_line(exc)}") from None
@@ -342,7 +348,7 @@ class RelaxBuilder:
         caches, params = [], [data, rx.Var("past", rx.ShapeType([P]))]
         for layer in g.state.layers:
             shapes = {f: [B if a == "batch" else C if a == PAST else a for a in layer.axes(f)] for f in FIELDS}
-            caches.append({f: rx.Var(f"{f}_{layer.layer}", self.tensor_type(shapes[f])) for f in FIELDS})
+            caches.append({f: rx.Var(f"{f}_{layer.layer}", self.tensor_type(shapes[f], self.state_dtype)) for f in FIELDS})
             params += caches[-1].values()
         return (B, S, P), params, caches
 
@@ -435,7 +441,7 @@ def last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def resolve_capacity(graph: StepGraph, max_len: int | None) -> int:
+def resolve_capacity(graph: StepGraph, max_len: int | None, state_dtype: str = "float32") -> int:
     """Compiled capacity C: --max-len, else the model's max_len, else DEFAULT_CAPACITY; refused when the
     caches of one sequence would not fit this machine's memory."""
     from ..config import memory_bytes
@@ -446,7 +452,7 @@ def resolve_capacity(graph: StepGraph, max_len: int | None) -> int:
         if graph.max_len is not None and max_len > graph.max_len:
             raise SessaExportError(f"--max-len {max_len} exceeds the model's max_len={graph.max_len}")
     capacity = int(max_len or graph.max_len or DEFAULT_CAPACITY)
-    caches, memory = capacity * graph.state.values_per_position() * 4, memory_bytes()
+    caches, memory = capacity * graph.state.values_per_position() * state_dtype_of(state_dtype).itemsize, memory_bytes()
     if caches > memory:
         raise SessaExportError(f"a capacity of {capacity:,} positions needs {caches / 2**30:,.1f} GiB of caches for "
                                f"one sequence, more than this machine's {memory / 2**30:,.1f} GiB: lower --max-len")
@@ -456,7 +462,8 @@ def resolve_capacity(graph: StepGraph, max_len: int | None) -> int:
 def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | None = None,
                   max_len: int | None = None, progress: Callable[[str], None] = lambda _: None,
                   source: str | None = None, quantization: str | None = None, factory: str | None = None,
-                  inputs: tuple = (), tokenizer: str | Path | None = None, keep: Sequence[str] = ()) -> Path:
+                  inputs: tuple = (), tokenizer: str | Path | None = None, state_dtype: str = "float32",
+                  keep: Sequence[str] = ()) -> Path:
     """Compile `graph` for `target` into OUT/ (library + sessa_config.json); nothing left on failure.
     OUT may not be, contain or lie inside `source` or any of `inputs` (an export it was compiled from).
 
@@ -464,19 +471,21 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
     recorded for `validate`. `quantization` "q8" / "q4" stores the linear layers' weights (the LM
     head included) and the embedding table as int8 / packed int4 with a float16 scale per group of
     inputs, but the modules `keep` names (quantization.keep_matches) in float32. `tokenizer` (a tokenizer.json) is copied into OUT and named in the manifest.
+    `state_dtype` (state.STATE_DTYPES) is the caches' precision.
     """
     target = target or CompileTarget()
     qmode = check_quantization(quantization, target)
+    layout = StateLayout(graph.state.layers, graph.state.contract, state_dtype_of(state_dtype).name)
     out = Path(out)
     inputs = (source, *inputs)
     check_replaceable(out, inputs=inputs)  # before minutes of compiling, not after
     keep = check_keep(graph, keep)
     if keep and qmode is None:
         raise SessaExportError("--keep applies to quantized builds: add --quantization q8 or q4, or drop --keep")
-    capacity = resolve_capacity(graph, max_len)
+    capacity = resolve_capacity(graph, max_len, state_dtype)
     started = time.perf_counter()
     progress(f"building the Relax module (capacity {capacity}" + (f", {qmode.name} weights)" if qmode else ")"))
-    builder = RelaxBuilder(graph, capacity, target, quantization=qmode, keep=keep)
+    builder = RelaxBuilder(graph, capacity, target, quantization=qmode, state_dtype=state_dtype, keep=keep)
     mod = builder.build()
     progress(f"compiling for {target.describe()}")
     try:
@@ -494,14 +503,14 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
             raise
         except Exception as exc:  # compilers, linkers and TVM's exporters raise many types
             raise SessaExportError(f"writing {library} for {target.describe()} failed: {last_line(exc)}") from None
-        manifest = new_manifest(graph, "tvm",
+        manifest = new_manifest(graph, "tvm", layout,
                                 target=target.name, arch=target.arch, host=target.host,
                                 cpu=target.cpu, cpu_features=target.cpu_features(),
                                 triple=str(target.host_target().attrs["mtriple"]),
                                 tvm_target=str(target.tvm_target()),
                                 capacity=capacity, library=library, entry=ENTRY,
                                 tvm_version=_tvm_version(), compiled_by=__version__,
-                                calling_convention=calling_convention(graph),
+                                calling_convention=calling_convention(graph, state_dtype),
                                 compile_seconds=round(time.perf_counter() - started, 2),
                                 source=source, factory=factory)
         if qmode is not None:
@@ -524,14 +533,14 @@ def _quantization(builder: RelaxBuilder, qmode: QuantMode, size: int) -> dict:
         size_bytes=size, source_size_bytes=size - stored + 4 * values, source_export=None, source_sha256=None)
 
 
-def calling_convention(graph: StepGraph) -> dict:
+def calling_convention(graph: StepGraph, state_dtype: str = "float32") -> dict:
     """How a host program calls `step`: argument order and meaning (also in the manifest)."""
     args = [f"{graph.input_name}: " + ("int64 [batch, seq_len]" if graph.input_kind == "tokens"
                                        else f"float32 [batch, seq_len, {graph.input_width}]"),
             "past: shape tuple (P,), positions already in the caches"]
     for layer, field in graph.state.tensors():
         axes = ", ".join(str("capacity" if a == PAST else a) for a in layer.axes(field))
-        args.append(f"{field}_{layer.layer}: float32 [{axes}]")
+        args.append(f"{field}_{layer.layer}: {state_dtype} [{axes}]")
     return {"function": ENTRY, "arguments": args, "returns": list(graph.outputs),
             "in_place": "rows P..P+seq_len-1 of every cache are written; P + seq_len <= capacity"}
 
