@@ -88,7 +88,7 @@ class OnnxBuilder:
         """x @ W^T + b, with W stored transposed ([in, out]) as MatMul quantizers expect; a weight tied
         to an embedding table (tie_embeddings) is that table, stored once, through a Transpose named
         `{path}.weight`."""
-        table = None
+        table = self.tied.get(id(module.weight))
         if table is not None:
             weight = self.op("Transpose", [self.const(module.weight, table)], perm=[1, 0])
             weight.name = f"{path}.weight"
