@@ -104,22 +104,32 @@ def match_graphs(custom: StepGraph, target: StepGraph, spec: str) -> list[tuple[
     naming the first node that differs, when they do not."""
     widths_a, widths_b = feature_widths(custom), feature_widths(target)
     names = {custom.input_name: target.input_name}
+    alias: dict[str, str] = {}  # identity ops (Dropout, Identity) compute nothing: their output is their input
+    nodes = []
+    for node in custom.nodes:
+        if node.op == "identity":
+            alias[node.output] = alias.get(node.inputs[0], node.inputs[0])
+        else:
+            nodes.append(node)
     pairs = []
-    for index, (a, b) in enumerate(zip(custom.nodes, target.nodes)):
-        inputs = [names.get(i, f"?{i}") if isinstance(i, str) else i for i in a.inputs]
+    for index, (a, b) in enumerate(zip(nodes, target.nodes)):
+        inputs = [names.get(alias.get(i, i), f"?{i}") if isinstance(i, str) else i for i in a.inputs]
         commutes = a.op in ("add", "mul") and sorted(map(str, inputs)) == sorted(map(str, b.inputs))
         if _signature(a, widths_a) != _signature(b, widths_b) or (list(inputs) != list(b.inputs) and not commutes):
+            after = (f", after {_describe(pairs[-1][0])} taken as SessaLM's {_describe(pairs[-1][1])}"
+                     if pairs and pairs[-1][0].path != pairs[-1][1].path else "")
             raise SessaExportError(
                 f"{spec} does not map onto SessaLM: node {index}, {_describe(a)}, where SessaLM has "
-                f"{_describe(b)} (SessaLM: embed -> per layer ln, W_in, split, gelu, mixer, * gate, W_out, + residual"
-                f" [-> MLP ln, fc_in, gelu, fc_out, + residual] -> norm_f -> lm_head)")
+                f"{_describe(b)}{after} (SessaLM: embed -> per layer ln, W_in, split, gelu, mixer, * gate, W_out, "
+                "+ residual [-> MLP ln, fc_in, gelu, fc_out, + residual] -> norm_f -> lm_head)")
         names[a.output] = b.output
         pairs.append((a, b))
-    if len(custom.nodes) != len(target.nodes):
-        longer, other = (custom, "the module") if len(custom.nodes) > len(target.nodes) else (target, "SessaLM")
-        extra = ", ".join(_describe(n) for n in longer.nodes[len(pairs):][:4])
+    if len(nodes) != len(target.nodes):
+        longer, other = (nodes, "the module") if len(nodes) > len(target.nodes) else (target.nodes, "SessaLM")
+        extra = ", ".join(_describe(n) for n in longer[len(pairs):][:4])
         raise SessaExportError(f"{spec} does not map onto SessaLM: {other} goes on with {extra}")
-    if names.get(custom.outputs["logits"]) != target.outputs["logits"]:
+    logits = custom.outputs["logits"]
+    if names.get(alias.get(logits, logits)) != target.outputs["logits"]:
         raise SessaExportError(f"{spec} does not map onto SessaLM: its logits are not the last linear layer's output")
     return pairs
 

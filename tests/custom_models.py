@@ -6,6 +6,8 @@
   tracer must find it by structure; wrapped in a block with chunk, sigmoid gating and a SiLU MLP.
 - `conv_factory`: a causal convolution over time between transposes: must be refused, naming `conv`.
 - `position_table_factory`: a learned absolute position table added to the input: must be refused.
+- `extra_norm_factory`, `unused_parameter_factory`: reference-style LMs that `convert` cannot make a
+  SessaLM (a LayerNorm after the embedding; a module the forward never calls).
 """
 
 from __future__ import annotations
@@ -163,3 +165,31 @@ class PositionTableLM(nn.Module):
 
 def position_table_factory() -> nn.Module:
     return PositionTableLM()
+
+
+class ReferenceStyleLM(nn.Module):
+    """Embedding -> SessaLayers -> LayerNorm -> biased head; `pre_norm` and `spare` are what SessaLM lacks."""
+
+    def __init__(self, pre_norm: bool = False, spare: bool = False, vocab: int = VOCAB, width: int = WIDTH) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.pre_norm = nn.LayerNorm(width) if pre_norm else nn.Identity()
+        self.layers = nn.ModuleList([SessaLayer(width, n_heads=4, n_kv_heads=2), SessaLayer(width, n_heads=4)])
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab)
+        if spare:
+            self.spare = nn.Linear(width, width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.pre_norm(self.embed(ids))
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))
+
+
+def extra_norm_factory() -> nn.Module:
+    return ReferenceStyleLM(pre_norm=True)
+
+
+def unused_parameter_factory() -> nn.Module:
+    return ReferenceStyleLM(spare=True)
