@@ -98,7 +98,7 @@ def load_factory_model(spec: str, weights: str | Path | None) -> nn.Module:
         try:
             model.load_state_dict(state_dict)
         except RuntimeError as exc:
-            raise SessaExportError(f"{weights} does not fit {spec}(): {exc}") from None
+            raise SessaExportError(f"{weights} does not fit {spec}(): {' '.join(str(exc).split())}") from None
     return model.eval()
 
 
