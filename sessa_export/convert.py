@@ -21,8 +21,7 @@ from .errors import SessaExportError
 from .model import SessaLM
 from .stepgraph import Node, StepGraph, feature_widths
 from .tracer import trace
-
-CHECK_ATOL = CHECK_RTOL = 1e-4  # validate's fp32 tolerance
+from .validate import FP32
 
 
 def _describe(node: Node) -> str:
@@ -176,7 +175,7 @@ def _check_logits(module: nn.Module, lm: SessaLM, spec: str, length: int = 64) -
     expected, got = module(ids), lm(ids)
     error = float((expected.float() - got.float()).abs().max())
     scale = float(expected.abs().max())
-    if not error <= CHECK_ATOL + CHECK_RTOL * scale:
+    if not FP32.allows(error, scale):
         raise SessaExportError(f"{spec}: the converted SessaLM's logits differ from the module's by {error:.3g} "
                                f"(max |logits| {scale:.3g}); the module is not converted")
 

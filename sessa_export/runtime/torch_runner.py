@@ -12,8 +12,7 @@ from ..model import LayerState, SessaLM
 from ..ops.positionwise import split_sizes
 from ..state import FIELDS, StateLayout, past_name
 from ..stepgraph import StepGraph
-
-CHECK_ATOL = CHECK_RTOL = 1e-4  # validate's fp32 tolerance
+from ..validate import FP32
 
 
 class TorchRunner:
@@ -111,7 +110,7 @@ class StepGraphRunner:
             pieces.append(logits)
         error = float(np.max(np.abs(np.concatenate(pieces, axis=1) - expected)))
         scale = float(np.max(np.abs(expected)))
-        if not error <= CHECK_ATOL + CHECK_RTOL * scale:
+        if not FP32.allows(error, scale):
             raise SessaExportError(f"{what}: its step graph run step by step differs from its own forward by "
                                    f"{error:.3g} (max |logits| {scale:.3g}): the module computes something the "
                                    "tracer did not see (Python control flow on values, in-place updates?)")
