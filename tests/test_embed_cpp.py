@@ -297,3 +297,16 @@ def test_aarch64_dot_product_build_is_refused_on_cortex_a72(aarch64_program, aar
     assert features_of(aarch64_program, emulator) == {"asimd"}  # the hwcaps qemu gives the guest, not the host's
     assert_refused_for(run(aarch64_program, aarch64_artifacts["cortex-a76"], "x", 4, emulator=emulator),
                        "cortex-a76", "asimddp")
+
+
+def test_aarch64_q8_dot_product_kernels_run_as_on_x86(aarch64_program, program, tmp_path):
+    """compile --quantization q8 for cortex-a76 puts the int8 decode on sdot (tests/test_quant_kernels.py
+    checks the object code); under qemu as a Neoverse-N1 it prints the bytes the x86-64 q8 build prints:
+    both sum the same int8 products exactly in int32 and scale them once per group."""
+    prompt, n_new = CASES[0]
+    x86 = run(program, compile_cpu(tmp_path / "x86", "--quantization", "q8"), prompt, n_new)
+    assert x86.returncode == 0, x86.stderr.decode(errors="replace")
+    arm = compile_cpu(tmp_path / "arm", "--quantization", "q8", "--host", "aarch64-linux-gnu", "--cpu", "cortex-a76")
+    emulated = run(aarch64_program, arm, prompt, n_new, emulator=qemu_aarch64("neoverse-n1"))
+    assert emulated.returncode == 0, emulated.stderr.decode(errors="replace")
+    assert emulated.stdout == x86.stdout and len(x86.stdout) == n_new
