@@ -48,6 +48,7 @@ from common import (DECODE_CONTEXT, DECODE_STEPS, config_125m, machine_descripti
 
 from sessa_export.bench import time_runners  # noqa: E402
 from sessa_export.model import SessaLM, init_weights  # noqa: E402
+from sessa_export.state import STATE_DTYPES  # noqa: E402
 from sessa_export.tracer import trace  # noqa: E402
 
 
@@ -98,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                         "int8 / int4 at --contexts, each against its own bound (issue 12)")
     parser.add_argument("--contexts", default="64,1024", help="--quantized: decode contexts (the largest is also "
                         "the prefill length)")
+    parser.add_argument("--state-dtypes", default="", help="--quantized: also TVM q4 with these narrower caches "
+                        "(compile --state-dtype), e.g. float16")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the artifacts here (default: temp)")
     parser.add_argument("--reuse", action="store_true", help="--quantized: time the artifacts already in --workdir "
                         "instead of building them again")
@@ -184,11 +187,13 @@ def quantized(args, model: SessaLM, graph, work: Path, threads: int, bandwidth: 
     contexts = sorted({int(c) for c in args.contexts.split(",")})
     runners = {}
     built = lambda name: args.reuse and (work / name.replace(" ", "-") / "sessa_config.json").exists()  # noqa: E731
-    for name, mode in (("TVM fp32", None), ("TVM q8", "q8"), ("TVM q4", "q4")):
+    narrow = [d for d in args.state_dtypes.split(",") if d]
+    states = {f"TVM q4 {d} state": d for d in narrow}  # artifact -> its caches' dtype (default float32)
+    for name, mode in (("TVM fp32", None), ("TVM q8", "q8"), ("TVM q4", "q4"), *((n, "q4") for n in states)):
         start = time.perf_counter()
         if not built(name):
             compile_graph(graph, work / name.replace(" ", "-"), CompileTarget("cpu", cpu=args.cpu),
-                          max_len=args.capacity, quantization=mode)
+                          max_len=args.capacity, quantization=mode, state_dtype=states.get(name, "float32"))
             print(f"{name}: compiled in {time.perf_counter() - start:.0f} s", flush=True)
         runners[name] = TvmRunner(work / name.replace(" ", "-"), threads)
     if not args.skip_onnx:
@@ -210,8 +215,11 @@ def quantized(args, model: SessaLM, graph, work: Path, threads: int, bandwidth: 
     prefill_at = contexts[-1]
     flops = dense_flops(model, prefill_at)
     ceiling = prefill_at * rate / flops  # tokens/s
-    state = model.config.state_values_per_token() * 4
-    bound = {name: {c: (weight_bytes(model, BITS[name]) + state * c) / bandwidth for c in contexts} for name in runners}
+    state = {name: model.config.state_values_per_token() * STATE_DTYPES[states.get(name, "float32")].itemsize
+             for name in runners}  # bytes of one position's state
+    bits = {name: BITS.get(name, 4) for name in runners}  # the narrow-state builds are q4
+    bound = {name: {c: (weight_bytes(model, bits[name]) + state[name] * c) / bandwidth for c in contexts}
+             for name in runners}
     rows = []
     for name in runners:
         row = [name]

@@ -196,6 +196,7 @@ class StateLayout:
                   {"attention_mask_input": ATTENTION_MASK, "past_length": "the attention mask's width minus the new "
                    "positions (its values are not read)"})
         return {"kind": self.contract, "dtype": self.dtype, **length, "capacity_axis": POSITIONS[self.contract],
+                "capacity_block": CAPACITY_BLOCK,
                 "capacity_rule": f"whole blocks of {CAPACITY_BLOCK} positions, at most max_len; "
                                  "the caller copies the valid rows into larger caches when one fills",
                 "aliases": {present: past for present, past in self.present_of().items()}}

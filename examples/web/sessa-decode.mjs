@@ -42,12 +42,11 @@ export function readLayout(manifest, where = 'sessa_config.json') {
   }
   let block = null;
   if (contract.kind === 'inplace') {
-    const rule = /whole blocks of (\d+) positions/.exec(contract.capacity_rule ?? '');
-    if (!rule || !contract.past_length_input) {
-      throw new SessaError(`${where}: "state_contract" lacks its length input or capacity rule ` +
-        `(${JSON.stringify(contract.capacity_rule)}); re-run the export`);
+    if (!Number.isInteger(contract.capacity_block) || contract.capacity_block < 1 || !contract.past_length_input) {
+      throw new SessaError(`${where}: "state_contract" lacks its length input or capacity block ` +
+        `(${JSON.stringify(contract.capacity_block)}); re-run the export`);
     }
-    block = Number(rule[1]);
+    block = contract.capacity_block;
   }
   const positions = contract.kind === 'inplace' ? contract.capacity_axis : 'past';
   const tensors = [];
