@@ -73,14 +73,13 @@ def test_steps_write_the_bound_buffers_in_place(genai_exports):
                                                                                          (2, 12)))
 
 
-def test_genai_generates_the_bytes_of_run(bundled):
+def genai_greedy(folder, prompt: str, new: int) -> bytes:
+    """`new` greedy tokens of onnxruntime_genai's Generator on `folder`, as bytes (a byte-level model)."""
     og = pytest.importorskip("onnxruntime_genai")
-    files = sorted(p.name for p in bundled.iterdir())
-    model = og.Model(str(bundled))  # the folder as export wrote it: nothing added
+    model = og.Model(str(folder))  # the folder as it was written: nothing added
     tokenizer = og.Tokenizer(model)
-    ids = tokenizer.encode(PROMPT)
-    assert list(ids) == list(PROMPT.encode())  # the byte-level tokenizer: an id is its byte
-    new = 96
+    ids = tokenizer.encode(prompt)
+    assert list(ids) == list(prompt.encode())  # the byte-level tokenizer: an id is its byte
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(ids) + new, do_sample=False)
     generator = og.Generator(model, params)
@@ -89,11 +88,27 @@ def test_genai_generates_the_bytes_of_run(bundled):
     while not generator.is_done():
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
-    result = cli("run", bundled, "--prompt", PROMPT, "--max-new-tokens", new)
+    assert tokenizer.decode(tokens) == bytes(tokens).decode("utf-8", "replace") and len(tokens) == new
+    return bytes(tokens)
+
+
+def cli_greedy(folder, prompt: str, new: int) -> bytes:
+    result = cli("run", folder, "--prompt", prompt, "--max-new-tokens", new)
     assert result.exit_code == 0, result.output
-    assert bytes(tokens) == result.stdout_bytes.rstrip(b"\n")[:new] and len(tokens) == new
-    assert tokenizer.decode(tokens) == bytes(tokens).decode("utf-8", "replace")
+    return result.stdout_bytes.rstrip(b"\n")[:new]
+
+
+def test_genai_generates_the_bytes_of_run(bundled):
+    files = sorted(p.name for p in bundled.iterdir())
+    assert genai_greedy(bundled, PROMPT, 96) == cli_greedy(bundled, PROMPT, 96)
     assert sorted(p.name for p in bundled.iterdir()) == files
+
+
+def test_a_quantized_genai_folder_still_loads(bundled, tmp_path):
+    """quantize carries genai_config.json and the tokenizer files: GenAI runs the int8 folder as it is."""
+    out = tmp_path / "int8"
+    assert cli("quantize", bundled, "--mode", "int8", "-o", out).exit_code == 0
+    assert genai_greedy(out, PROMPT, 32) == cli_greedy(out, PROMPT, 32)
 
 
 def test_bad_genai_options(tmp_path):

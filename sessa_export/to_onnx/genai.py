@@ -21,6 +21,7 @@ from ..stepgraph import StepGraph
 
 CONFIG_FILE = "genai_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+MANIFEST_KEYS = ("genai_config", "genai_tokenizer_config")  # the manifest keys naming the files written here
 TOKENIZER_CONFIG = {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": False, "add_prefix_space": False,
                     "clean_up_tokenization_spaces": False}
 DEFAULT_MAX_LENGTH = 4096  # GenAI preallocates every buffer at this length when the model sets no max_len
@@ -92,7 +93,7 @@ def write_genai_files(directory: Path, graph: StepGraph, layout: StateLayout, mo
     max_length = graph.max_len or DEFAULT_MAX_LENGTH
     (directory / CONFIG_FILE).write_text(json.dumps(genai_config(graph, layout, model_file, max_length), indent=2)
                                          + "\n")
-    keys = {"genai_config": CONFIG_FILE}
+    keys = {MANIFEST_KEYS[0]: CONFIG_FILE}
     if tokenizer_file is None and graph.vocab_size == 256:
         from ..tokenizer import MANIFEST_KEY, TOKENIZER_FILE
 
@@ -100,8 +101,8 @@ def write_genai_files(directory: Path, graph: StepGraph, layout: StateLayout, mo
         keys[MANIFEST_KEY] = tokenizer_file = TOKENIZER_FILE
     if tokenizer_file is not None:  # onnxruntime-extensions, GenAI's tokenizer, reads the class from here
         (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
-        keys["genai_tokenizer_config"] = TOKENIZER_CONFIG_FILE
+        keys[MANIFEST_KEYS[1]] = TOKENIZER_CONFIG_FILE
     return keys
 
 
-__all__ = ["CONFIG_FILE", "genai_config", "byte_level_tokenizer", "write_genai_files"]
+__all__ = ["CONFIG_FILE", "MANIFEST_KEYS", "genai_config", "byte_level_tokenizer", "write_genai_files"]

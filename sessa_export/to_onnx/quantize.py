@@ -32,6 +32,8 @@ weights kept in full precision, and the sha256 and size of the source export.
 
 from __future__ import annotations
 
+import shutil
+
 import logging
 from collections import Counter
 from pathlib import Path
@@ -48,6 +50,7 @@ from ..ops.mixer import GAIN
 from ..quantization import keep_matches
 from ..state import GROW
 from ..tokenizer import recorded_tokenizer
+from .genai import MANIFEST_KEYS as GENAI_FILES
 from ..quantization import mode as quant_mode
 from . import EXTERNAL_DATA_LIMIT, MODEL_NAME, ROLE_KEY, check_model
 
@@ -486,6 +489,9 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
             onnx.save(qmodel, str(model_path))
         check_model(model_path, progress)
         new_manifest["quantization"] = quantization_record(**record, size_bytes=export_size(tmp, new_manifest))
+        for key in GENAI_FILES:  # GenAI's config and tokenizer config name tensors and shapes, not weights
+            if manifest.get(key):
+                shutil.copyfile(member(src, manifest, key, manifest[key]), tmp / manifest[key])
         new_manifest = write_manifest(tmp, add_tokenizer(tmp, new_manifest, recorded_tokenizer(src, manifest)))
         progress("loading in ONNX Runtime")
         _smoke_test(tmp)
