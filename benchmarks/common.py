@@ -31,6 +31,16 @@ def config_125m(vocab_size: int = 32000, max_len: int | None = None) -> SessaCon
                        max_len=max_len, mlp_ratio=0.0, tie_embeddings=False).validate()
 
 
+def config_1b(vocab_size: int = 32000, max_len: int | None = None) -> SessaConfig:
+    """A 1B-class Sessa LM (issue 12): 24 layers of width 2048, 16 heads, no MLP, untied head; about
+    24 x 9·2048² + 2 x 32000·2048 = 1.04B parameters."""
+    return SessaConfig(vocab_size=vocab_size, d_model=2048, n_layers=24, n_heads=16, n_kv_heads=None,
+                       max_len=max_len, mlp_ratio=0.0, tie_embeddings=False).validate()
+
+
+CONFIGS = {"125m": config_125m, "1b": config_1b}
+
+
 def set_threads(threads: int | None) -> int:
     """torch intra-op threads: all available cores by default. Returns the number set."""
     from sessa_export.runtime import available_cores

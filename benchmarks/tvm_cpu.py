@@ -25,8 +25,8 @@ context, over the measured read bandwidth), and prefill tokens/s at the largest 
 fraction of the ceiling (the linear layers' FLOPs at torch's float32 matmul rate on the q/k/v-sized
 product, measured in the same run); then the issue's targets, met or not.
 
-Run: python benchmarks/tvm_cpu.py [--threads N] [--context 1024] [--skip-onnx] [--skip-torch]
-     python benchmarks/tvm_cpu.py --quantized [--contexts 64,1024] [--workdir DIR]
+Run: python benchmarks/tvm_cpu.py [--threads N] [--context 1024] [--skip-onnx] [--skip-torch] [--config 125m|1b]
+     python benchmarks/tvm_cpu.py --quantized [--contexts 64,1024] [--workdir DIR] [--config 1b]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (DECODE_CONTEXT, DECODE_STEPS, config_125m, machine_description, read_bandwidth,  # noqa: E402
+from common import (CONFIGS, DECODE_CONTEXT, DECODE_STEPS, machine_description, read_bandwidth,  # noqa: E402
                     median_ms, print_table, set_threads, tvm_linear, weight_bytes)
 
 from sessa_export.bench import time_runners  # noqa: E402
@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                         "the prefill length)")
     parser.add_argument("--state-dtypes", default="", help="--quantized: also TVM q4 with these narrower caches "
                         "(compile --state-dtype), e.g. float16")
+    parser.add_argument("--tvm-modes", default="fp32,q8,q4", help="--quantized: the TVM builds (a 1b float32 "
+                        "library failed to link here: g++ -shared on its 4 GiB of weight constants)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="125m", help="the model: 125m (default) or "
+                        "1b (d_model 2048, 24 layers, 16 heads)")
     parser.add_argument("--workdir", type=Path, default=None, help="keep the artifacts here (default: temp)")
     parser.add_argument("--reuse", action="store_true", help="--quantized: time the artifacts already in --workdir "
                         "instead of building them again")
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"read bandwidth (numpy sum over 1 GiB): {single / 1e9:.1f} GB/s on one thread, "
           f"{bandwidth / 1e9:.1f} GB/s on {threads} threads (the bound uses the latter)", flush=True)
 
-    model = init_weights(SessaLM(config_125m()), seed=0, std=0.02).eval()
+    model = init_weights(SessaLM(CONFIGS[args.config]()), seed=0, std=0.02).eval()
     graph = trace(model)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="sessa-bench-tvm-"))
     vocab = model.config.vocab_size
@@ -189,7 +193,8 @@ def quantized(args, model: SessaLM, graph, work: Path, threads: int, bandwidth: 
     built = lambda name: args.reuse and (work / name.replace(" ", "-") / "sessa_config.json").exists()  # noqa: E731
     narrow = [d for d in args.state_dtypes.split(",") if d]
     states = {f"TVM q4 {d} state": d for d in narrow}  # artifact -> its caches' dtype (default float32)
-    for name, mode in (("TVM fp32", None), ("TVM q8", "q8"), ("TVM q4", "q4"), *((n, "q4") for n in states)):
+    builds = [(f"TVM {m}", None if m == "fp32" else m) for m in args.tvm_modes.split(",") if m]
+    for name, mode in (*builds, *((n, "q4") for n in states)):
         start = time.perf_counter()
         if not built(name):
             compile_graph(graph, work / name.replace(" ", "-"), CompileTarget("cpu", cpu=args.cpu),
@@ -232,18 +237,19 @@ def quantized(args, model: SessaLM, graph, work: Path, threads: int, bandwidth: 
     for c in contexts:
         headers += [f"decode ms @{c}", "bound ms", "of bound"]
     print_table(headers + [f"prefill tok/s T={prefill_at}", "of ceiling"], rows,
-                title=f"125M-class Sessa LM, batch 1, {threads} threads, TVM --cpu {args.cpu}; read bandwidth "
+                title=f"{args.config} Sessa LM ({sum(p.numel() for p in model.parameters()) / 1e6:,.0f}M parameters), "
+                      f"batch 1, {threads} threads, TVM --cpu {args.cpu}; read bandwidth "
                       f"{bandwidth / 1e9:.1f} GB/s; torch float32 matmul {rate / 1e9:.0f} GFLOP/s (1024x768 @ "
                       f"768x2304): prefill ceiling {ceiling:,.0f} tokens/s ({flops / 1e9:.0f} GFLOP)")
     print("targets:")
     ms = {(name, c): timings[c][name].decode_ms_per_token for name in runners for c in contexts}
-    for name in ("TVM fp32", "TVM q8", "TVM q4"):
+    for name in [n for n in ("TVM fp32", "TVM q8", "TVM q4") if n in runners]:
         for c in contexts:
             share = bound[name][c] * 1e3 / ms[name, c]
             print(f"  {name} decode at {c} >= 85% of its bound: {share:.0%} {'met' if share >= 0.85 else 'NOT met'}")
         share = timings[prefill_at][name].prefill_tokens_per_s / ceiling
         print(f"  {name} prefill >= 70% of the ceiling: {share:.0%} {'met' if share >= 0.7 else 'NOT met'}")
-    for c, target in ((contexts[-1], 1.8), (contexts[0], 3.0)):
+    for c, target in ((contexts[-1], 1.8), (contexts[0], 3.0)) if {"TVM fp32", "TVM q4"} <= set(runners) else ():
         speedup = ms["TVM fp32", c] / ms["TVM q4", c]
         print(f"  TVM q4 >= {target}x TVM fp32 at {c}: {speedup:.2f}x {'met' if speedup >= target else 'NOT met'}")
     return 0

@@ -134,3 +134,13 @@ def test_a_demo_failing_late_leaves_nothing_behind(tmp_path, monkeypatch):
     result = cli("demo", "-o", tmp_path / "demo", "--max-new-tokens", "4")
     assert_clean_error(result, "injected late failure")
     assert not (tmp_path / "demo" / "onnx").exists() and not (tmp_path / "demo" / "tvm-cpu").exists()
+
+
+def test_a_failed_link_names_what_the_linker_said():
+    """TVM's compiler errors end with the command line; the one-line message gives the tool's first line."""
+    from sessa_export.to_tvm import tool_error
+
+    message = ("Compilation error:\n/usr/bin/ld: lib0.o: relocation truncated to fit: R_X86_64_PC32\n"
+               "collect2: error: ld returned 1 exit status\n\nCommand line: /usr/bin/g++ -shared -o model.so lib0.o")
+    assert tool_error(RuntimeError(message)) == "/usr/bin/ld: lib0.o: relocation truncated to fit: R_X86_64_PC32"
+    assert tool_error(RuntimeError("TVMError: something\nCheck failed: x")) == "Check failed: x"

@@ -441,6 +441,14 @@ def last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def tool_error(exc: BaseException) -> str:
+    """What a failed compiler or linker said first (TVM's message puts its output between "Compilation
+    error:" and the command line it ends with), else the message's last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    said = [line for line in lines if not line.lower().startswith(("compilation error", "command line"))]
+    return said[0] if said and len(said) < len(lines) else last_line(exc)
+
+
 def resolve_capacity(graph: StepGraph, max_len: int | None, state_dtype: str = "float32") -> int:
     """Compiled capacity C: --max-len, else the model's max_len, else DEFAULT_CAPACITY; refused when the
     caches of one sequence would not fit this machine's memory."""
@@ -502,7 +510,7 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
         except (SessaExportError, KeyboardInterrupt):
             raise
         except Exception as exc:  # compilers, linkers and TVM's exporters raise many types
-            raise SessaExportError(f"writing {library} for {target.describe()} failed: {last_line(exc)}") from None
+            raise SessaExportError(f"writing {library} for {target.describe()} failed: {tool_error(exc)}") from None
         manifest = new_manifest(graph, "tvm", layout,
                                 target=target.name, arch=target.arch, host=target.host,
                                 cpu=target.cpu, cpu_features=target.cpu_features(),
