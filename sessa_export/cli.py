@@ -437,7 +437,7 @@ def validate(
     reference = reference_runner(artifact, manifest, checkpoint, model)
     evaluation = _evaluation_text(artifact, manifest, vocab_size(candidate), text, given_ids, given)
     if manifest.get("quantization") or candidate.layout.dtype != "float32":
-        _validate_quantized(artifact, manifest, reference, candidate, evaluation, eval_bytes, window, chunk, json_out,
+        _validate_quality(artifact, manifest, reference, candidate, evaluation, eval_bytes, window, chunk, json_out,
                             drift, seed)
         return
     tol = Tolerance(atol, rtol)
@@ -490,7 +490,7 @@ def _evaluation_text(artifact: Path, manifest: dict, vocab: int, text: Optional[
         raise SessaExportError(f"--text {text}: not UTF-8 text, which the tokenizer reads") from None
 
 
-def _validate_quantized(artifact: Path, manifest: dict, reference, candidate, text, eval_bytes: int,
+def _validate_quality(artifact: Path, manifest: dict, reference, candidate, text, eval_bytes: int,
                         window: int, chunk: int, json_out: Optional[Path], drift_steps: int, seed: int) -> None:
     """Quality of a quantized or narrow-state artifact against the float32 reference, and the drift of a
     narrow state; exit 1 when a bar fails."""

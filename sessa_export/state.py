@@ -130,7 +130,7 @@ class LayerLayout:
 
 @dataclass(frozen=True)
 class StateLayout:
-    """Every layer's state, in call order, under one contract ("grow" or "inplace") and one precision."""
+    """Every layer's state, in call order, under one contract (CONTRACTS) and one precision (STATE_DTYPES)."""
 
     layers: tuple[LayerLayout, ...]
     contract: str = GROW
@@ -244,7 +244,7 @@ class StateLayout:
         return self.axes(LayerLayout(0, 1, 1, 1, 1, False, 0.0), field).index(POSITIONS[self.contract])
 
     @property
-    def storage(self) -> StateDType:
+    def precision(self) -> StateDType:
         """The state's precision (STATE_DTYPES)."""
         return STATE_DTYPES[self.dtype]
 
@@ -255,7 +255,7 @@ class StateLayout:
 
     def zeros(self, batch: int, positions: int = 0) -> dict[str, np.ndarray]:
         """Every state tensor, zero-filled in the state's storage dtype as the graph holds it, named by `names()`."""
-        return {past_name(layer.layer, f): np.zeros(self.shape(layer, f, batch, positions), self.storage.storage)
+        return {past_name(layer.layer, f): np.zeros(self.shape(layer, f, batch, positions), self.precision.storage)
                 for layer, f in self.tensors()}
 
     def positions_held(self, batch: int, shapes: Mapping[str, Sequence[int]]) -> int:
@@ -284,6 +284,6 @@ class StateLayout:
         return sum(layer.values_per_position() for layer in self.layers)
 
 
-__all__ = ["FIELDS", "CONTRACTS", "GROW", "INPLACE", "GENAI", "PAST_LENGTH", "ATTENTION_MASK", "STATE_DTYPES", "StateDType", "state_dtype",
-           "LayerLayout", "StateLayout", "capacity_for",
+__all__ = ["FIELDS", "CONTRACTS", "GROW", "INPLACE", "GENAI", "PAST_LENGTH", "ATTENTION_MASK", "STATE_DTYPES",
+           "StateDType", "state_dtype", "LayerLayout", "StateLayout", "capacity_for",
            "past_name", "present_name"]

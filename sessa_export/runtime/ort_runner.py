@@ -76,7 +76,7 @@ class OrtRunner:
         self.graph_input = {name: self.layout.graph_name(layer.layer, field)  # genai names them as KV layers
                             for name, (layer, field) in zip(self.layout.names(), self.layout.tensors())}
         self.dtype = np.float16 if self.manifest.get("dtype") == "float16" else np.float32
-        self.storage = self.layout.storage  # the state's precision
+        self.precision = self.layout.precision  # the state's (state.STATE_DTYPES)
         self.max_len = self.manifest.get("max_len")
         self.inplace = self.layout.contract != GROW
 
@@ -87,7 +87,7 @@ class OrtRunner:
 
     def _value(self, array: np.ndarray):
         """An OrtValue over `array`'s memory, typed as the state's dtype (bfloat16 from its uint16 bits)."""
-        return self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, self.storage.onnx_type)
+        return self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, self.precision.onnx_type)
 
     def _caches(self, batch: int, capacity: int, state: CacheState | None = None) -> CacheState:
         """Zeroed caches of `capacity`, holding the valid rows of `state` if given."""
@@ -172,5 +172,5 @@ class OrtRunner:
             rows = {name: np.take(array, range(state.past), axis=self.layout.position_axis(field)).reshape(
                         layer.shape(field, state.batch, state.past))  # genai's head axis of 1 dropped
                     for (layer, field), (name, array) in zip(self.layout.tensors(), state.arrays.items())}
-            return {name: self.storage.to_float32(array) for name, array in rows.items()}
-        return {name: self.storage.to_float32(value.numpy()) for name, value in state.items()}
+            return {name: self.precision.to_float32(array) for name, array in rows.items()}
+        return {name: self.precision.to_float32(value.numpy()) for name, value in state.items()}

@@ -53,7 +53,7 @@ class OnnxBuilder:
     def __init__(self, graph: StepGraph, contract: str = GROW, state_dtype: str = "float32") -> None:
         self.graph = graph
         self.layout = StateLayout.from_mixers(graph.mixers, contract, state_dtype)
-        self.state_type = ir.DataType(self.layout.storage.onnx_type)
+        self.state_type = ir.DataType(self.layout.precision.onnx_type)
         self.tape = ir.tape.Tape()
         self.values: dict[str, ir.Value] = {}
         self.inputs: list[ir.Value] = []
