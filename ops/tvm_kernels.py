@@ -27,7 +27,10 @@ slices that are solved independently (each task recomputes the full-width scores
 slice of the state), which buys parallelism for small batches at the price of repeating the
 q.k products per chunk. Inside a task, ``workers`` cooperate SPMD-style: every stage deals its
 items (key tile elements, (row, key) pairs, rows, state columns) round-robin to the workers,
-and stages communicate only through the task's tile buffers. A worker owns fixed columns of
+and stages communicate only through the task's tile buffers. Decode can also cut the P keys into
+``key_splits`` slices, one task each (split-K, as flash-decoding does): a task keeps its slice's
+softmax statistics and weighted sum, and a last pass merges them (``merge_weights``, ``merge``),
+so a single row's pass over the caches runs on every core. A worker owns fixed columns of
 the state, so its accumulator and the state rows it reads back are its own. A CPU runs one
 worker per task; a GPU runs a thread block per task and a thread per worker, the tiles in
 shared memory (TVM inserts the barriers between stages).
@@ -82,6 +85,7 @@ class FeedbackTiling:
     dot_lanes: int = 1  # interleaved partial sums per q.k product (SIMD lanes); divides key_cols
     d_chunks: int = 1  # independent slices of D, one task each; divides D
     workers: int = 1  # cooperating workers per task (GPU threads per block)
+    key_splits: int = 1  # decode: slices of the keys, one task each, merged by a last pass (split-K)
 
     def columns(self, d_model: int) -> int:
         """Key tile width for this model width."""
@@ -90,11 +94,13 @@ class FeedbackTiling:
     def check(self, d_model: int, decode: bool) -> None:
         """Raise ValueError for tile sizes the kernel cannot use."""
         cols = self.columns(d_model)
-        sizes = (self.block_rows, self.key_tile, cols, self.dot_lanes, self.d_chunks, self.workers)
+        sizes = (self.block_rows, self.key_tile, cols, self.dot_lanes, self.d_chunks, self.workers, self.key_splits)
         if min(sizes) < 1:
             raise ValueError(f"tile sizes must be positive: {self}")
         if decode and self.block_rows != 1:
             raise ValueError(f"decode solves one row: block_rows must be 1, got {self.block_rows}")
+        if self.key_splits > 1 and not (decode and self.workers == 1):
+            raise ValueError(f"key_splits > 1 is for decode with one worker a task: {self}")
         if self.key_tile < self.block_rows:
             raise ValueError(f"key_tile {self.key_tile} < block_rows {self.block_rows}")
         if d_model % cols or cols % self.dot_lanes or d_model % self.d_chunks:
@@ -158,10 +164,11 @@ def _feedback_attention(
     # (a mixed int32/int64 index defeats contiguous vector loads).
     KC = tiling.columns(d_model)
     W = tiling.workers
-    D, R, J, L, NC, DC = (
+    split = tiling.key_splits > 1
+    D, R, J, L, NC, DC, KS = (
         tirx.IntImm("int64", n)
         for n in (d_model, tiling.block_rows, tiling.key_tile, tiling.dot_lanes, tiling.d_chunks,
-                  d_model // tiling.d_chunks)
+                  d_model // tiling.d_chunks, tiling.key_splits)
     )
     # items each worker takes in a stage: (row, key) pairs, rows, state columns, tile elements
     PAIRS, ROWS, COLS, ELEMS = (
@@ -194,19 +201,42 @@ def _feedback_attention(
             return T.max(past_tiles(past_len, r), 1)
         return past_tiles(past_len, r) + 1
 
-    def tile_start(past_len, r, kt):
-        """First key position of tile kt of block r; the first tile may start below 0."""
-        return past_len + r * R - (past_tiles(past_len, r) - kt) * J
+    def first_tile(past_len, r, ks):
+        """The first key tile task slice ks visits (all slices start at 0 without key_splits)."""
+        if not split:
+            return T.int64(0)
+        return T.min(ks * T.ceildiv(past_tiles(past_len, r), KS), past_tiles(past_len, r))
 
-    def is_key(past_len, r, kt, jj):
+    def end_tile(past_len, r, ks):
+        """One past its last: all of key_tiles, or the end of its share of the past tiles."""
+        if not split:
+            return key_tiles(past_len, r)
+        return T.min((ks + 1) * T.ceildiv(past_tiles(past_len, r), KS), past_tiles(past_len, r))
+
+    def merged(weight, part_acc, b, d):
+        """sum over the key slices of weight * partial sum, for column d of batch row b."""
+        terms = [weight[b, d // DC, k] * part_acc[b, k, d] for k in range(tiling.key_splits)]
+        while len(terms) > 1:
+            terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) & ~1 :]
+        return terms[0]
+
+    def tile_start(past_len, r, ks, kt):
+        """First key position of tile kt of slice ks of block r; the first tile may start below 0."""
+        return past_len + r * R - (past_tiles(past_len, r) - first_tile(past_len, r, ks) - kt) * J
+
+    def is_key(past_len, r, ks, kt, jj):
         """Key jj of tile kt is one that some row of block r attends: 0 <= j < its last t."""
-        j = tile_start(past_len, r, kt) + jj
+        j = tile_start(past_len, r, ks, kt) + jj
         return T.And(0 <= j, j < past_len + T.min(seq_len, r * R + R) - 1)
 
-    def is_valid(past_len, r, kt, ri, jj):
+    def is_valid(past_len, r, ks, kt, ri, jj):
         """Row r*R+ri exists and attends to key jj of tile kt: 0 <= j < t (diagonal excluded)."""
-        j = tile_start(past_len, r, kt) + jj
+        j = tile_start(past_len, r, ks, kt) + jj
         return T.And(r * R + ri < seq_len, T.And(0 <= j, j < past_len + r * R + ri))
+
+    def is_solved(past_len, r, ks, kt, jj):
+        """Key jj of tile kt holds a solved state (j >= 0 in a past tile): prob @ state may read it."""
+        return T.And(first_tile(past_len, r, ks) + kt < past_tiles(past_len, r), 0 <= tile_start(past_len, r, ks, kt) + jj)
 
     def lane_sum(part, pq):
         """Sum of the dot-product lanes of a pair as a balanced tree (short dependency chain)."""
@@ -242,7 +272,12 @@ def _feedback_attention(
                 for b, i, d in T.grid(batch, seq_len, D):
                     with T.sblock("append_key"):
                         key_cache[b, past_len + i, d] = T.Cast(cache_dtype, key[b, i, d])
-            for b, c in T.grid(batch, NC):
+            if split:
+                part_max = T.sblock_alloc_buffer((batch, NC, KS), f32)
+                part_sum = T.sblock_alloc_buffer((batch, NC, KS), f32)
+                part_acc = T.sblock_alloc_buffer((batch, KS, D), f32)
+                weight = T.sblock_alloc_buffer((batch, NC, KS), f32)
+            for b, c, ks in T.grid(batch, NC, KS):
                 with T.sblock("task"):
                     key_tile = T.sblock_alloc_buffer((J, KC), cache_dtype)
                     score = T.sblock_alloc_buffer((R, J), f32)
@@ -265,25 +300,25 @@ def _feedback_attention(
                                 for ri, cq in T.grid(R, COLS):
                                     with T.sblock("init_acc"):
                                         acc[ri, cq] = T.float32(0)
-                                for kt in range(key_tiles(past_len, r)):
+                                for kt in range(end_tile(past_len, r, ks) - first_tile(past_len, r, ks)):
                                     # score = query rows . key tile, key_cols columns at a time
                                     for kb in range(D // KC):
                                         for e in range(ELEMS):
                                             with T.sblock("key_tile"):
                                                 if T.And(
                                                     item(e, w) < J * KC,
-                                                    is_key(past_len, r, kt, item(e, w) // KC),
+                                                    is_key(past_len, r, ks, kt, item(e, w) // KC),
                                                 ):
                                                     key_tile[item(e, w) // KC, item(e, w) % KC] = key_cache[
                                                         b,
-                                                        tile_start(past_len, r, kt) + item(e, w) // KC,
+                                                        tile_start(past_len, r, ks, kt) + item(e, w) // KC,
                                                         kb * KC + item(e, w) % KC,
                                                     ]
                                         for pq, ko, lane in T.grid(PAIRS, KC // L, L):
                                             with T.sblock("dot"):
                                                 if T.And(
                                                     item(pq, w) < R * J,
-                                                    is_valid(past_len, r, kt, item(pq, w) // J, item(pq, w) % J),
+                                                    is_valid(past_len, r, ks, kt, item(pq, w) // J, item(pq, w) % J),
                                                 ):
                                                     if kb == 0 and ko == 0:
                                                         part[pq, lane] = T.float32(0)
@@ -301,14 +336,14 @@ def _feedback_attention(
                                             if item(rq, w) < R:
                                                 run[0] = row_max[item(rq, w)]
                                                 for jj in range(J):
-                                                    if is_valid(past_len, r, kt, item(rq, w), jj):
+                                                    if is_valid(past_len, r, ks, kt, item(rq, w), jj):
                                                         run[0] = T.max(run[0], score[item(rq, w), jj] * T.float32(scale))
                                                 tile_max[item(rq, w)] = run[0]
                                     for pq in range(PAIRS):
                                         with T.sblock("prob"):
                                             if item(pq, w) < R * J:
                                                 prob[item(pq, w) // J, item(pq, w) % J] = T.if_then_else(
-                                                    is_valid(past_len, r, kt, item(pq, w) // J, item(pq, w) % J),
+                                                    is_valid(past_len, r, ks, kt, item(pq, w) // J, item(pq, w) % J),
                                                     T.exp(
                                                         score[item(pq, w) // J, item(pq, w) % J] * T.float32(scale)
                                                         - tile_max[item(pq, w) // J]
@@ -330,41 +365,70 @@ def _feedback_attention(
                                         with T.sblock("advance_max"):
                                             if item(rq, w) < R:
                                                 row_max[item(rq, w)] = tile_max[item(rq, w)]
-                                    # acc = acc * rescale + prob @ feedback_state, solved positions only
+                                    # acc = acc * rescale + prob @ feedback_state, solved positions only; key
+                                    # rows outermost, so that each state row streams in once, in order
                                     for ri, cq in T.grid(R, COLS):
-                                        with T.sblock("accumulate"):
+                                        with T.sblock("rescale_acc"):
                                             if item(cq, w) < DC:
                                                 acc[ri, cq] = acc[ri, cq] * rescale[ri]
-                                                for jj in range(
-                                                    T.max(0, -tile_start(past_len, r, kt)),
-                                                    T.if_then_else(kt < past_tiles(past_len, r), J, 0),
-                                                ):
-                                                    acc[ri, cq] += prob[ri, jj] * T.Cast(
-                                                        f32,
-                                                        state_cache[b, tile_start(past_len, r, kt) + jj, c * DC + item(cq, w)],
-                                                    )
-                                # forward substitution inside the block, row by row
-                                for ri, cq in T.grid(R, COLS):
-                                    with T.sblock("solve"):
-                                        if T.And(r * R + ri < seq_len, item(cq, w) < DC):
-                                            for jj in range(ri):
+                                    for jj, ri, cq in T.grid(J, R, COLS):
+                                        with T.sblock("accumulate"):
+                                            if T.And(item(cq, w) < DC, is_solved(past_len, r, ks, kt, jj)):
                                                 acc[ri, cq] += prob[ri, jj] * T.Cast(
-                                                    f32, state_cache[b, past_len + r * R + jj, c * DC + item(cq, w)]
+                                                    f32,
+                                                    state_cache[b, tile_start(past_len, r, ks, kt) + jj, c * DC + item(cq, w)],
                                                 )
-                                            state[b, r * R + ri, c * DC + item(cq, w)] = T.Cast(
-                                                dtype,
-                                                T.Cast(f32, forward[b, r * R + ri, c * DC + item(cq, w)])
-                                                + T.Cast(f32, gain[b, r * R + ri, 0])
-                                                * T.if_then_else(
-                                                    row_sum[ri] > T.float32(0), acc[ri, cq] / row_sum[ri], T.float32(0)
-                                                ),
-                                            )
-                                            state_cache[b, past_len + r * R + ri, c * DC + item(cq, w)] = T.Cast(
-                                                cache_dtype, state[b, r * R + ri, c * DC + item(cq, w)]
-                                            )
-                                            if decode:
-                                                # Nothing reads key P in this call: it is written last.
-                                                key_cache[b, past_len, c * DC + item(cq, w)] = T.Cast(
-                                                    cache_dtype, key[b, 0, c * DC + item(cq, w)])
+                                if split:  # this slice's statistics and sum, merged below
+                                    for ri, cq in T.grid(R, COLS):
+                                        with T.sblock("partial"):
+                                            if item(cq, w) < DC:
+                                                part_acc[b, ks, c * DC + item(cq, w)] = acc[ri, cq]
+                                    with T.sblock("partial_stats"):
+                                        part_max[b, c, ks] = row_max[0]
+                                        part_sum[b, c, ks] = row_sum[0]
+                                else:
+                                    # forward substitution inside the block, row by row
+                                    for ri, cq in T.grid(R, COLS):
+                                        with T.sblock("solve"):
+                                            if T.And(r * R + ri < seq_len, item(cq, w) < DC):
+                                                for jj in range(ri):
+                                                    acc[ri, cq] += prob[ri, jj] * T.Cast(
+                                                        f32, state_cache[b, past_len + r * R + jj, c * DC + item(cq, w)]
+                                                    )
+                                                state[b, r * R + ri, c * DC + item(cq, w)] = T.Cast(
+                                                    dtype,
+                                                    T.Cast(f32, forward[b, r * R + ri, c * DC + item(cq, w)])
+                                                    + T.Cast(f32, gain[b, r * R + ri, 0])
+                                                    * T.if_then_else(
+                                                        row_sum[ri] > T.float32(0), acc[ri, cq] / row_sum[ri], T.float32(0)
+                                                    ),
+                                                )
+                                                state_cache[b, past_len + r * R + ri, c * DC + item(cq, w)] = T.Cast(
+                                                    cache_dtype, state[b, r * R + ri, c * DC + item(cq, w)]
+                                                )
+                                                if decode:
+                                                    # Nothing reads key P in this call: it is written last.
+                                                    key_cache[b, past_len, c * DC + item(cq, w)] = T.Cast(
+                                                        cache_dtype, key[b, 0, c * DC + item(cq, w)])
+            if split:
+                # each slice's weight: exp(its max - the max) / the merged sum (0 when P = 0)
+                for b, c in T.grid(batch, NC):
+                    with T.sblock("merge_weights"):
+                        top = T.sblock_alloc_buffer((2,), f32, scope="local")
+                        top[0] = T.float32(_LOWEST)
+                        for k in range(KS):
+                            top[0] = T.max(top[0], part_max[b, c, k])
+                        top[1] = T.float32(0)
+                        for k in range(KS):
+                            top[1] += part_sum[b, c, k] * T.exp(part_max[b, c, k] - top[0])
+                        for k in range(KS):
+                            weight[b, c, k] = T.if_then_else(
+                                top[1] > T.float32(0), T.exp(part_max[b, c, k] - top[0]) / top[1], T.float32(0))
+                for b, d in T.grid(batch, D):
+                    with T.sblock("merge"):
+                        state[b, 0, d] = T.Cast(
+                            dtype, T.Cast(f32, forward[b, 0, d]) + T.Cast(f32, gain[b, 0, 0]) * merged(weight, part_acc, b, d))
+                        state_cache[b, past_len, d] = T.Cast(cache_dtype, state[b, 0, d])
+                        key_cache[b, past_len, d] = T.Cast(cache_dtype, key[b, 0, d])
 
     return kernel.with_attr("global_symbol", name)

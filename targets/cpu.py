@@ -118,8 +118,14 @@ def vector_lanes(tgt: Target) -> int:
     return max(4, llvm_get_vector_width(tgt) // 32)
 
 
+DECODE_KEY_SPLITS = 8  # key slices of a decode step: enough tasks for 8 cores, merged in one short pass
+
+
 def feedback_tilings(d_model: int, tgt: Target, d_chunks: int | None = None) -> dict[str, FeedbackTiling]:
     """Tile sizes for ``tgt``; ``d_chunks`` > 1 adds parallel tasks for small batches.
+
+    Decode cuts the keys into DECODE_KEY_SPLITS slices, a task each, so that one sequence's pass
+    over the caches runs on every core (one task a row ran on one core: 20 of 35 GB/s here).
 
     Each chunk recomputes the full q.k products, so more chunks only pay off when cores
     would otherwise sit idle. By default (None) decode keeps one task per batch row (a second
@@ -131,7 +137,8 @@ def feedback_tilings(d_model: int, tgt: Target, d_chunks: int | None = None) -> 
     decode_chunks = d_chunks or 1
     prefill_chunks = d_chunks or math.gcd(2, d_model)
     return {
-        DECODE: FeedbackTiling(block_rows=1, key_tile=32, dot_lanes=lanes, d_chunks=decode_chunks),
+        DECODE: FeedbackTiling(block_rows=1, key_tile=32, dot_lanes=lanes, d_chunks=decode_chunks,
+                               key_splits=DECODE_KEY_SPLITS),
         PREFILL: FeedbackTiling(block_rows=16, key_tile=32, dot_lanes=lanes, d_chunks=prefill_chunks),
     }
 
@@ -153,8 +160,11 @@ def schedule_feedback_attention(func: tirx.PrimFunc, tgt: Target) -> tirx.PrimFu
     # the key tile copy runs over key_tile x key_cols elements: split it back into rows, columns
     (key_tile,) = (buf for buf in sch.get(sch.get_sblock("task")).alloc_buffers if buf.name == "key_tile")
     _vectorize(sch, sch.split(sch.get_loops("key_tile")[-1], [None, key_tile.shape[1]])[1], lanes)
-    for block in ("init_acc", "accumulate", "solve"):
+    split = has_block(sch, "merge")  # decode over key slices: a partial sum per task, merged after
+    for block in ("init_acc", "rescale_acc", "accumulate", "partial" if split else "solve"):
         _vectorize(sch, sch.get_loops(block)[-1], lanes)
+    if split:
+        _vectorize(sch, sch.get_loops("merge")[-1], lanes)
     sch.vectorize(sch.get_loops("dot")[-1])
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 

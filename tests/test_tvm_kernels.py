@@ -117,8 +117,9 @@ def test_cpu_kernels_match_reference(cpu_lib, past, seq):
             check_step(lib, K.PREFILL, batch, past, seq, dtype)
 
 
-SMALL_TILES = {  # key tile wider than the row block, key columns staged in pieces, D in chunks
-    K.DECODE: K.FeedbackTiling(block_rows=1, key_tile=8, key_cols=16, dot_lanes=4, d_chunks=2),
+SMALL_TILES = {  # key tile wider than the row block, key columns staged in pieces, D in chunks, keys in
+    # 3 slices (uneven, and more slices than tiles for short pasts)
+    K.DECODE: K.FeedbackTiling(block_rows=1, key_tile=8, key_cols=16, dot_lanes=4, d_chunks=2, key_splits=3),
     K.PREFILL: K.FeedbackTiling(block_rows=4, key_tile=8, key_cols=16, dot_lanes=4, d_chunks=2),
 }
 # The CUDA tile geometry run by one worker: everything but the thread distribution.
