@@ -51,7 +51,11 @@ POSITIONS = {GROW: PAST, INPLACE: "capacity", GENAI: "capacity"}  # the position
 PAST_LENGTH = "past_sequence_length"  # the in-place contract's input: P
 ATTENTION_MASK = "attention_mask"  # the genai contract's: [batch, P + S]
 FEEDBACK_FIELDS = ("feedback_key", "feedback_state")
-CAPACITY_BLOCK = 256  # in-place capacities are whole blocks of positions
+# In-place capacities are whole blocks of positions. A decode reads the whole capacity (ONNX Runtime's
+# CPU attention has no valid-length stop) and a growth copies the P valid rows once: 64 keeps both near
+# 3% at a context of 1024 (half a block read in vain on average, 2P rows copied every 64 steps), where
+# 256 read 12.5% more than the context on average and 25% at 1024 itself.
+CAPACITY_BLOCK = 64
 
 
 @dataclass(frozen=True)

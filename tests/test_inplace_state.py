@@ -1,6 +1,6 @@
 """The in-place state contract (`export --state inplace`) against the PyTorch reference.
 
-The caches have a capacity of whole 256-position blocks that the runner grows with the context;
+The caches have a capacity of whole blocks of CAPACITY_BLOCK positions that the runner grows with the context;
 each step binds them as input and output so ONNX Runtime writes the new rows in place. The
 parity checks are the growing contract's (tests/parity.py: PyTorch's step path and its full
 forward), so a prefill + 256 decodes and the uneven chunks cross capacity growths mid-run.
@@ -81,10 +81,11 @@ def test_decode_alone_matches_across_a_growth(inplace_exports):
 
 
 def test_capacity_rule():
-    assert [capacity_for(n, None) for n in (1, 256, 257, 1000)] == [256, 256, 512, 1024]
-    assert capacity_for(300, 320) == 320
-    with pytest.raises(SessaExportError, match="exceeds the model's max_len=320"):
-        capacity_for(321, 320)
+    block = CAPACITY_BLOCK
+    assert [capacity_for(n, None) for n in (1, block, block + 1, 10 * block - 3)] == [block, block, 2 * block, 10 * block]
+    assert capacity_for(300, 310) == 310  # whole blocks would be 320: max_len caps them
+    with pytest.raises(SessaExportError, match="exceeds the model's max_len=310"):
+        capacity_for(311, 310)
 
 
 def test_a_context_past_max_len_is_refused(make_lm, tmp_path):

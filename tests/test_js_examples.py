@@ -4,7 +4,7 @@ The bundled model is exported once per module under each state contract (`--stat
 `--state inplace`). The Node program (onnxruntime-node) and the page (onnxruntime-web on WebAssembly,
 in headless Chromium driven by puppeteer-core, served from 127.0.0.1 by an http.server thread) must
 pick the same greedy bytes as Python ONNX Runtime (sessa_export.runtime.open_runner + generate) for a
-short prompt and for one whose decode crosses the in-place capacity block of 256 positions. The Node
+short prompt and for one whose decode crosses a block of the in-place capacity rule. The Node
 program must also write the in-place caches in place: the same Float32Arrays stay bound from step to
 step, their rows fill as the context grows, and ONNX Runtime never reports TensorScatter copying its
 cache. Each test skips with the reason when node, the npm packages (`npm ci` in the example folder) or
@@ -30,6 +30,7 @@ from sessa_export.cli import app
 from sessa_export.data import BUNDLED_MODEL, encode
 from sessa_export.generate import generate
 from sessa_export.runtime import open_runner
+from sessa_export.state import CAPACITY_BLOCK, capacity_for
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NODE_DIR, WEB_DIR = EXAMPLES / "node", EXAMPLES / "web"
@@ -37,10 +38,21 @@ CHROMIUM = Path("/usr/bin/chromium")
 CONTRACTS = ("grow", "inplace")
 CASES = {  # name: (prompt, new bytes)
     "short": ("def main():\n", 48),
-    # 250 prompt bytes + 15 decode steps: the in-place caches grow from 256 to 512 positions mid-decode
+    # 250 prompt bytes + 15 decode steps: the in-place caches grow at 256 positions, mid-decode
     "growth": (("import os\nimport sys\n\n\ndef read(path):\n    with open(path) as f:\n        return f.read()\n"
                 * 4)[:250], 16),
 }
+
+
+def in_place_capacity(case: str) -> tuple[int, int]:
+    """(last capacity, growths) that Python's rule (state.capacity_for) gives a case's decode: the empty
+    caches, the prompt, then one more position a step for all but the last new byte."""
+    prompt, n_new = CASES[case]
+    held = [1] + [len(prompt.encode()) + i for i in range(n_new)]
+    capacities = [capacity_for(n, None) for n in held]
+    return capacities[-1], len(set(capacities)) - 1
+
+
 MIN_MARGIN = 1e-3  # Python's top-1 / top-2 logit gap at every pick: a float-level tie could flip either way
 NOT_IN_PLACE = "in-place optimization not activated"  # ORT's warning when TensorScatter copies its cache
 
@@ -122,7 +134,7 @@ def test_node_greedy_matches_python(node_ready, exports, python_greedy, contract
     assert record["tokens"] == python_greedy[contract, case]
     assert record["contract"] == contract and record["written_in_place"] == (contract == "inplace")
     if contract == "inplace":
-        assert (record["capacity"], record["grown"]) == ((512, 1) if case == "growth" else (256, 0))
+        assert (record["capacity"], record["grown"]) == in_place_capacity(case)
     assert record["decode_tokens_per_s"] > 0
 
 
@@ -155,7 +167,7 @@ function copied(from, to, t, past) {
   return true;
 }
 const report = [];
-const long = Array.from({ length: 249 }, (_, i) => 32 + (i * 7) % 90);
+const long = Array.from({ length: Number(process.argv[2]) - 7 }, (_, i) => 32 + (i * 7) % 90);
 for (const ids of [[72, 105, 33, 10, 32], [65], [66], long, [67]]) {
   const before = layout.tensors.map((t) => decoder.state[t.past]), past = decoder.past, capacity = decoder.capacity;
   await decoder.step(ids);
@@ -170,12 +182,14 @@ console.log(JSON.stringify(report));
 
 
 def test_node_writes_the_in_place_caches_in_place(node_ready, exports):
-    result = node(NODE_DIR, "--input-type=module", "-e", IN_PLACE_PROBE, str(exports["inplace"]))
+    result = node(NODE_DIR, "--input-type=module", "-e", IN_PLACE_PROBE, str(exports["inplace"]), str(CAPACITY_BLOCK))
     assert result.returncode == 0, result.stderr
     assert NOT_IN_PLACE not in result.stderr, "ONNX Runtime copied a cache instead of writing it in place"
     report = json.loads(result.stdout)
     n_tensors = len(json.loads((exports["inplace"] / "sessa_config.json").read_text())["state"]) * 4
-    assert [(r["past"], r["capacity"]) for r in report] == [(5, 256), (6, 256), (7, 256), (256, 256), (257, 512)]
+    block = CAPACITY_BLOCK  # the probe fills the first block exactly, then steps once past it
+    assert [(r["past"], r["capacity"]) for r in report] == [(5, block), (6, block), (7, block), (block, block),
+                                                            (block + 1, 2 * block)]
     for r in report[:-1]:
         assert r["same"] and r["copied"] is None, "the Decoder replaced its bound caches without a growth"
     assert not report[-1]["same"] and report[-1]["copied"], "the grown caches lack the valid rows"
@@ -233,4 +247,4 @@ def test_web_page_greedy_matches_python(web_ready, exports, python_greedy, tmp_p
         assert record["tokens"] == python_greedy[contract, case], (contract, case)
         assert record["contract"] == contract and not record["written_in_place"]
         if contract == "inplace":
-            assert record["grown"] == (1 if case == "growth" else 0)
+            assert record["grown"] == in_place_capacity(case)[1]

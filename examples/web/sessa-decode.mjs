@@ -9,7 +9,7 @@
 //   - "inplace": the state tensors are caches of a capacity C (axis "capacity"), of which the first P
 //     rows are valid; the length input (`past_length_input`) gives P. The step writes rows
 //     P..P+S-1 and returns the caches as its present outputs. C grows by the manifest's capacity rule
-//     (whole blocks of 256 positions, at most max_len), the valid rows copied once when it grows.
+//     (whole blocks of state_contract.capacity_block positions, at most max_len), the valid rows copied once when it grows.
 // Tokens are bytes (the bundled model's vocabulary is 256).
 
 const STORAGE = { float32: Float32Array, float16: Uint16Array }; // what holds a state tensor's values
