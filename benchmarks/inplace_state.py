@@ -11,9 +11,11 @@ keep a float32 state: the baseline).
 Each decode figure is also given as a fraction of its own bandwidth bound: the bytes a step
 must read (every initializer of the model file but the embedding table, at its stored
 precision, plus one read of the state of the context at its dtype) over the measured read bandwidth
-(numpy sums over 1 GiB, all threads). Growing an in-place cache (once per 256 positions, one copy
-of the valid rows) happens in the untimed first step of each block; at context C it costs about
-C / 256 positions' worth of state per token, amortised.
+(numpy sums over 1 GiB, all threads). An in-place step reads its whole capacity (whole blocks of
+state.CAPACITY_BLOCK = 64 positions: 1088 at a context of 1024), which the bound does not count.
+Growing an in-place cache (once per block, one copy of the valid rows) happens in the untimed first
+step of each block; at context C it reads and writes about 2C / 64 positions' worth of state per
+token, amortised (3% of a step's state traffic), which the figures leave out.
 
 Targets (issue 11): every in-place export at >= 85% of its bound at context 1024, and in-place int4
 with a float16 state >= 2.5x faster than grow fp32 there.
