@@ -4,8 +4,10 @@ Several runners are timed in turns: `rounds` rounds, each one prefill and one bl
 steps per runner, so that load from elsewhere on a shared machine hits them all alike and the
 ratios between them stay fair. Each turn starts after a pause of SETTLE_S: ONNX Runtime's and
 torch's thread pools spin for a while after they run: without it (`benchmarks/onnx_runtime.py
---settle 0`) PyTorch measured up to 2.8x slower right after an ORT turn. A block's first decode
-step is not timed either (cold caches).
+--settle 0`) PyTorch measured up to 2.8x slower right after an ORT turn. A block's first RAMP_STEPS
+decode steps are not timed either: after the pause (and the prefill) the machine takes a few steps to
+come back up to speed (a q4 TVM decode of 2.3 ms a step here: 4.1, 3.5, 3.5, 3.3 ms for the first
+four after a 50 ms pause), which a generation loop, stepping back to back, does not see.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from .errors import SessaExportError
 
 ROUNDS = 4  # turns each runner takes: one prefill and one block of decode steps per turn
 SETTLE_S = 0.5  # pause before each turn: the previous runner's spinning thread pool goes idle
+RAMP_STEPS = 4  # untimed decode steps at the start of each block
 
 
 @dataclass
@@ -46,8 +49,8 @@ class Timing:
 
 
 def decode_positions(decode_steps: int, rounds: int = ROUNDS) -> int:
-    """Positions the decode blocks add after the prefill (timed steps plus one untimed per block)."""
-    return rounds * (-(-decode_steps // rounds) + 1)
+    """Positions the decode blocks add after the prefill (timed steps plus RAMP_STEPS untimed per block)."""
+    return rounds * (-(-decode_steps // rounds) + RAMP_STEPS)
 
 
 def time_runners(runners: Mapping[str, object], vocab_size: int, context: int = 1024, decode_steps: int = 32,
@@ -88,12 +91,12 @@ def time_runners(runners: Mapping[str, object], vocab_size: int, context: int = 
             start = time.perf_counter()
             runner.step(ids[:, :context], empty)
             timings[name].prefill_s.append(time.perf_counter() - start)
-            for t in range(per_block + 1):
+            for t in range(RAMP_STEPS + per_block):
                 token = ids[:, position[name]:position[name] + 1]
                 start = time.perf_counter()
                 logits, states[name] = runner.step(token, states[name])
                 np.argmax(logits[:, -1], axis=-1)  # what a decoder does next; keeps the output live
-                if t:
+                if t >= RAMP_STEPS:
                     timings[name].decode_s.append(time.perf_counter() - start)
                 position[name] += 1
     return timings

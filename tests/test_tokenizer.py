@@ -258,7 +258,7 @@ def test_quantized_custom_module_of_its_own_vocabulary_is_quality_checked(tmp_pa
 
 def test_bench_times_the_tokens_it_is_given():
     """time_runners feeds `tokens` (repeated to the positions it needs), not random ids."""
-    from sessa_export.bench import time_runners
+    from sessa_export.bench import RAMP_STEPS, time_runners
 
     class Recorder:
         name, max_len = "recorder", None
@@ -277,4 +277,5 @@ def test_bench_times_the_tokens_it_is_given():
     time_runners({"recorder": runner}, 8, context=5, decode_steps=2, batch=2, rounds=1, warmup=0, settle_s=0,
                  tokens=[3, 1, 4])
     assert np.array_equal(runner.fed[0], [[3, 1, 4, 3, 1]] * 2)  # the untimed prefill
-    assert [int(f[0, 0]) for f in runner.fed[2:]] == [4, 3, 1]  # decode continues the text: positions 5, 6, 7
+    # decode continues the text from position 5: the untimed ramp steps, then the 2 timed ones
+    assert [int(f[0, 0]) for f in runner.fed[2:]] == [[3, 1, 4][p % 3] for p in range(5, 5 + RAMP_STEPS + 2)]
