@@ -5,7 +5,8 @@ Times (median of --repeat calls, after one untimed call), at the 125M config's s
 - the forward-attention kernel (`ops/tvm_attention.py`): decode (S = 1 at context P) and
   prefill (S = T from an empty cache);
 - the FeedbackAttention kernels (`ops/tvm_kernels.py` with `targets/cpu.py`'s rule): decode,
-  and prefill with D cut into 1 and 2 chunks;
+  and prefill with D cut into 1 and 2 chunks; and a decode step's pass over 12 layers' caches
+  (more than the L3 holds) with the keys in 1 slice and in the rule's DECODE_KEY_SPLITS;
 - the LM head's matrix-vector product (768 x 32000) the way the compiler emits it: `--layout
   packed` (the CPU panel layout) or `plain` (W^T as [in, out], through Relax's matmul; what GPUs
   get), with its read bandwidth.
@@ -68,6 +69,31 @@ def feedback_ms(seq: int, past: int, d_chunks: int, repeat: int) -> float:
     return median_ms(lambda: kernel(*args, past, out), repeat)
 
 
+def feedback_layers_ms(past: int, key_splits: int, repeat: int, layers: int = 12) -> float:
+    """One decode step's FeedbackAttention over `layers` layers' caches (more than the L3 holds), its
+    keys cut into `key_splits` slices: what a batch-1 decode step of the model reads."""
+    import dataclasses
+
+    import tvm
+
+    from sessa_export.ops import tvm_kernels
+    from sessa_export.targets import cpu
+
+    tgt = cpu.tvm_target()
+    tilings = cpu.feedback_tilings(D, tgt)
+    tilings[tvm_kernels.DECODE] = dataclasses.replace(tilings[tvm_kernels.DECODE], key_splits=key_splits)
+    func = cpu.schedule_feedback_attention(tvm_kernels.feedback_attention_kernels(D, "float32", None, tilings)[
+        tvm_kernels.DECODE], tgt)
+    kernel = tvm.compile(tvm.IRModule({tvm_kernels.DECODE: func}), target=tgt)[tvm_kernels.DECODE]
+    rng = np.random.default_rng(0)
+    steps = [tvm.runtime.tensor(rng.standard_normal((1, 1, D)).astype(np.float32)) for _ in range(3)]
+    gain = tvm.runtime.tensor(np.full((1, 1, 1), 0.5, np.float32))
+    caches = [[tvm.runtime.tensor(rng.standard_normal((1, past + 1, D)).astype(np.float32)) for _ in range(2)]
+              for _ in range(layers)]
+    out = tvm.runtime.tensor(np.zeros((1, 1, D), np.float32))
+    return median_ms(lambda: [kernel(*steps, gain, *layer, past, out) for layer in caches], repeat)
+
+
 def lm_head_ms(layout: str, repeat: int) -> float:
     import tvm
 
@@ -92,12 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
     import sessa_export
 
+    from sessa_export.targets import cpu
+
+    splits = getattr(cpu, "DECODE_KEY_SPLITS", None)  # an install from before split-K decode has none
     print(f"sessa_export from {Path(sessa_export.__file__).parent}; TVM threads {threads}", flush=True)
     T, few = args.context, max(3, args.repeat // 4)
     rows = [
         ("forward attention, decode", f"S=1, P={T}", f"{attention_ms(1, T, args.repeat):.3f}"),
         ("forward attention, prefill", f"S={T}, P=0", f"{attention_ms(T, 0, few):.2f}"),
         ("FeedbackAttention, decode", f"S=1, P={T}", f"{feedback_ms(1, T, 1, args.repeat):.3f}"),
+        *((f"FeedbackAttention, decode, 12 layers, {n} key slice{'s' if n > 1 else ''}", f"S=1, P={T}",
+           f"{ms:.3f} ({12 * 2 * T * D * 4 / ms / 1e6:.1f} GB/s)")
+          for n in ((1, splits) if splits else ()) for ms in [feedback_layers_ms(T, n, few)]),
         ("FeedbackAttention, prefill, 1 D chunk", f"S={T}, P=0", f"{feedback_ms(T, 0, 1, few):.2f}"),
         ("FeedbackAttention, prefill, 2 D chunks", f"S={T}, P=0", f"{feedback_ms(T, 0, 2, few):.2f}"),
     ]

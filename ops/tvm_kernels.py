@@ -216,8 +216,8 @@ def _feedback_attention(
     def merged(weight, part_acc, b, d):
         """sum over the key slices of weight * partial sum, for column d of batch row b."""
         terms = [weight[b, d // DC, k] * part_acc[b, k, d] for k in range(tiling.key_splits)]
-        while len(terms) > 1:
-            terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) & ~1 :]
+        while len(terms) > 1:  # a balanced tree, as lane_sum
+            terms = [x + y for x, y in zip(terms[::2], terms[1::2])] + terms[len(terms) & ~1 :]
         return terms[0]
 
     def tile_start(past_len, r, ks, kt):

@@ -125,11 +125,12 @@ def feedback_tilings(d_model: int, tgt: Target, d_chunks: int | None = None) -> 
     """Tile sizes for ``tgt``; ``d_chunks`` > 1 adds parallel tasks for small batches.
 
     Decode cuts the keys into DECODE_KEY_SPLITS slices, a task each, so that one sequence's pass
-    over the caches runs on every core (one task a row ran on one core: 20 of 35 GB/s here).
+    over the caches runs on every core: with one task a row, a batch-1 decode read them on one core
+    (the kernel alone over 12 layers' caches at P = 1024, 2 threads: 3.07 ms against 1.87; BENCHMARKS.md).
 
-    Each chunk recomputes the full q.k products, so more chunks only pay off when cores
-    would otherwise sit idle. By default (None) decode keeps one task per batch row (a second
-    would read every key twice) and prefill uses two when D is even: a batch-1 prefill then
+    Each D chunk recomputes the full q.k products, so more chunks only pay off when cores
+    would otherwise sit idle. By default (None) decode keeps one chunk (the key slices give it its
+    tasks; a second chunk would read every key twice) and prefill uses two when D is even: a batch-1 prefill then
     keeps two cores busy for 1.5x the work (`benchmarks/tvm_kernels.py`, D = 768, T = 1024: 37-49 ms
     with two chunks against 41-63 ms with one, over four runs).
     """
