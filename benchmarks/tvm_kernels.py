@@ -69,29 +69,39 @@ def feedback_ms(seq: int, past: int, d_chunks: int, repeat: int) -> float:
     return median_ms(lambda: kernel(*args, past, out), repeat)
 
 
-def feedback_layers_ms(past: int, key_splits: int, repeat: int, layers: int = 12) -> float:
+def feedback_layers_ms(past: int, key_splits: tuple[int, ...], repeat: int, layers: int = 12) -> dict[int, float]:
     """One decode step's FeedbackAttention over `layers` layers' caches (more than the L3 holds), its
-    keys cut into `key_splits` slices: what a batch-1 decode step of the model reads."""
+    keys cut into each of `key_splits` slices, timed in turns: what a batch-1 decode step reads."""
     import dataclasses
+    import statistics
+    import time
 
     import tvm
 
     from sessa_export.ops import tvm_kernels
     from sessa_export.targets import cpu
 
-    tgt = cpu.tvm_target()
-    tilings = cpu.feedback_tilings(D, tgt)
-    tilings[tvm_kernels.DECODE] = dataclasses.replace(tilings[tvm_kernels.DECODE], key_splits=key_splits)
-    func = cpu.schedule_feedback_attention(tvm_kernels.feedback_attention_kernels(D, "float32", None, tilings)[
-        tvm_kernels.DECODE], tgt)
-    kernel = tvm.compile(tvm.IRModule({tvm_kernels.DECODE: func}), target=tgt)[tvm_kernels.DECODE]
+    tgt, kernels = cpu.tvm_target(), {}
+    for n in key_splits:
+        tilings = cpu.feedback_tilings(D, tgt)
+        tilings[tvm_kernels.DECODE] = dataclasses.replace(tilings[tvm_kernels.DECODE], key_splits=n)
+        func = cpu.schedule_feedback_attention(
+            tvm_kernels.feedback_attention_kernels(D, "float32", None, tilings)[tvm_kernels.DECODE], tgt)
+        kernels[n] = tvm.compile(tvm.IRModule({tvm_kernels.DECODE: func}), target=tgt)[tvm_kernels.DECODE]
     rng = np.random.default_rng(0)
     steps = [tvm.runtime.tensor(rng.standard_normal((1, 1, D)).astype(np.float32)) for _ in range(3)]
     gain = tvm.runtime.tensor(np.full((1, 1, 1), 0.5, np.float32))
     caches = [[tvm.runtime.tensor(rng.standard_normal((1, past + 1, D)).astype(np.float32)) for _ in range(2)]
               for _ in range(layers)]
     out = tvm.runtime.tensor(np.zeros((1, 1, D), np.float32))
-    return median_ms(lambda: [kernel(*steps, gain, *layer, past, out) for layer in caches], repeat)
+    times = {n: [] for n in kernels}
+    for _ in range(repeat + 1):  # the first turn untimed
+        for n, kernel in kernels.items():
+            start = time.perf_counter()
+            for layer in caches:
+                kernel(*steps, gain, *layer, past, out)
+            times[n].append(time.perf_counter() - start)
+    return {n: 1e3 * statistics.median(t[1:]) for n, t in times.items()}
 
 
 def lm_head_ms(layout: str, repeat: int) -> float:
@@ -129,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         ("FeedbackAttention, decode", f"S=1, P={T}", f"{feedback_ms(1, T, 1, args.repeat):.3f}"),
         *((f"FeedbackAttention, decode, 12 layers, {n} key slice{'s' if n > 1 else ''}", f"S=1, P={T}",
            f"{ms:.3f} ({12 * 2 * T * D * 4 / ms / 1e6:.1f} GB/s)")
-          for n in ((1, splits) if splits else ()) for ms in [feedback_layers_ms(T, n, few)]),
+          for n, ms in (feedback_layers_ms(T, (1, splits), args.repeat) if splits else {}).items()),
         ("FeedbackAttention, prefill, 1 D chunk", f"S={T}, P=0", f"{feedback_ms(T, 0, 1, few):.2f}"),
         ("FeedbackAttention, prefill, 2 D chunks", f"S={T}, P=0", f"{feedback_ms(T, 0, 2, few):.2f}"),
     ]

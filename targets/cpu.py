@@ -126,7 +126,8 @@ def feedback_tilings(d_model: int, tgt: Target, d_chunks: int | None = None) -> 
 
     Decode cuts the keys into DECODE_KEY_SPLITS slices, a task each, so that one sequence's pass
     over the caches runs on every core: with one task a row, a batch-1 decode read them on one core
-    (the kernel alone over 12 layers' caches at P = 1024, 2 threads: 3.07 ms against 1.87; BENCHMARKS.md).
+    (`benchmarks/tvm_kernels.py`, 12 layers' caches at P = 1024, 2 threads, two runs: 3.24 and 2.99 ms
+    with one slice, 2.74 and 2.57 with eight).
 
     Each D chunk recomputes the full q.k products, so more chunks only pay off when cores
     would otherwise sit idle. By default (None) decode keeps one chunk (the key slices give it its
