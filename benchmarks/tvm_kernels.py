@@ -6,7 +6,8 @@ Times (median of --repeat calls, after one untimed call), at the 125M config's s
   prefill (S = T from an empty cache);
 - the FeedbackAttention kernels (`ops/tvm_kernels.py` with `targets/cpu.py`'s rule): decode,
   and prefill with D cut into 1 and 2 chunks; and a decode step's pass over 12 layers' caches
-  (more than the L3 holds) with the keys in 1 slice and in the rule's DECODE_KEY_SPLITS;
+  (more than the L3 holds) with the keys in 1 slice and in the rule's DECODE_KEY_SPLITS; the
+  forward attention's decode (12 layers) and prefill with vectors of 16 and of 8 lanes, in turns;
 - the LM head's matrix-vector product (768 x 32000) the way the compiler emits it: `--layout
   packed` (the CPU panel layout) or `plain` (W^T as [in, out], through Relax's matmul; what GPUs
   get), with its read bandwidth.
@@ -104,6 +105,39 @@ def feedback_layers_ms(past: int, key_splits: tuple[int, ...], repeat: int, laye
     return {n: 1e3 * statistics.median(t[1:]) for n, t in times.items()}
 
 
+def attention_lanes_ms(seq: int, past: int, lanes: tuple[int, ...], repeat: int, layers: int) -> dict[int, float]:
+    """The forward-attention kernel built with each of `lanes`, timed in turns: a step over `layers`
+    layers' caches (decode: more than the L3 holds)."""
+    import statistics
+    import time
+
+    import tvm
+
+    from sessa_export.ops import tvm_attention
+    from sessa_export.targets import cpu
+
+    kernels = {}
+    for n in lanes:
+        func = tvm_attention.forward_attention_kernel(HEADS, HEADS, HEAD_DIM, True, "float32",
+                                                      tvm_attention.AttentionTiling(lanes=n, key_tile=16))
+        kernels[n] = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
+                                 target=cpu.tvm_target())["attn"]
+    rng = np.random.default_rng(0)
+    q, k, v = (tvm.runtime.tensor(rng.standard_normal((1, seq, D)).astype(np.float32)) for _ in range(3))
+    inv_freq = tvm.runtime.tensor((10000.0 ** (-np.arange(0, HEAD_DIM, 2) / HEAD_DIM)).astype(np.float32))
+    caches = [[tvm.runtime.tensor(rng.standard_normal((1, HEADS, past + seq, HEAD_DIM)).astype(np.float32))
+               for _ in range(2)] for _ in range(layers)]
+    out = tvm.runtime.tensor(np.zeros((1, seq, D), np.float32))
+    times = {n: [] for n in kernels}
+    for _ in range(repeat + 1):  # the first turn untimed
+        for n, kernel in kernels.items():
+            start = time.perf_counter()
+            for layer in caches:
+                kernel(q, k, v, inv_freq, *layer, past, out)
+            times[n].append(time.perf_counter() - start)
+    return {n: 1e3 * statistics.median(t[1:]) for n, t in times.items()}
+
+
 def lm_head_ms(layout: str, repeat: int) -> float:
     import tvm
 
@@ -143,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
         ("FeedbackAttention, prefill, 1 D chunk", f"S={T}, P=0", f"{feedback_ms(T, 0, 1, few):.2f}"),
         ("FeedbackAttention, prefill, 2 D chunks", f"S={T}, P=0", f"{feedback_ms(T, 0, 2, few):.2f}"),
     ]
+    rows += [(f"forward attention, decode, 12 layers, {n} lanes", f"S=1, P={T}", f"{ms:.3f}")
+             for n, ms in attention_lanes_ms(1, T, (16, 8), args.repeat, 12).items()]
+    rows += [(f"forward attention, prefill, {n} lanes", f"S={T}, P=0", f"{ms:.2f}")
+             for n, ms in attention_lanes_ms(T, 0, (16, 8), few, 1).items()]
     head = lm_head_ms(args.layout, args.repeat)
     rows.append((f"LM head GEMV ({args.layout} layout)", f"{D} x {VOCAB}",
                  f"{head:.3f} ({D * VOCAB * 4 / head / 1e6:.1f} GB/s)"))
