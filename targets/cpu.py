@@ -112,8 +112,8 @@ def attention_tiling(head_dim: int) -> AttentionTiling:
     """Parallel CPU tasks with vectors of up to 8 lanes that divide the head width, 16 keys a tile.
 
     8 lanes, not 16, even with AVX-512: a head of 64 then runs 8 independent multiply-add chains a
-    key and sums 8 lanes, not 16, at its end (`benchmarks/tvm_kernels.py`, 125M shapes, 2 threads,
-    decode over 12 layers at P = 1024 and prefill of 1024, both builds 7-20% faster; BENCHMARKS.md).
+    key and sums 8 lanes, not 16, at its end (`benchmarks/tvm_kernels.py`, 125M shapes, 2 threads, in
+    turns, two runs: decode over 12 layers at P = 1024 as fast or 11% faster, prefill of 1024 8-15%).
     """
     return AttentionTiling(lanes=next(n for n in (8, 4, 2, 1) if head_dim % n == 0), key_tile=16)
 
