@@ -96,8 +96,18 @@ def _relax_layer_norm(b, node, x):
 
 
 def _relax_gelu(b, node, x):
-    gelu = b.rx.op.nn.gelu_tanh if node.attrs.get("approximate", "none") == "tanh" else b.rx.op.nn.gelu
-    return b.emit(gelu(x))
+    """GELU; the exact form as x/2 (1 + erf(x/sqrt 2)) with topi's polynomial erf, which vectorises
+    (Relax's gelu lowers to a scalar libm erf call per element: 4% of a 125M prefill)."""
+    from tvm import te, topi
+
+    if node.attrs.get("approximate", "none") == "tanh":
+        return b.emit(b.rx.op.nn.gelu_tanh(x))
+
+    def gelu(t):
+        erf = topi.fast_erf(te.compute(t.shape, lambda *i: t(*i) * 0.7071067811865476, name="gelu_scaled"))
+        return te.compute(t.shape, lambda *i: t(*i) * 0.5 * (1.0 + erf(*i)), name="gelu")
+
+    return b.bb.emit_te(gelu, x)
 
 
 def _gelu_approximate(kwargs: dict) -> dict:
