@@ -104,11 +104,8 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
         return x_even * c - x_odd * s, x_even * s + x_odd * c
 
     def lane_total(part, row):
-        """Sum of a dot product's SIMD lanes part[row, :] as a balanced tree (a short dependency chain)."""
-        terms = [part[row, lane] for lane in range(lanes)]
-        while len(terms) > 1:
-            terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) & ~1:]
-        return terms[0]
+        """Sum of a dot product's SIMD lanes part[row, :] (a balanced tree: a short dependency chain)."""
+        return fastmath.tree_sum(part[row, lane] for lane in range(lanes))
 
     @T.macro
     def row_task(task, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len):

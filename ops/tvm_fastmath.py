@@ -1,4 +1,4 @@
-"""exp for the TVM kernels as plain float32 arithmetic, so that a SIMD loop stays SIMD.
+"""Arithmetic for the TVM kernels that keeps their loops short and SIMD: exp, and a balanced sum.
 
 LLVM turns ``T.exp`` on a vector into one ``expf`` call per lane on CPUs without a vector math
 library; the online softmaxes of the attention kernels take one exp per (row, key), which made
@@ -9,6 +9,8 @@ the exponent bits. Arguments below -87 give exactly 0 (the true value is under 1
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from tvm import tirx
 
 _LOG2E = 1.44269504088896341
@@ -16,6 +18,14 @@ _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 = _LN2_HI + _LN2_LO, _LN2
 _POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
 _LOWEST_ARG = -87.0  # 2^-126 (the smallest normal float32) is about exp(-87.3)
 _HIGHEST_ARG = 88.0
+
+
+def tree_sum(terms: Sequence[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """The sum of `terms` as a balanced tree: a dependency chain of log2(n) adds, not n - 1."""
+    terms = list(terms)
+    while len(terms) > 1:
+        terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) & ~1:]
+    return terms[0]
 
 
 def exp(x: tirx.PrimExpr) -> tirx.PrimExpr:

@@ -67,6 +67,8 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
+from .tvm_fastmath import tree_sum
+
 DECODE = "feedback_attention_decode"
 PREFILL = "feedback_attention_prefill"
 DTYPES = ("float32", "float16")
@@ -215,10 +217,7 @@ def _feedback_attention(
 
     def merged(weight, part_acc, b, d):
         """sum over the key slices of weight * partial sum, for column d of batch row b."""
-        terms = [weight[b, d // DC, k] * part_acc[b, k, d] for k in range(tiling.key_splits)]
-        while len(terms) > 1:  # a balanced tree, as lane_sum
-            terms = [x + y for x, y in zip(terms[::2], terms[1::2])] + terms[len(terms) & ~1 :]
-        return terms[0]
+        return tree_sum(weight[b, d // DC, k] * part_acc[b, k, d] for k in range(tiling.key_splits))
 
     def tile_start(past_len, r, ks, kt):
         """First key position of tile kt of slice ks of block r; the first tile may start below 0."""
@@ -239,11 +238,8 @@ def _feedback_attention(
         return T.And(first_tile(past_len, r, ks) + kt < past_tiles(past_len, r), 0 <= tile_start(past_len, r, ks, kt) + jj)
 
     def lane_sum(part, pq):
-        """Sum of the dot-product lanes of a pair as a balanced tree (short dependency chain)."""
-        terms = [part[pq, lane] for lane in range(int(L))]
-        while len(terms) > 1:
-            terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) & ~1 :]
-        return terms[0]
+        """Sum of the dot-product lanes of a pair (a balanced tree: a short dependency chain)."""
+        return tree_sum(part[pq, lane] for lane in range(int(L)))
 
     @T.prim_func(s_tir=True)
     def kernel(
