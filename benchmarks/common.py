@@ -8,7 +8,7 @@ import os
 import platform
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 from pathlib import Path
 
@@ -64,6 +64,19 @@ def call_seconds(fn: Callable[[], object], repeat: int) -> list[float]:
 def median_ms(fn: Callable[[], object], repeat: int) -> float:
     """Median of `call_seconds(fn, repeat)`, in milliseconds."""
     return 1e3 * statistics.median(call_seconds(fn, repeat))
+
+
+def median_ms_in_turns(fns: Mapping[object, Callable[[], object]], repeat: int) -> dict[object, float]:
+    """Median ms of each of `fns`, called in turns `repeat` times after one untimed turn: load from
+    elsewhere hits them all alike, so their ratios are fair."""
+    times = {key: [] for key in fns}
+    for turn in range(repeat + 1):
+        for key, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if turn:
+                times[key].append(time.perf_counter() - start)
+    return {key: 1e3 * statistics.median(t) for key, t in times.items()}
 
 
 def tvm_linear(weight: np.ndarray, rows: int, packed: bool = True) -> Callable:

@@ -10,20 +10,19 @@ are timed here in turns, each its own one-node (or three-node) model run with IO
 and one [1, 768] x [768, C] `MatMul` (the feedback read) in float32 and float16. Each line also gives the
 largest error of the float16 forms against a float64 computation of the same attention.
 
-Run: python benchmarks/ort_float16.py [--threads 2] [--capacity 1280] [--repeat 100]
+Run: python benchmarks/ort_float16.py [--threads 2] [--capacity 1280] [--turns 7]
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_description, print_table  # noqa: E402
+from common import machine_description, median_ms_in_turns, print_table  # noqa: E402
 
 HEADS, HEAD_DIM, WIDTH = 12, 64, 768
 
@@ -98,29 +97,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--capacity", type=int, default=1280, help="cache rows (a decode at context 1024 under "
                         "the old 256-position capacity rule)")
-    parser.add_argument("--repeat", type=int, default=100, help="runs per turn; 5 turns")
+    parser.add_argument("--turns", type=int, default=7, help="turns, each 100 runs of every case")
     args = parser.parse_args(argv)
     print(machine_description(), flush=True)
     timed, (q, k, v, valid) = cases(args.capacity, args.threads, np.random.default_rng(0))
     reference = attention_reference(q, k, v, valid)
-    times = {name: [] for name in timed}
-    for _ in range(5):
-        for name, (sess, binding) in timed.items():
-            sess.run_with_iobinding(binding)
-            start = time.perf_counter()
-            for _ in range(args.repeat):
-                sess.run_with_iobinding(binding)
-            times[name].append((time.perf_counter() - start) / args.repeat)
+    runs = 100  # back to back in each turn: a case's steady state, not a cold call
+    times = median_ms_in_turns({name: lambda s=sess, b=binding: [s.run_with_iobinding(b) for _ in range(runs)]
+                                for name, (sess, binding) in timed.items()}, args.turns)
+    times = {name: ms / runs for name, ms in times.items()}
     rows = []
     for name, (sess, binding) in timed.items():
-        best, matmul = min(times[name]), name.startswith("MatMul")
-        baseline = min(times["MatMul, float32" if matmul else "Attention, float32 caches"])
+        ms, matmul = times[name], name.startswith("MatMul")
+        baseline = times["MatMul, float32" if matmul else "Attention, float32 caches"]
         error = "-"
         if not matmul:
             out = binding.copy_outputs_to_cpu()[0][0]
             error = f"{np.abs(out - reference).max() / np.abs(reference).max():.1e}"
-        rows.append((name, f"{best * 1e3:.3f}", f"{best / baseline:.2f}", error))
-    print_table(("case", "ms (best of 5 turns)", "vs float32", "max error / max |ref|"), rows,
+        rows.append((name, f"{ms:.3f}", f"{ms / baseline:.2f}", error))
+    print_table(("case", "ms (median of the turns)", "vs float32", "max error / max |ref|"), rows,
                 title=f"ONNX Runtime CPU, {args.threads} threads, one layer's caches of {args.capacity} rows")
     return 0
 

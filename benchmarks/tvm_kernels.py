@@ -8,6 +8,7 @@ Times (median of --repeat calls, after one untimed call), at the 125M config's s
   and prefill with D cut into 1 and 2 chunks; and a decode step's pass over 12 layers' caches
   (more than the L3 holds) with the keys in 1 slice and in the rule's DECODE_KEY_SPLITS; the
   forward attention's decode (12 layers) and prefill with vectors of 16 and of 8 lanes, in turns;
+- exact GELU over T x D from Relax's `gelu` (libm's erf) and from `positionwise.gelu_te`, in turns;
 - the LM head's matrix-vector product (768 x 32000) the way the compiler emits it: `--layout
   packed` (the CPU panel layout) or `plain` (W^T as [in, out], through Relax's matmul; what GPUs
   get), with its read bandwidth.
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DECODE_CONTEXT, median_ms, print_table, tvm_linear  # noqa: E402
+from common import DECODE_CONTEXT, median_ms, median_ms_in_turns, print_table, tvm_linear  # noqa: E402
 
 HEADS, HEAD_DIM, VOCAB = 12, 64, 32000
 D = HEADS * HEAD_DIM
@@ -74,8 +75,6 @@ def feedback_layers_ms(past: int, key_splits: tuple[int, ...], repeat: int, laye
     """One decode step's FeedbackAttention over `layers` layers' caches (more than the L3 holds), its
     keys cut into each of `key_splits` slices, timed in turns: what a batch-1 decode step reads."""
     import dataclasses
-    import statistics
-    import time
 
     import tvm
 
@@ -95,22 +94,13 @@ def feedback_layers_ms(past: int, key_splits: tuple[int, ...], repeat: int, laye
     caches = [[tvm.runtime.tensor(rng.standard_normal((1, past + 1, D)).astype(np.float32)) for _ in range(2)]
               for _ in range(layers)]
     out = tvm.runtime.tensor(np.zeros((1, 1, D), np.float32))
-    times = {n: [] for n in kernels}
-    for _ in range(repeat + 1):  # the first turn untimed
-        for n, kernel in kernels.items():
-            start = time.perf_counter()
-            for layer in caches:
-                kernel(*steps, gain, *layer, past, out)
-            times[n].append(time.perf_counter() - start)
-    return {n: 1e3 * statistics.median(t[1:]) for n, t in times.items()}
+    return median_ms_in_turns({n: lambda kernel=kernel: [kernel(*steps, gain, *layer, past, out) for layer in caches]
+                               for n, kernel in kernels.items()}, repeat)
 
 
 def attention_lanes_ms(seq: int, past: int, lanes: tuple[int, ...], repeat: int, layers: int) -> dict[int, float]:
     """The forward-attention kernel built with each of `lanes`, timed in turns: a step over `layers`
     layers' caches (decode: more than the L3 holds)."""
-    import statistics
-    import time
-
     import tvm
 
     from sessa_export.ops import tvm_attention
@@ -128,14 +118,34 @@ def attention_lanes_ms(seq: int, past: int, lanes: tuple[int, ...], repeat: int,
     caches = [[tvm.runtime.tensor(rng.standard_normal((1, HEADS, past + seq, HEAD_DIM)).astype(np.float32))
                for _ in range(2)] for _ in range(layers)]
     out = tvm.runtime.tensor(np.zeros((1, seq, D), np.float32))
-    times = {n: [] for n in kernels}
-    for _ in range(repeat + 1):  # the first turn untimed
-        for n, kernel in kernels.items():
-            start = time.perf_counter()
-            for layer in caches:
-                kernel(q, k, v, inv_freq, *layer, past, out)
-            times[n].append(time.perf_counter() - start)
-    return {n: 1e3 * statistics.median(t[1:]) for n, t in times.items()}
+    return median_ms_in_turns({n: lambda kernel=kernel: [kernel(q, k, v, inv_freq, *layer, past, out) for layer in caches]
+                               for n, kernel in kernels.items()}, repeat)
+
+
+def gelu_ms(rows: int, repeat: int) -> dict[str, float]:
+    """Exact GELU over [rows, D] as targets/cpu.py's pipeline builds it, from Relax's `gelu` (libm's erf)
+    and from ops/positionwise.py's `gelu_te` (a polynomial erf), timed in turns."""
+    import tvm
+    from tvm import relax
+
+    from sessa_export.ops import positionwise
+    from sessa_export.targets import cpu
+
+    tgt = cpu.tvm_target()
+    forms = {"Relax gelu": lambda bb, x: bb.emit(relax.op.nn.gelu(x)),
+             "gelu_te": lambda bb, x: bb.emit_te(positionwise.gelu_te, x)}
+    data = tvm.runtime.tensor(np.random.default_rng(2).standard_normal((rows, D)).astype(np.float32))
+    calls = {}
+    for name, form in forms.items():
+        bb = relax.BlockBuilder()
+        x = relax.Var("x", relax.TensorType([rows, D], "float32"))
+        with bb.function("main", [x]):
+            with bb.dataflow():
+                out = bb.emit_output(form(bb, x))
+            bb.emit_func_output(out)
+        vm = relax.VirtualMachine(tvm.compile(bb.get(), target=tgt, relax_pipeline=cpu.pipeline(tgt)), tvm.cpu())
+        calls[name] = lambda vm=vm: vm["main"](data)
+    return median_ms_in_turns(calls, repeat)
 
 
 def lm_head_ms(layout: str, repeat: int) -> float:
@@ -162,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["TVM_NUM_THREADS"] = str(threads)  # read when TVM's thread pool starts
     import sessa_export
 
+    from sessa_export.ops import positionwise
     from sessa_export.targets import cpu
 
     splits = getattr(cpu, "DECODE_KEY_SPLITS", None)  # an install from before split-K decode has none
@@ -181,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
              for n, ms in attention_lanes_ms(1, T, (16, 8), args.repeat, 12).items()]
     rows += [(f"forward attention, prefill, {n} lanes", f"S={T}, P=0", f"{ms:.2f}")
              for n, ms in attention_lanes_ms(T, 0, (16, 8), few, 1).items()]
+    if hasattr(positionwise, "gelu_te"):  # an install from before the polynomial erf has none
+        rows += [(f"exact GELU, {name}", f"{T} x {D}", f"{ms:.3f}") for name, ms in gelu_ms(T, args.repeat).items()]
     head = lm_head_ms(args.layout, args.repeat)
     rows.append((f"LM head GEMV ({args.layout} layout)", f"{D} x {VOCAB}",
                  f"{head:.3f} ({D * VOCAB * 4 / head / 1e6:.1f} GB/s)"))
