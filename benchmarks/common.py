@@ -79,10 +79,11 @@ def median_ms_in_turns(fns: Mapping[object, Callable[[], object]], repeat: int) 
     return {key: 1e3 * statistics.median(t) for key, t in times.items()}
 
 
-def tvm_linear(weight: np.ndarray, rows: int, packed: bool = True) -> Callable:
+def tvm_linear(weight: np.ndarray, rows: int, packed: bool = True, cpu_name: str | None = None) -> Callable:
     """x [1, rows, in] (a TVM tensor) -> x @ W^T for W = `weight` [out, in] (torch's layout), built the
-    way the TVM compiler emits a CPU linear layer: W in panels (targets/cpu.py's layout and CpuMatmul
-    rule), or with `packed=False` W^T as [in, out] through Relax's matmul (what GPUs get)."""
+    way the TVM compiler emits a CPU linear layer for compile --cpu `cpu_name` (None: the default): W in
+    panels (targets/cpu.py's layout and CpuMatmul rule), or with `packed=False` W^T as [in, out] through
+    Relax's matmul (what GPUs get)."""
     import tvm
     from tvm import relax
 
@@ -101,7 +102,7 @@ def tvm_linear(weight: np.ndarray, rows: int, packed: bool = True) -> Callable:
                 y = bb.emit(relax.op.matmul(x, relax.const(np.ascontiguousarray(weight.T))))
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    target = CompileTarget("cpu").tvm_target()
+    target = CompileTarget("cpu", cpu=cpu_name).tvm_target()
     executable = tvm.compile(bb.get(), target=target, relax_pipeline=cpu.pipeline(target))
     return relax.VirtualMachine(executable, tvm.cpu())["main"]
 

@@ -52,16 +52,18 @@ from sessa_export.state import STATE_DTYPES  # noqa: E402
 from sessa_export.tracer import trace  # noqa: E402
 
 
-def matmul_rates(rows: int = 1024, inputs: int = 768, outputs: int = 2304, repeat: int = 10) -> dict[str, float]:
+def matmul_rates(cpu_name: str, rows: int = 1024, inputs: int = 768, outputs: int = 2304,
+                 repeat: int = 10) -> dict[str, float]:
     """FLOP/s of one float32 [rows, inputs] @ [inputs, outputs] product (the size of a prefill's
     q/k/v projections) with torch (the reference's kernels) and with TVM (targets/cpu.py's packed
-    weight panels and CpuMatmul rule): what the dense layers of a prefill can run at here."""
+    weight panels and CpuMatmul rule, built for --cpu `cpu_name` as the artifacts are): what the dense
+    layers of a prefill can run at here."""
     import tvm
 
     rng = np.random.default_rng(0)
     weight = rng.standard_normal((outputs, inputs)).astype(np.float32)
     x = rng.standard_normal((1, rows, inputs)).astype(np.float32)
-    linear = tvm_linear(weight, rows)
+    linear = tvm_linear(weight, rows, cpu_name=cpu_name)
     x_tvm, x_torch, w_torch = tvm.runtime.tensor(x), torch.from_numpy(x), torch.from_numpy(weight)
     flops = 2 * rows * inputs * outputs
     return {name: flops / (median_ms(fn, repeat) / 1e3)
@@ -165,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"decode ms/token (context {args.context})", "of the bound"), rows,
                 title=f"125M-class Sessa LM, float32, {threads} threads; a decode step reads "
                       f"{moved / 2**20:.0f} MiB ({bandwidth / 1e9:.1f} GB/s read bandwidth)")
-    rates = matmul_rates()
+    rates = matmul_rates(args.cpu)
     flops, fastest = dense_flops(model, args.context), max(rates.values())
     print("dense matmul rate (1024x768 @ 768x2304, float32): " + ", ".join(f"{n} {r / 1e9:.0f} GFLOP/s"
                                                                           for n, r in rates.items()))
@@ -216,7 +218,7 @@ def quantized(args, model: SessaLM, graph, work: Path, threads: int, bandwidth: 
     again = read_bandwidth(threads)[1]  # the machine is shared: the bound uses the best read rate seen in the run
     print(f"read bandwidth after the timings: {again / 1e9:.1f} GB/s (before: {bandwidth / 1e9:.1f})", flush=True)
     bandwidth = max(bandwidth, again)
-    rate = matmul_rates()["torch"]
+    rate = matmul_rates(args.cpu)["torch"]
     prefill_at = contexts[-1]
     flops = dense_flops(model, prefill_at)
     ceiling = prefill_at * rate / flops  # tokens/s

@@ -7,7 +7,7 @@ Times (median of --repeat calls, after one untimed call), at the 125M config's s
 - the FeedbackAttention kernels (`ops/tvm_kernels.py` with `targets/cpu.py`'s rule): decode,
   and prefill with D cut into 1 and 2 chunks; and a decode step's pass over 12 layers' caches
   (more than the L3 holds) with the keys in 1 slice and in the rule's DECODE_KEY_SPLITS; the
-  forward attention's decode (12 layers) and prefill with vectors of 16 and of 8 lanes, in turns;
+  forward attention's decode (12 layers) with vectors of 16 and of 8 lanes, in turns;
 - exact GELU over T x D from Relax's `gelu` (libm's erf) and from `positionwise.gelu_te`, in turns;
 - the LM head's matrix-vector product (768 x 32000) the way the compiler emits it: `--layout
   packed` (the CPU panel layout) or `plain` (W^T as [in, out], through Relax's matmul; what GPUs
@@ -17,7 +17,9 @@ Run it on an older install (`pip install --no-deps --target DIR <checkout>`, the
 `PYTHONPATH=DIR python benchmarks/tvm_kernels.py --layout plain --threads 2`) to compare
 kernels across commits with one script.
 
-Run: python benchmarks/tvm_kernels.py [--threads N] [--context 1024] [--layout packed|plain]
+Every kernel is built for `--cpu` (default native, as benchmarks/tvm_cpu.py builds).
+
+Run: python benchmarks/tvm_kernels.py [--threads N] [--context 1024] [--layout packed|plain] [--cpu NAME]
 """
 
 from __future__ import annotations
@@ -34,6 +36,14 @@ from common import DECODE_CONTEXT, median_ms, median_ms_in_turns, print_table, t
 
 HEADS, HEAD_DIM, VOCAB = 12, 64, 32000
 D = HEADS * HEAD_DIM
+CPU = {"cpu": "native"}  # compile --cpu of every kernel here (main sets it from --cpu)
+
+
+def target():
+    """The TVM target of the kernels: targets/cpu.py's for --cpu."""
+    from sessa_export.targets import cpu
+
+    return cpu.tvm_target(**CPU)
 
 
 def attention_ms(seq: int, past: int, repeat: int) -> float:
@@ -42,8 +52,8 @@ def attention_ms(seq: int, past: int, repeat: int) -> float:
     from sessa_export.ops import tvm_attention
     from sessa_export.targets import cpu
 
-    func = tvm_attention.forward_attention_kernel(HEADS, HEADS, HEAD_DIM, True, "float32", cpu.attention_tiling(HEAD_DIM)).with_attr("global_symbol", "attn")
-    lib = tvm.compile(tvm.IRModule({"attn": func}), target=cpu.tvm_target())
+    func = tvm_attention.forward_attention_kernel(HEADS, HEADS, HEAD_DIM, True, "float32", rule_attention_tiling()).with_attr("global_symbol", "attn")
+    lib = tvm.compile(tvm.IRModule({"attn": func}), target=target())
     rng = np.random.default_rng(0)
     capacity = past + seq
     q, k, v = (rng.standard_normal((1, seq, D)).astype(np.float32) for _ in range(3))
@@ -54,13 +64,23 @@ def attention_ms(seq: int, past: int, repeat: int) -> float:
     return median_ms(lambda: lib["attn"](*args, past, out), repeat)
 
 
+def rule_attention_tiling():
+    """targets/cpu.py's forward-attention tiling for its default target."""
+    from sessa_export.targets import cpu
+
+    try:
+        return cpu.attention_tiling(HEAD_DIM, target())
+    except TypeError:  # an install from before the prefill register tiles: no target argument
+        return cpu.attention_tiling(HEAD_DIM)
+
+
 def feedback_ms(seq: int, past: int, d_chunks: int, repeat: int) -> float:
     import tvm
 
     from sessa_export.ops import tvm_kernels
     from sessa_export.targets import build_feedback_attention
 
-    lib = build_feedback_attention("cpu", D, "float32", d_chunks=d_chunks)
+    lib = build_feedback_attention("cpu", D, "float32", d_chunks=d_chunks, **CPU)
     rng = np.random.default_rng(0)
     steps = [rng.standard_normal((1, seq, D)).astype(np.float32) for _ in range(3)]
     gain = rng.uniform(-0.9, 0.9, (1, seq, 1)).astype(np.float32)
@@ -81,7 +101,7 @@ def feedback_layers_ms(past: int, key_splits: tuple[int, ...], repeat: int, laye
     from sessa_export.ops import tvm_kernels
     from sessa_export.targets import cpu
 
-    tgt, kernels = cpu.tvm_target(), {}
+    tgt, kernels = target(), {}
     for n in key_splits:
         tilings = cpu.feedback_tilings(D, tgt)
         tilings[tvm_kernels.DECODE] = dataclasses.replace(tilings[tvm_kernels.DECODE], key_splits=n)
@@ -99,8 +119,10 @@ def feedback_layers_ms(past: int, key_splits: tuple[int, ...], repeat: int, laye
 
 
 def attention_lanes_ms(seq: int, past: int, lanes: tuple[int, ...], repeat: int, layers: int) -> dict[int, float]:
-    """The forward-attention kernel built with each of `lanes`, timed in turns: a step over `layers`
-    layers' caches (decode: more than the L3 holds)."""
+    """The forward-attention kernel built with each of `lanes` (the decode's vectors), timed in turns:
+    a step over `layers` layers' caches (decode: more than the L3 holds)."""
+    import dataclasses
+
     import tvm
 
     from sessa_export.ops import tvm_attention
@@ -109,9 +131,9 @@ def attention_lanes_ms(seq: int, past: int, lanes: tuple[int, ...], repeat: int,
     kernels = {}
     for n in lanes:
         func = tvm_attention.forward_attention_kernel(HEADS, HEADS, HEAD_DIM, True, "float32",
-                                                      tvm_attention.AttentionTiling(lanes=n, key_tile=16))
+                                                      dataclasses.replace(rule_attention_tiling(), lanes=n))
         kernels[n] = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}),
-                                 target=cpu.tvm_target())["attn"]
+                                 target=target())["attn"]
     rng = np.random.default_rng(0)
     q, k, v = (tvm.runtime.tensor(rng.standard_normal((1, seq, D)).astype(np.float32)) for _ in range(3))
     inv_freq = tvm.runtime.tensor((10000.0 ** (-np.arange(0, HEAD_DIM, 2) / HEAD_DIM)).astype(np.float32))
@@ -131,7 +153,7 @@ def gelu_ms(rows: int, repeat: int) -> dict[str, float]:
     from sessa_export.ops import positionwise
     from sessa_export.targets import cpu
 
-    tgt = cpu.tvm_target()
+    tgt = target()
     forms = {"Relax gelu": lambda bb, x: bb.emit(relax.op.nn.gelu(x)),
              "gelu_te": lambda bb, x: bb.emit_te(positionwise.gelu_te, x)}
     data = tvm.runtime.tensor(np.random.default_rng(2).standard_normal((rows, D)).astype(np.float32))
@@ -152,7 +174,7 @@ def lm_head_ms(layout: str, repeat: int) -> float:
     import tvm
 
     weight = np.random.default_rng(0).standard_normal((VOCAB, D)).astype(np.float32)  # torch layout [out, in]
-    head = tvm_linear(weight, rows=1, packed=layout == "packed")
+    head = tvm_linear(weight, rows=1, packed=layout == "packed", cpu_name=CPU["cpu"])
     data = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, 1, D)).astype(np.float32))
     return median_ms(lambda: head(data), repeat)
 
@@ -162,8 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="TVM threads (default: available cores)")
     parser.add_argument("--context", type=int, default=DECODE_CONTEXT, help="decode context and prefill length")
     parser.add_argument("--layout", choices=("packed", "plain"), default="packed", help="LM head weight layout")
+    parser.add_argument("--cpu", default="native", help="compile --cpu of the kernels (default native, as "
+                        "benchmarks/tvm_cpu.py builds; the figures before 2026-12-02 08:00 UTC were the default build)")
     parser.add_argument("--repeat", type=int, default=20, help="timed calls per kernel (prefill: a quarter)")
     args = parser.parse_args(argv)
+    CPU["cpu"] = args.cpu
     if args.threads is None:  # an install older than runtime.available_cores needs --threads
         from sessa_export.runtime import available_cores
 
@@ -190,8 +215,6 @@ def main(argv: list[str] | None = None) -> int:
     ]
     rows += [(f"forward attention, decode, 12 layers, {n} lanes", f"S=1, P={T}", f"{ms:.3f}")
              for n, ms in attention_lanes_ms(1, T, (16, 8), args.repeat, 12).items()]
-    rows += [(f"forward attention, prefill, {n} lanes", f"S={T}, P=0", f"{ms:.2f}")
-             for n, ms in attention_lanes_ms(T, 0, (16, 8), few, 1).items()]
     if hasattr(positionwise, "gelu_te"):  # an install from before the polynomial erf has none
         rows += [(f"exact GELU, {name}", f"{T} x {D}", f"{ms:.3f}") for name, ms in gelu_ms(T, args.repeat).items()]
     head = lm_head_ms(args.layout, args.repeat)

@@ -59,8 +59,12 @@ class AttentionTiling:
     a block, the scratch in registers, the device's exp.
     """
 
-    lanes: int = 1  # vector lanes of the d-wide products and updates; divides head_dim
-    key_tile: int = 16  # keys per online-softmax step
+    lanes: int = 1  # vector lanes of the d-wide products and updates (decode and GPU); divides head_dim
+    key_tile: int = 16  # keys per online-softmax step (decode and GPU)
+    rows: int = 4  # CPU prefill: query rows of one head per task, sharing each key and value load
+    vector: int = 8  # CPU prefill: SIMD lanes, over keys in the scores and over columns in the update
+    score_vectors: int = 2  # CPU prefill: vectors of keys in a score tile (rows x score_vectors accumulators)
+    value_vectors: int = 4  # CPU prefill: vectors of columns a value-update pass (rows x value_vectors accumulators)
     threads: int | None = None  # GPU threads per block
 
 
@@ -90,7 +94,10 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
     lanes, tile = tiling.lanes, tiling.key_tile
     if d % lanes:
         raise ValueError(f"{lanes} lanes do not divide the head width {d}")
-    R = 4  # CPU: query rows of one head per task, sharing each key and value load
+    R, V, VC = tiling.rows, tiling.vector, tiling.value_vectors  # CPU prefill register tile
+    KT = V * tiling.score_vectors  # CPU prefill: keys per score tile
+    if not gpu and (d % (V * VC)):
+        raise ValueError(f"{VC} vectors of {V} lanes do not divide the head width {d}")
     chunks = d // lanes
     exp = T.exp if gpu else fastmath.exp  # CPU: an exp that vectorises (ops/tvm_fastmath.py)
     f32 = "float32"
@@ -106,6 +113,14 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
     def lane_total(part, row):
         """Sum of a dot product's SIMD lanes part[row, :] (a balanced tree: a short dependency chain)."""
         return fastmath.tree_sum(part[row, lane] for lane in range(lanes))
+
+    def tile_total(score, row):
+        """Sum of a prefill score tile's row (a balanced tree)."""
+        return fastmath.tree_sum(score[row, jj] for jj in range(KT))
+
+    def tile_max(score, row):
+        """Largest score of a prefill score tile's row (a balanced tree)."""
+        return fastmath.tree_max(score[row, jj] for jj in range(KT))
 
     @T.macro
     def row_task(task, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len):
@@ -168,8 +183,12 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
             out[b, i, h * d + dd] = T.Cast(dtype, acc[dd] / stat[1])
 
     @T.macro
-    def block_task(task, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len):
-        """CPU: rows R*rb .. R*rb+R-1 of head h share every key and value load (task = (b, rb, h))."""
+    def block_task(task, q, inv_freq, key_t, value_cache, past_len, out, batch, seq_len):
+        """CPU prefill: rows R*rb .. R*rb+R-1 of head h (task = (b, rb, h)), register-tiled.
+
+        Scores are a rows x keys tile vectorised over the keys (``key_t`` holds the keys
+        transposed), so no product ends in a lane sum; the value update is rows x columns.
+        """
         blocks = T.ceildiv(seq_len, R)
         b = task // (blocks * H)
         k = task % (blocks * H) // H
@@ -178,9 +197,8 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
         last = T.min(R * rb + R, seq_len) - 1  # last row of the block
         qr = T.alloc_buffer((R, d), f32)
         acc = T.alloc_buffer((R, d), f32)
-        part = T.alloc_buffer((R, lanes), f32)
-        score = T.alloc_buffer((R, tile), f32)
-        stat = T.alloc_buffer((R, 2), f32)
+        score = T.alloc_buffer((R, KT), f32)
+        stat = T.alloc_buffer((R, 3), f32)  # running max, running sum, this tile's rescale
         for r in range(R):
             if R * rb + r <= last:
                 if rope:
@@ -195,50 +213,52 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
             else:  # a row past the end of the last block: computed on zeros, never written out
                 for dd in range(d):
                     qr[r, dd] = T.float32(0)
-            for dd in range(d):
-                acc[r, dd] = T.float32(0)
             stat[r, 0] = T.float32(_NEG)
             stat[r, 1] = T.float32(0)
-        for jt in range(T.ceildiv(past_len + last + 1, tile)):
-            for jj in range(tile):
+        for r in T.unroll(R):
+            for c in T.unroll(d // V):
+                for lane in T.vectorized(V):
+                    acc[r, c * V + lane] = T.float32(0)
+        for jt in range(T.ceildiv(past_len + last + 1, KT)):
+            # rows x keys scores: each step of dd broadcasts R query values against KT keys
+            for r in T.unroll(R):
+                for kv in T.unroll(KT // V):
+                    for lane in T.vectorized(V):
+                        score[r, kv * V + lane] = T.float32(0)
+            for dd in range(d):
                 for r in T.unroll(R):
-                    for lane in T.vectorized(lanes):
-                        part[r, lane] = T.float32(0)
-                if jt * tile + jj <= past_len + last:
-                    for c in T.unroll(chunks):
-                        for r in T.unroll(R):
-                            for lane in T.vectorized(lanes):
-                                part[r, lane] = part[r, lane] + qr[r, c * lanes + lane] * T.Cast(
-                                    f32, key_cache[b, h // G, jt * tile + jj, c * lanes + lane])
-                for r in T.unroll(R):
-                    score[r, jj] = T.if_then_else(jt * tile + jj <= past_len + R * rb + r,
-                                                  lane_total(part, r) * T.float32(scale), T.float32(_NEG))
+                    for kv in T.unroll(KT // V):
+                        for lane in T.vectorized(V):
+                            score[r, kv * V + lane] = score[r, kv * V + lane] + qr[r, dd] * key_t[
+                                b, h // G, dd, jt * KT + kv * V + lane]
             for r in range(R):
-                new_max: T.float32 = stat[r, 0]
-                for jj in range(tile):
-                    new_max = T.max(new_max, score[r, jj])
-                rescale: T.float32 = exp(stat[r, 0] - new_max)
-                stat[r, 1] = stat[r, 1] * rescale
-                for c in range(chunks):
-                    for lane in T.vectorized(lanes):
-                        acc[r, c * lanes + lane] = acc[r, c * lanes + lane] * rescale
-                for jj in T.vectorized(tile):  # the tile's exps as one SIMD loop
-                    score[r, jj] = T.if_then_else(jt * tile + jj <= past_len + R * rb + r,
-                                                  exp(score[r, jj] - new_max), T.float32(0))
-                for jj in range(tile):
-                    stat[r, 1] = stat[r, 1] + score[r, jj]
+                for jj in T.vectorized(KT):
+                    score[r, jj] = T.Select(jt * KT + jj <= past_len + R * rb + r,
+                                            score[r, jj] * T.float32(scale), T.float32(_NEG))
+                new_max: T.float32 = T.max(stat[r, 0], tile_max(score, r))
+                stat[r, 2] = exp(stat[r, 0] - new_max)
+                for jj in T.vectorized(KT):  # the tile's exps as one SIMD loop
+                    score[r, jj] = T.Select(jt * KT + jj <= past_len + R * rb + r,
+                                            exp(score[r, jj] - new_max), T.float32(0))
+                stat[r, 1] = stat[r, 1] * stat[r, 2] + tile_total(score, r)
                 stat[r, 0] = new_max
-            for jj in range(tile):
-                if jt * tile + jj <= past_len + last:
-                    for c in T.unroll(chunks):
-                        for r in T.unroll(R):
-                            for lane in T.vectorized(lanes):
-                                acc[r, c * lanes + lane] = acc[r, c * lanes + lane] + score[r, jj] * T.Cast(
-                                    f32, value_cache[b, h // G, jt * tile + jj, c * lanes + lane])
-        for r in range(R):
+            # rows x columns update, VC columns a pass so that the accumulators fit in registers
+            for cp in range(d // V // VC):  # a loop: with one pass the accumulators are registers
+                for r in T.unroll(R):
+                    for c in T.unroll(VC):
+                        for lane in T.vectorized(V):
+                            acc[r, (cp * VC + c) * V + lane] = acc[r, (cp * VC + c) * V + lane] * stat[r, 2]
+                for jj in range(T.min(KT, past_len + last + 1 - jt * KT)):
+                    for r in T.unroll(R):
+                        for c in T.unroll(VC):
+                            for lane in T.vectorized(V):
+                                acc[r, (cp * VC + c) * V + lane] = acc[r, (cp * VC + c) * V + lane] + score[r, jj] * T.Cast(
+                                    f32, value_cache[b, h // G, jt * KT + jj, (cp * VC + c) * V + lane])
+        for r in T.unroll(R):
             if R * rb + r <= last:
-                for dd in range(d):
-                    out[b, R * rb + r, h * d + dd] = T.Cast(dtype, acc[r, dd] / stat[r, 1])
+                for c in T.unroll(d // V):
+                    for lane in T.vectorized(V):
+                        out[b, R * rb + r, h * d + c * V + lane] = T.Cast(dtype, acc[r, c * V + lane] / stat[r, 1])
 
     @T.prim_func
     def kernel(q_h: T.handle, k_h: T.handle, v_h: T.handle, inv_freq_h: T.handle,
@@ -299,7 +319,16 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
             for task in T.parallel(batch * H):
                 row_task(task, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len)
         else:
+            # the keys transposed ([d, position], float32, zero past the last), read KT at a time
+            key_t = T.alloc_buffer((batch, Hkv, d, T.ceildiv(past_len + seq_len, KT) * KT), f32)
+            for bh in T.parallel(batch * Hkv):
+                for dd, jt in T.grid(d, T.ceildiv(past_len + seq_len, KT)):
+                    for jj in T.vectorized(KT):
+                        key_t[bh // Hkv, bh % Hkv, dd, jt * KT + jj] = T.Select(
+                            jt * KT + jj < past_len + seq_len,
+                            T.Cast(f32, key_cache[bh // Hkv, bh % Hkv, T.min(jt * KT + jj, past_len + seq_len - 1), dd]),
+                            T.float32(0))
             for task in T.parallel(batch * T.ceildiv(seq_len, R) * H):
-                block_task(task, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len)
+                block_task(task, q, inv_freq, key_t, value_cache, past_len, out, batch, seq_len)
 
     return kernel.with_attr("global_symbol", NAME)

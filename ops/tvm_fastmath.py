@@ -1,4 +1,4 @@
-"""Arithmetic for the TVM kernels that keeps their loops short and SIMD: exp, and a balanced sum.
+"""Arithmetic for the TVM kernels that keeps their loops short and SIMD: exp, and balanced sums and maxima.
 
 LLVM turns ``T.exp`` on a vector into one ``expf`` call per lane on CPUs without a vector math
 library; the online softmaxes of the attention kernels take one exp per (row, key), which made
@@ -22,9 +22,18 @@ _HIGHEST_ARG = 88.0
 
 def tree_sum(terms: Sequence[tirx.PrimExpr]) -> tirx.PrimExpr:
     """The sum of `terms` as a balanced tree: a dependency chain of log2(n) adds, not n - 1."""
+    return _tree(terms, lambda a, b: a + b)
+
+
+def tree_max(terms: Sequence[tirx.PrimExpr]) -> tirx.PrimExpr:
+    """The largest of `terms`, as a balanced tree like tree_sum."""
+    return _tree(terms, tirx.max)
+
+
+def _tree(terms: Sequence[tirx.PrimExpr], combine) -> tirx.PrimExpr:
     terms = list(terms)
     while len(terms) > 1:
-        terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) & ~1:]
+        terms = [combine(a, b) for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) & ~1:]
     return terms[0]
 
 

@@ -5,7 +5,7 @@ specific to it, behind the same names:
 
 - `tvm_target(arch, host)`: the TVM target (device and host code; a target that takes --cpu,
   `cpus`, also takes `cpu` and has `cpu_choices(host)` and `cpu_features(cpu, host)`);
-- `attention_tiling(head_dim)`: how ops/tvm_attention.py's kernel spreads its work there;
+- `attention_tiling(head_dim, tvm_target)`: how ops/tvm_attention.py's kernel spreads its work there;
 - `scheduled_feedback_attention(d_model, dtype, scale, **options)`: ops/tvm_kernels.py's
   FeedbackAttention kernels, tiled and scheduled by the target's rule;
 - `pipeline(tvm_target)`: the Relax pipeline that schedules the position-wise functions;

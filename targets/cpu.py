@@ -19,7 +19,7 @@ from typing import Callable
 from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
-from tvm.target.codegen import llvm_get_system_cpu, llvm_get_system_triple, llvm_get_vector_width
+from tvm.target.codegen import llvm_get_system_cpu, llvm_get_system_triple, llvm_get_vector_width, target_has_features
 
 from sessa_export.ops.tvm_attention import AttentionTiling
 from sessa_export.ops.tvm_kernels import DECODE, PREFILL, FeedbackTiling, feedback_attention_kernels
@@ -108,19 +108,36 @@ def tvm_target(arch: str | None = None, host: str | None = None, cpu: str | None
     return Target({"kind": "llvm", "mtriple": triple, "mcpu": host_cpu() if cpu == NATIVE else cpu})
 
 
-def attention_tiling(head_dim: int) -> AttentionTiling:
-    """Parallel CPU tasks with vectors of up to 8 lanes that divide the head width, 16 keys a tile.
+def attention_tiling(head_dim: int, tgt: Target) -> AttentionTiling:
+    """Parallel CPU tasks: decode vectors of up to 8 lanes, prefill register tiles sized to ``tgt``.
 
-    8 lanes, not 16, even with AVX-512: a head of 64 then runs 8 independent multiply-add chains a
-    key and sums 8 lanes, not 16, at its end (`benchmarks/tvm_kernels.py`, 125M shapes, 2 threads, in
-    turns, two runs: decode over 12 layers at P = 1024 as fast or 11% faster, prefill of 1024 8-15%).
+    Decode: 8 lanes, not 16, even with AVX-512: a head of 64 then runs 8 independent multiply-add
+    chains a key and sums 8 lanes, not 16, at its end (`benchmarks/tvm_kernels.py`, 125M shapes,
+    2 threads, in turns, two runs: decode over 12 layers at P = 1024 as fast or 11% faster).
+
+    Prefill: a task's scores are rows x (2 vectors of keys) accumulators and its value update rows x
+    value_vectors, each tile at most half the SIMD registers (32 with AVX-512 and on AArch64, 16
+    with AVX2), so that the loads and the broadcasts keep the rest.
     """
-    return AttentionTiling(lanes=next(n for n in (8, 4, 2, 1) if head_dim % n == 0), key_tile=16)
+    lanes = vector_lanes(tgt)
+    registers = 32 if lanes >= 16 or architecture(str(tgt.attrs["mtriple"])) == "aarch64" else 16
+    rows = 8 if registers == 32 else 6
+    vector = math.gcd(lanes, head_dim)
+    return AttentionTiling(lanes=next(n for n in (8, 4, 2, 1) if head_dim % n == 0), key_tile=16, rows=rows,
+                           vector=vector, score_vectors=2,
+                           value_vectors=math.gcd(registers // 2 // rows, head_dim // vector))
 
 
 def vector_lanes(tgt: Target) -> int:
-    """float32 lanes of one SIMD register of ``tgt`` (at least 4)."""
-    return max(4, llvm_get_vector_width(tgt) // 32)
+    """float32 lanes of one SIMD register of ``tgt`` (at least 4).
+
+    LLVM reports 512 bits for x86-64 CPUs without AVX-512 too (x86-64-v3 here), so on x86-64 the
+    width comes from the features: 512 bits with AVX-512, 256 with AVX, else SSE's 128.
+    """
+    width = llvm_get_vector_width(tgt)
+    if architecture(str(tgt.attrs["mtriple"])) == "x86_64":
+        width = 512 if target_has_features("avx512f", tgt) else 256 if target_has_features("avx", tgt) else 128
+    return max(4, width // 32)
 
 
 DECODE_KEY_SPLITS = 8  # key slices of a decode step: enough tasks for 8 cores, merged in one short pass

@@ -99,7 +99,7 @@ class GpuRules:
     key_tile_bytes: int  # shared (local, threadgroup) memory for the FeedbackAttention key tile
     matmul: bool  # dlight's Matmul rule for the matmuls
 
-    def attention_tiling(self, head_dim: int) -> AttentionTiling:
+    def attention_tiling(self, head_dim: int, tvm_target=None) -> AttentionTiling:
         return ATTENTION
 
     def feedback_tilings(self, d_model: int, dtype: str) -> dict[str, FeedbackTiling]:

@@ -315,7 +315,7 @@ class RelaxBuilder:
         return self.kernel(
             ("attention", H, Hkv, d, rope),
             lambda: (f"forward_attention_h{H}_kv{Hkv}_d{d}" + ("_rope" if rope else ""),
-                     tvm_attention.forward_attention_kernel(H, Hkv, d, rope, self.dtype, self.rules.attention_tiling(d),
+                     tvm_attention.forward_attention_kernel(H, Hkv, d, rope, self.dtype, self.rules.attention_tiling(d, self.target.tvm_target()),
                                                             self.state_dtype)))
 
     def feedback_kernel(self, D: int, decode: bool):
