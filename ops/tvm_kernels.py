@@ -38,6 +38,9 @@ shared memory (TVM inserts the barriers between stages).
 The PrimFuncs are S-TIR with named (opaque) blocks and no schedule;
 each target in ``sessa_export/targets/`` picks the tile sizes (``feedback_tilings``) and
 schedules them (``schedule_feedback_attention``); ``targets.scheduled_kernels`` finds the rule.
+CPU builds take only the decode from here: their prefill is ops/tvm_feedback_prefill.py's
+register-tiled loop nest of the same algorithm (the CPU rule still schedules this prefill, which
+the tests run on the CPU as the GPUs tile it).
 
 Calling convention, shared by both kernels (``batch``, ``seq_len`` and ``capacity`` symbolic;
 ``seq_len`` is 1 for decode)::
@@ -135,7 +138,8 @@ def feedback_attention_kernels(
     tilings: Mapping[str, FeedbackTiling] = DEFAULT_TILINGS,
     cache_dtype: str | None = None,
 ) -> dict[str, tirx.PrimFunc]:
-    """Unscheduled decode (S = 1) and prefill (any S >= 1) PrimFuncs, keyed by global symbol.
+    """Unscheduled decode (S = 1) and prefill (any S >= 1) PrimFuncs, keyed by global symbol: those
+    that ``tilings`` names (CPUs take the prefill from ops/tvm_feedback_prefill.py).
 
     ``scale`` defaults to ``d_model ** -0.5``, the ONNX op's default attribute. The caches are
     stored in ``cache_dtype`` (default ``dtype``; compile --state-dtype).
@@ -147,7 +151,7 @@ def feedback_attention_kernels(
     scale = d_model**-0.5 if scale is None else float(scale)
     return {
         name: _feedback_attention(name, d_model, dtype, scale, tilings[name], cache_dtype)
-        for name in (DECODE, PREFILL)
+        for name in (DECODE, PREFILL) if name in tilings
     }
 
 

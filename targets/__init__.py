@@ -6,8 +6,9 @@ specific to it, behind the same names:
 - `tvm_target(arch, host)`: the TVM target (device and host code; a target that takes --cpu,
   `cpus`, also takes `cpu` and has `cpu_choices(host)` and `cpu_features(cpu, host)`);
 - `attention_tiling(head_dim, tvm_target)`: how ops/tvm_attention.py's kernel spreads its work there;
-- `scheduled_feedback_attention(d_model, dtype, scale, **options)`: ops/tvm_kernels.py's
-  FeedbackAttention kernels, tiled and scheduled by the target's rule;
+- `scheduled_feedback_attention(d_model, dtype, scale, **options)`: the FeedbackAttention decode and
+  prefill kernels, ops/tvm_kernels.py's tiled and scheduled by the target's rule (CPUs take the
+  prefill from ops/tvm_feedback_prefill.py);
 - `pipeline(tvm_target)`: the Relax pipeline that schedules the position-wise functions;
 - `library_name(host)` and `package(executable, path, arch, host, workspace)`: what the
   artifact holds (shared library, static archive, device code beside it).

@@ -22,6 +22,7 @@ from tvm.target import Target
 from tvm.target.codegen import llvm_get_system_cpu, llvm_get_system_triple, llvm_get_vector_width, target_has_features
 
 from sessa_export.ops.tvm_attention import AttentionTiling
+from sessa_export.ops.tvm_feedback_prefill import PrefillTiling, feedback_prefill_kernel
 from sessa_export.ops.tvm_kernels import DECODE, PREFILL, FeedbackTiling, feedback_attention_kernels
 from sessa_export.ops.tvm_matmul import PACKED_MATMUL, packed_matmul
 
@@ -119,10 +120,9 @@ def attention_tiling(head_dim: int, tgt: Target) -> AttentionTiling:
     value_vectors, each tile at most half the SIMD registers (32 with AVX-512 and on AArch64, 16
     with AVX2), so that the loads and the broadcasts keep the rest.
     """
-    lanes = vector_lanes(tgt)
-    registers = 32 if lanes >= 16 or architecture(str(tgt.attrs["mtriple"])) == "aarch64" else 16
+    registers = simd_registers(tgt)
     rows = 8 if registers == 32 else 6
-    vector = math.gcd(lanes, head_dim)
+    vector = math.gcd(vector_lanes(tgt), head_dim)
     return AttentionTiling(lanes=next(n for n in (8, 4, 2, 1) if head_dim % n == 0), key_tile=16, rows=rows,
                            vector=vector, score_vectors=2,
                            value_vectors=math.gcd(registers // 2 // rows, head_dim // vector))
@@ -140,31 +140,42 @@ def vector_lanes(tgt: Target) -> int:
     return max(4, width // 32)
 
 
+def simd_registers(tgt: Target) -> int:
+    """SIMD registers of ``tgt``: 32 with AVX-512 and on AArch64, 16 with AVX2 and SSE."""
+    return 32 if vector_lanes(tgt) >= 16 or architecture(str(tgt.attrs["mtriple"])) == "aarch64" else 16
+
+
 DECODE_KEY_SPLITS = 8  # key slices of a decode step: enough tasks for 8 cores, merged in one short pass
 
 
 def feedback_tilings(d_model: int, tgt: Target, d_chunks: int | None = None) -> dict[str, FeedbackTiling]:
-    """Tile sizes for ``tgt``; ``d_chunks`` > 1 adds parallel tasks for small batches.
+    """Tile sizes of the decode kernel for ``tgt`` (the prefill is prefill_tiling's); ``d_chunks``
+    > 1 cuts D into independent tasks.
 
     Decode cuts the keys into DECODE_KEY_SPLITS slices, a task each, so that one sequence's pass
     over the caches runs on every core: with one task a row, a batch-1 decode read them on one core
     (`benchmarks/tvm_kernels.py`, 12 layers' caches at P = 1024, 2 threads, two runs: 3.24 and 2.99 ms
-    with one slice, 2.74 and 2.57 with eight).
-
-    Each D chunk recomputes the full q.k products, so more chunks only pay off when cores
-    would otherwise sit idle. By default (None) decode keeps one chunk (the key slices give it its
-    tasks; a second chunk would read every key twice) and prefill uses two when D is even: a batch-1 prefill then
-    keeps two cores busy for 1.5x the work (`benchmarks/tvm_kernels.py`, D = 768, T = 1024: 37-49 ms
-    with two chunks against 41-63 ms with one, over four runs).
+    with one slice, 2.74 and 2.57 with eight). It keeps one D chunk by default: a second would read
+    every key twice.
     """
-    lanes = math.gcd(vector_lanes(tgt), d_model)
-    decode_chunks = d_chunks or 1
-    prefill_chunks = d_chunks or math.gcd(2, d_model)
-    return {
-        DECODE: FeedbackTiling(block_rows=1, key_tile=32, dot_lanes=lanes, d_chunks=decode_chunks,
-                               key_splits=DECODE_KEY_SPLITS),
-        PREFILL: FeedbackTiling(block_rows=16, key_tile=32, dot_lanes=lanes, d_chunks=prefill_chunks),
-    }
+    return {DECODE: FeedbackTiling(block_rows=1, key_tile=32, dot_lanes=math.gcd(vector_lanes(tgt), d_model),
+                                   d_chunks=d_chunks or 1, key_splits=DECODE_KEY_SPLITS)}
+
+
+def prefill_tiling(d_model: int, tgt: Target, d_chunks: int | None = None) -> PrefillTiling:
+    """Register tiles of ops/tvm_feedback_prefill.py for ``tgt``, each at most half the SIMD registers.
+
+    Each D chunk recomputes the full q.k products, so more chunks only pay off when cores would
+    otherwise sit idle. By default (None) two when D allows: a batch-1 prefill then keeps two cores
+    busy for 1.5x the work (`benchmarks/tvm_kernels.py`, native, D = 768, T = 1024, two runs: 12.98
+    and 13.69 ms with two chunks against 22.95 and 17.82 ms with one).
+    """
+    registers, lanes = simd_registers(tgt), vector_lanes(tgt)
+    chunks = d_chunks or math.gcd(2, d_model // lanes)
+    rows = 8 if registers == 32 else 4
+    vector = math.gcd(lanes, d_model // chunks)
+    return PrefillTiling(rows=rows, vector=vector, score_vectors=2,
+                         value_vectors=math.gcd(registers // 2 // rows, d_model // chunks // vector), d_chunks=chunks)
 
 
 def schedule_feedback_attention(func: tirx.PrimFunc, tgt: Target) -> tirx.PrimFunc:
@@ -203,10 +214,13 @@ def scheduled_feedback_attention(
     d_chunks: int | None = None,
     cache_dtype: str | None = None,
 ) -> tuple[Target, dict[str, tirx.PrimFunc]]:
-    """The CPU target and both kernels, tiled and scheduled for it (keyed by global symbol)."""
+    """The CPU target and both kernels for it (keyed by global symbol): ops/tvm_kernels.py's decode,
+    tiled and scheduled by this rule, and ops/tvm_feedback_prefill.py's register-tiled prefill."""
     tgt = tvm_target(arch, host, cpu)
-    kernels = feedback_attention_kernels(d_model, dtype, scale, feedback_tilings(d_model, tgt, d_chunks), cache_dtype)
-    return tgt, {name: schedule_feedback_attention(func, tgt) for name, func in kernels.items()}
+    (decode,) = feedback_attention_kernels(d_model, dtype, scale, feedback_tilings(d_model, tgt, d_chunks),
+                                           cache_dtype).values()
+    prefill = feedback_prefill_kernel(d_model, dtype, scale, prefill_tiling(d_model, tgt, d_chunks), cache_dtype)
+    return tgt, {DECODE: schedule_feedback_attention(decode, tgt), PREFILL: prefill}
 
 
 def has_block(sch: s_tir.Schedule, name: str) -> bool:

@@ -1,4 +1,5 @@
-"""FeedbackAttention TVM kernels against a float64 NumPy reference of spec §1 steps 3-5.
+"""FeedbackAttention TVM kernels (ops/tvm_kernels.py, and ops/tvm_feedback_prefill.py's CPU
+prefill) against a float64 NumPy reference of spec §1 steps 3-5.
 
 The reference below is written from the spec, independently of the kernels: a plain loop over
 the new rows, full softmax over j < t, float64 throughout.
@@ -16,6 +17,7 @@ from tvm import relax, tirx
 from tvm.script import relax as R
 
 from sessa_export.ops import tvm_kernels as K
+from sessa_export.ops.tvm_feedback_prefill import PrefillTiling, feedback_prefill_kernel
 from sessa_export.ops.tvm_matmul import pack_weight
 from sessa_export.targets import AARCH64_LINUX, ARCHS, build_feedback_attention, cpu, cuda
 
@@ -134,6 +136,20 @@ def test_cpu_other_tilings_match_reference(tilings):
     lib = tvm.compile(K.feedback_attention_module(scheduled), target=tgt)
     for past, seq in ((0, 1), (7, 1), (300, 1), (0, 3), (0, 64), (129, 3), (1, 257)):
         check_step(lib, K.DECODE if seq == 1 else K.PREFILL, 3, past, seq, "float32")
+        check_step(lib, K.PREFILL, 3, past, seq, "float32")
+
+
+PREFILL_TILES = {  # the CPU prefill's register tiles at sizes that divide none of the shapes
+    "3 rows, 1 vector of 4 keys, 2 chunks": PrefillTiling(rows=3, vector=4, score_vectors=1, value_vectors=1, d_chunks=2),
+    "5 rows, 2 vectors of 8 keys": PrefillTiling(rows=5, vector=8, score_vectors=2, value_vectors=2),
+}
+
+
+@pytest.mark.parametrize("tiling", PREFILL_TILES.values(), ids=PREFILL_TILES.keys())
+def test_cpu_prefill_tilings_match_reference(tiling):
+    func = feedback_prefill_kernel(D, "float32", None, tiling)
+    lib = tvm.compile(K.feedback_attention_module({K.PREFILL: func}), target=cpu.tvm_target())
+    for past, seq in ((0, 1), (0, 2), (7, 1), (0, 64), (129, 3), (1, 257), (13, 37)):
         check_step(lib, K.PREFILL, 3, past, seq, "float32")
 
 

@@ -12,7 +12,8 @@ the function carries `relax.force_pure`): a step never copies the state. Rows < 
 read. Position-wise ops are plain Relax ops with the weights bound as constants (they live in
 the compiled library, so a deployment loads one file); the two attentions are TIR kernels:
 `ops/tvm_attention.py` (forward attention with RoPE, GQA and the KV append) and
-`ops/tvm_kernels.py` (FeedbackAttention, decode and blocked prefill). `RelaxBuilder` walks the
+`ops/tvm_kernels.py` (FeedbackAttention, decode and blocked prefill; CPUs prefill with
+`ops/tvm_feedback_prefill.py`). `RelaxBuilder` walks the
 graph: each node is emitted by its op's `relax` face (ops/registry.py); what only TVM has is here:
 the caches of the state contract (sessa_export/state.py) and the two attention kernels.
 With `quantization="q8"|"q4"` (CPU), linear weights (the LM head included) and the embedding table
@@ -296,7 +297,7 @@ class RelaxBuilder:
         return self.emit(rx.TupleGetItem(out, 2))
 
     def feedback_attention(self, q_b, k_b, f, gain, mixer: SessaMixer, layer: int):
-        """ops/tvm_kernels.py's decode (S = 1) or prefill kernel, writing the feedback caches in place."""
+        """The target's FeedbackAttention decode (S = 1) or prefill kernel, writing the feedback caches in place."""
         rx, B, S, P, C, D = self.rx, self.batch, self.seq, self.past, self.capacity, mixer.D
         caches = self.caches[layer]
         result = self.emit(rx.op.call_tir_inplace(
