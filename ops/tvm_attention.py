@@ -18,11 +18,12 @@ The caches are written in place: from Relax the kernel is called with ``R.call_t
 Two loop nests: the append (one pass over the new rows), then one task per (batch, row, head)
 that runs an online softmax (running max / running sum) over its j ≤ t keys, a tile of keys
 at a time: the tile's scores first (independent dot products), then one rescale of the
-accumulator per tile and one exp per key. On CPU a prefill task takes R = 4 rows of one head,
-which share every key and value load, and a decode step (S = 1) one row per (batch, head); the
-tasks are spread over threads (``T.parallel``) and the d-wide dot products and updates are written
-with explicit vector lanes so LLVM emits SIMD without fast-math; on GPU targets each task is a
-thread. The kernel is "scheduled" as written: it carries ``tirx.is_scheduled`` so dlight leaves it.
+accumulator per tile and one exp per key. On CPU a decode step (S = 1) takes one row per (batch,
+head), its d-wide dot products and updates written with explicit vector lanes so LLVM emits SIMD
+without fast-math; a prefill task takes ``rows`` rows of one head as register tiles: its scores a
+rows x keys tile vectorised over the keys (read from the keys transposed once a call, so that no
+product ends in a lane sum), its update a rows x columns tile. The tasks are spread over threads
+(``T.parallel``); on GPU targets each task is a thread. The kernel is "scheduled" as written: it carries ``tirx.is_scheduled`` so dlight leaves it.
 
 The kernel checks ``P + S <= capacity`` before writing anything and fails with a message that
 says so (host-side assert, also on GPU targets): a context past the compiled capacity never
