@@ -120,12 +120,13 @@ def attention_tiling(head_dim: int, tgt: Target) -> AttentionTiling:
     value_vectors, each tile at most half the SIMD registers (32 with AVX-512 and on AArch64, 16
     with AVX2), so that the loads and the broadcasts keep the rest.
     """
-    registers = simd_registers(tgt)
-    rows = 8 if registers == 32 else 6
-    vector = math.gcd(vector_lanes(tgt), head_dim)
+    registers, lanes = simd_registers(tgt), vector_lanes(tgt)
+    score_vectors = max(1, PREFILL_KEYS // lanes)
+    rows = min(8, registers // 2 // score_vectors)
+    vector = math.gcd(lanes, head_dim)
     return AttentionTiling(lanes=next(n for n in (8, 4, 2, 1) if head_dim % n == 0), key_tile=16, rows=rows,
-                           vector=vector, score_vectors=2,
-                           value_vectors=math.gcd(registers // 2 // rows, head_dim // vector))
+                           vector=vector, score_vectors=PREFILL_KEYS // vector,
+                           value_vectors=math.gcd(max(1, registers // 2 // rows), head_dim // vector))
 
 
 def vector_lanes(tgt: Target) -> int:
@@ -145,6 +146,9 @@ def simd_registers(tgt: Target) -> int:
     return 32 if vector_lanes(tgt) >= 16 or architecture(str(tgt.attrs["mtriple"])) == "aarch64" else 16
 
 
+# Keys in a prefill score tile on every CPU target: the online softmax rescales once a tile, so the
+# tile fixes the rounding, and builds for x86-64 and AArch64 then compute the same numbers.
+PREFILL_KEYS = 16
 DECODE_KEY_SPLITS = 8  # key slices of a decode step: enough tasks for 8 cores, merged in one short pass
 
 
@@ -171,11 +175,12 @@ def prefill_tiling(d_model: int, tgt: Target, d_chunks: int | None = None) -> Pr
     and 13.69 ms with two chunks against 22.95 and 17.82 ms with one).
     """
     registers, lanes = simd_registers(tgt), vector_lanes(tgt)
-    chunks = d_chunks or math.gcd(2, d_model // lanes)
-    rows = 8 if registers == 32 else 4
+    chunks = d_chunks or math.gcd(2, d_model)
     vector = math.gcd(lanes, d_model // chunks)
-    return PrefillTiling(rows=rows, vector=vector, score_vectors=2,
-                         value_vectors=math.gcd(registers // 2 // rows, d_model // chunks // vector), d_chunks=chunks)
+    rows = min(8, registers // 2 // max(1, PREFILL_KEYS // lanes))
+    return PrefillTiling(rows=rows, vector=vector, score_vectors=PREFILL_KEYS // vector,
+                         value_vectors=math.gcd(max(1, registers // 2 // rows), d_model // chunks // vector),
+                         d_chunks=chunks)
 
 
 def schedule_feedback_attention(func: tirx.PrimFunc, tgt: Target) -> tirx.PrimFunc:

@@ -153,6 +153,14 @@ def test_cpu_prefill_tilings_match_reference(tiling):
         check_step(lib, K.PREFILL, 3, past, seq, "float32")
 
 
+@pytest.mark.parametrize("cpu_name", ["x86-64", "x86-64-v3", "x86-64-v4"])
+def test_cpu_prefill_rule_fits_any_width(cpu_name):
+    """The rule's tiles are valid for odd, small and uneven model widths (a user's model), not only 768."""
+    tgt = cpu.tvm_target(cpu=cpu_name)
+    for width in (1, 7, 48, 64, 99, 100, 768, 2050):
+        cpu.prefill_tiling(width, tgt).check(width)
+
+
 def test_cpu_scale_attribute():
     """The op's `scale` attribute replaces D^-0.5."""
     lib = build_feedback_attention("cpu", D, "float32", scale=0.3)
