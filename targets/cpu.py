@@ -116,8 +116,8 @@ def attention_tiling(head_dim: int, tgt: Target) -> AttentionTiling:
     chains a key and sums 8 lanes, not 16, at its end (`benchmarks/tvm_kernels.py`, 125M shapes,
     2 threads, in turns, two runs: decode over 12 layers at P = 1024 as fast or 11% faster).
 
-    Prefill: a task's scores are rows x (2 vectors of keys) accumulators and its value update rows x
-    value_vectors, each tile at most half the SIMD registers (32 with AVX-512 and on AArch64, 16
+    Prefill: a task's scores are rows x PREFILL_KEYS keys of accumulators and its value update rows
+    x value_vectors, each tile at most half the SIMD registers (32 with AVX-512 and on AArch64, 16
     with AVX2), so that the loads and the broadcasts keep the rest.
     """
     registers, lanes = simd_registers(tgt), vector_lanes(tgt)
