@@ -135,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="threads for all three (default: all cores)")
     parser.add_argument("--context", type=int, default=DECODE_CONTEXT, help="prefill length and decode context")
-    parser.add_argument("--cpu", default="native", help="compile --cpu of the TVM builds (default native: the "
+    from sessa_export.targets.cpu import cpu_choices
+
+    parser.add_argument("--cpu", default="native", choices=cpu_choices(None)[0], help="compile --cpu of the TVM builds (default native: the "
                         "machine's limit; the figures before 2026-12-01 were native builds too)")
     parser.add_argument("--decode-steps", type=int, default=DECODE_STEPS)
     parser.add_argument("--capacity", type=int, default=2048, help="compiled TVM capacity")

@@ -184,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="TVM threads (default: available cores)")
     parser.add_argument("--context", type=int, default=DECODE_CONTEXT, help="decode context and prefill length")
     parser.add_argument("--layout", choices=("packed", "plain"), default="packed", help="LM head weight layout")
-    parser.add_argument("--cpu", default="native", help="compile --cpu of the kernels (default native, as "
+    from sessa_export.targets.cpu import cpu_choices
+
+    parser.add_argument("--cpu", default="native", choices=cpu_choices(None)[0], help="compile --cpu of the kernels (default native, as "
                         "benchmarks/tvm_cpu.py builds; the figures before 2026-12-02 08:00 UTC were the default build)")
     parser.add_argument("--repeat", type=int, default=20, help="timed calls per kernel (prefill: a quarter)")
     args = parser.parse_args(argv)

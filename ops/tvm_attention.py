@@ -111,17 +111,7 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
         c, s = T.cos(theta), T.sin(theta)
         return x_even * c - x_odd * s, x_even * s + x_odd * c
 
-    def lane_total(part, row):
-        """Sum of a dot product's SIMD lanes part[row, :] (a balanced tree: a short dependency chain)."""
-        return fastmath.tree_sum(part[row, lane] for lane in range(lanes))
-
-    def tile_total(score, row):
-        """Sum of a prefill score tile's row (a balanced tree)."""
-        return fastmath.tree_sum(score[row, jj] for jj in range(KT))
-
-    def tile_max(score, row):
-        """Largest score of a prefill score tile's row (a balanced tree)."""
-        return fastmath.tree_max(score[row, jj] for jj in range(KT))
+    row_sum, row_max = fastmath.row_sum, fastmath.row_max
 
     @T.macro
     def row_task(task, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len):
@@ -159,7 +149,7 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
                         for lane in T.vectorized(lanes):
                             part[jj, lane] = part[jj, lane] + qr[c * lanes + lane] * T.Cast(
                                 f32, key_cache[b, h // G, jt * tile + jj, c * lanes + lane])
-                    score[jj] = lane_total(part, jj) * T.float32(scale)
+                    score[jj] = row_sum(part, jj, lanes) * T.float32(scale)
                 else:
                     score[jj] = T.float32(_NEG)
             # one rescale per tile, one exp per key
@@ -236,12 +226,12 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
                 for jj in T.vectorized(KT):
                     score[r, jj] = T.Select(jt * KT + jj <= past_len + R * rb + r,
                                             score[r, jj] * T.float32(scale), T.float32(_NEG))
-                new_max: T.float32 = T.max(stat[r, 0], tile_max(score, r))
+                new_max: T.float32 = T.max(stat[r, 0], row_max(score, r, KT))
                 stat[r, 2] = exp(stat[r, 0] - new_max)
                 for jj in T.vectorized(KT):  # the tile's exps as one SIMD loop
                     score[r, jj] = T.Select(jt * KT + jj <= past_len + R * rb + r,
                                             exp(score[r, jj] - new_max), T.float32(0))
-                stat[r, 1] = stat[r, 1] * stat[r, 2] + tile_total(score, r)
+                stat[r, 1] = stat[r, 1] * stat[r, 2] + row_sum(score, r, KT)
                 stat[r, 0] = new_max
             # rows x columns update, VC columns a pass so that the accumulators fit in registers
             for cp in range(d // V // VC):  # a loop: with one pass the accumulators are registers

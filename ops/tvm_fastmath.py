@@ -30,6 +30,17 @@ def tree_max(terms: Sequence[tirx.PrimExpr]) -> tirx.PrimExpr:
     return _tree(terms, tirx.max)
 
 
+def row_sum(buffer, row, n: int) -> tirx.PrimExpr:
+    """buffer[row, 0] + ... + buffer[row, n - 1] as tree_sum adds them (the kernels' lane and tile
+    sums; TVMScript takes no generator expressions)."""
+    return tree_sum(buffer[row, i] for i in range(n))
+
+
+def row_max(buffer, row, n: int) -> tirx.PrimExpr:
+    """The largest of buffer[row, 0 .. n - 1], as tree_max takes it."""
+    return tree_max(buffer[row, i] for i in range(n))
+
+
 def _tree(terms: Sequence[tirx.PrimExpr], combine) -> tirx.PrimExpr:
     terms = list(terms)
     while len(terms) > 1:

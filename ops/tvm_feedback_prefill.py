@@ -74,11 +74,7 @@ def feedback_prefill_kernel(d_model: int, dtype: str = "float32", scale: float |
         """Columns of key_t: the positions [0, P + S) rounded up to a tile, and a tile each side."""
         return (T.ceildiv(past_len + seq_len, KT) + 2) * KT
 
-    def tile_max(score, row):
-        return fastmath.tree_max(score[row, jj] for jj in range(KT))
-
-    def tile_total(score, row):
-        return fastmath.tree_sum(score[row, jj] for jj in range(KT))
+    row_sum, row_max = fastmath.row_sum, fastmath.row_max
 
     @T.prim_func
     def kernel(query_h: T.handle, key_h: T.handle, forward_h: T.handle, gain_h: T.handle,
@@ -145,12 +141,12 @@ def feedback_prefill_kernel(d_model: int, dtype: str = "float32", scale: float |
                         for jj in T.vectorized(KT):
                             score[ri, jj] = T.Select(T.And(0 <= j0 + jj, j0 + jj < base + ri),
                                                      score[ri, jj] * T.float32(scale), T.float32(_NEG))
-                        new_max: T.float32 = T.max(stat[ri, 0], tile_max(score, ri))
+                        new_max: T.float32 = T.max(stat[ri, 0], row_max(score, ri, KT))
                         stat[ri, 2] = exp(stat[ri, 0] - new_max)
                         for jj in T.vectorized(KT):
                             score[ri, jj] = T.Select(T.And(0 <= j0 + jj, j0 + jj < base + ri),
                                                      exp(score[ri, jj] - new_max), T.float32(0))
-                        stat[ri, 1] = stat[ri, 1] * stat[ri, 2] + tile_total(score, ri)
+                        stat[ri, 1] = stat[ri, 1] * stat[ri, 2] + row_sum(score, ri, KT)
                         stat[ri, 0] = new_max
                     # acc = acc * rescale + prob @ state over the solved keys (past tiles only), a
                     # pass of PASS columns at a time

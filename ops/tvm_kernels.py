@@ -70,7 +70,7 @@ import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
-from .tvm_fastmath import tree_sum
+from .tvm_fastmath import row_sum as lane_sum, tree_sum
 
 DECODE = "feedback_attention_decode"
 PREFILL = "feedback_attention_prefill"
@@ -241,9 +241,6 @@ def _feedback_attention(
         """Key jj of tile kt holds a solved state (j >= 0 in a past tile): prob @ state may read it."""
         return T.And(first_tile(past_len, r, ks) + kt < past_tiles(past_len, r), 0 <= tile_start(past_len, r, ks, kt) + jj)
 
-    def lane_sum(part, pq):
-        """Sum of the dot-product lanes of a pair (a balanced tree: a short dependency chain)."""
-        return tree_sum(part[pq, lane] for lane in range(int(L)))
 
     @T.prim_func(s_tir=True)
     def kernel(
@@ -329,7 +326,7 @@ def _feedback_attention(
                                     for pq in range(PAIRS):
                                         with T.sblock("score"):
                                             if item(pq, w) < R * J:
-                                                score[item(pq, w) // J, item(pq, w) % J] = lane_sum(part, pq)
+                                                score[item(pq, w) // J, item(pq, w) % J] = lane_sum(part, pq, int(L))
                                     # online softmax: tile_max, prob = exp(score - tile_max), rescale
                                     for rq in range(ROWS):
                                         with T.sblock("tile_max"):
