@@ -95,14 +95,16 @@ def feedback_prefill_kernel(d_model: int, dtype: str = "float32", scale: float |
         for bi in T.parallel(batch * seq_len):
             for d in T.vectorized(D):
                 key_cache[bi // seq_len, past_len + bi % seq_len, d] = T.Cast(cache_dtype, key[bi // seq_len, bi % seq_len, d])
+        # (three loops, not one Select: TVM simplifies a Select's load under its condition, and
+        # vectorised, the load then ran for every lane, outside the cache too)
         key_t = T.alloc_buffer((batch, D, columns(past_len, seq_len)), f32)
         for bd in T.parallel(batch * D):
-            for col in range(columns(past_len, seq_len) // V):
-                for lane in T.vectorized(V):
-                    key_t[bd // D, bd % D, col * V + lane] = T.Select(
-                        T.And(KT <= col * V + lane, col * V + lane < KT + past_len + seq_len),
-                        T.Cast(f32, key_cache[bd // D, T.min(T.max(col * V + lane - KT, 0), past_len + seq_len - 1), bd % D]),
-                        T.float32(0))
+            for col in T.vectorized(KT):
+                key_t[bd // D, bd % D, col] = T.float32(0)
+            for j in range(past_len + seq_len):
+                key_t[bd // D, bd % D, KT + j] = T.Cast(f32, key_cache[bd // D, j, bd % D])
+            for col in range(columns(past_len, seq_len) - KT - past_len - seq_len):
+                key_t[bd // D, bd % D, KT + past_len + seq_len + col] = T.float32(0)
         # 2. one task per (batch row, D chunk), its row blocks in order
         for task in T.parallel(batch * NC):
             b = task // NC
