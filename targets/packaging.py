@@ -1,13 +1,15 @@
 """How compiled TVM modules become files: shared by the targets' `package` functions.
 
 - `export_elf`: a shared library whose import blob (VM bytecode, weights, device code) is
-  assembled into .rodata with `.incbin`, cross-linked for a --host triple when asked;
+  assembled in with `.incbin` (x86-64: into the large-data section .lrodata, so a blob of
+  gigabytes links), cross-linked for a --host triple when asked;
 - `device_source`: the one device module's source (CUDA, Metal, OpenCL), written beside;
 - `replace_cuda_code`: the CUDA module's source swapped for an nvcc fatbin inside the blob.
 """
 
 from __future__ import annotations
 
+import platform
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -51,28 +53,41 @@ def export_elf(executable, path: Path, host: str | None, workspace: Path,
             raise SessaExportError(f"cross compiling for {host} needs {compiler} on PATH "
                                    f"(Debian/Ubuntu: apt-get install g++-{host})")
         fcompile = cc.cross_compiler(compiler)
-    executable.mod.export_library(str(path), fcompile=fcompile, fpack_imports=_elf_blob_packer(transform),
-                                  workspace_dir=str(workspace))
+    x86_64 = host is None and platform.machine() in ("x86_64", "AMD64")
+    executable.mod.export_library(str(path), fcompile=fcompile,
+                                  fpack_imports=_elf_blob_packer(x86_64, transform), workspace_dir=str(workspace))
 
 
-def _elf_blob_packer(transform: Callable[[bytes], bytes] | None = None):
+# An AArch64 (small code model) library reaches its GOT and data PC-relatively within +-4 GiB, and
+# nothing but a smaller blob helps there; on x86-64 .lrodata sits past .data and .bss, out of the way
+# of the +-2 GiB references, as GCC's -mcmodel=medium places large data.
+NEAR_BLOB_LIMIT = 3 << 30
+
+
+def _elf_blob_packer(x86_64: bool, transform: Callable[[bytes], bytes] | None = None):
     """An `fpack_imports` for ELF libraries: the import blob (VM bytecode, weights, device code)
-    goes into .rodata with an assembler `.incbin` instead of an LLVM constant array, which takes
-    LLVM minutes and gigabytes for a few hundred MB of weights. `transform` may rewrite the blob."""
+    goes in with an assembler `.incbin` instead of an LLVM constant array, which takes LLVM minutes
+    and gigabytes for a few hundred MB of weights; on x86-64 into .lrodata, else .rodata, refused
+    past NEAR_BLOB_LIMIT. `transform` may rewrite the blob."""
     import tvm
 
     blob_name = tvm.get_global_func("runtime.ModuleImportsBlobName")()
+    section = '.lrodata,"al",@progbits' if x86_64 else ".rodata"
 
     def pack_imports(module, is_system_lib, prefix, workdir):
         blob = tvm.get_global_func("runtime.ModulePackImportsToTensor")(module).numpy().tobytes()
         if transform is not None:
             blob = transform(blob)
+        if not x86_64 and len(blob) > NEAR_BLOB_LIMIT:
+            raise SessaExportError(f"the weights make a {len(blob) / 2**30:.1f} GiB library, past the "
+                                   f"{NEAR_BLOB_LIMIT / 2**30:g} GiB an AArch64 shared library can address: "
+                                   "compile with --quantization q8 or q4")
         blob_file = Path(workdir) / "devc.bin"
         blob_file.write_bytes(blob)
         symbol = f"{prefix}{blob_name}"
         asm = Path(workdir) / "devc.S"
         asm.write_text(
-            f"    .section .rodata\n    .globl {symbol}\n    .type {symbol}, %object\n    .p2align 4\n"
+            f"    .section {section}\n    .globl {symbol}\n    .type {symbol}, %object\n    .p2align 4\n"
             f'{symbol}:\n    .incbin "{blob_file}"\n    .size {symbol}, . - {symbol}\n'
             '    .section .note.GNU-stack,"",%progbits\n')
         return str(asm)

@@ -329,6 +329,30 @@ def test_aarch64_cross_compile_is_an_aarch64_elf(cross_model, tmp_path):
         TvmRunner(out)
 
 
+def _blob_section(library: Path) -> str:
+    """The ELF section holding the library's import blob (weights, VM bytecode), by objdump."""
+    table = subprocess.run(["objdump", "-t", str(library)], capture_output=True, text=True, check=True).stdout
+    return next(line.split()[-3] for line in table.splitlines() if line.endswith("__tvm_ffi__library_bin"))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("objdump") is None, reason="x86-64 ELF, objdump")
+def test_x86_weights_lie_in_the_large_data_section(cpu_builds):
+    """Past .data and .bss, so a library of several GiB of weights (a 1B-class float32 model) links."""
+    _, out = cpu_builds["GQA-mlp-tied"]
+    assert _blob_section(out / "model.so") == ".lrodata"
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="needs g++-aarch64-linux-gnu")
+def test_an_aarch64_library_past_its_reach_is_refused(cross_model, tmp_path, monkeypatch):
+    from sessa_export.targets import packaging
+
+    monkeypatch.setattr(packaging, "NEAR_BLOB_LIMIT", 1 << 10)
+    out = tmp_path / "arm"
+    with pytest.raises(SessaExportError, match=r"GiB library, past the .* GiB an AArch64 .* --quantization"):
+        compile_graph(trace(cross_model), out, CompileTarget("cpu", host="aarch64-linux-gnu"), max_len=64)
+    assert not out.exists()
+
+
 @pytest.mark.skipif(shutil.which("aarch64-linux-gnu-g++") is None, reason="needs g++-aarch64-linux-gnu")
 def test_opencl_library_is_an_aarch64_elf_with_the_kernels(cross_model, tmp_path):
     """--target opencl, added through targets/'s table alone: an AArch64 ELF library whose import
