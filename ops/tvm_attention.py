@@ -178,7 +178,9 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
         """CPU prefill: rows R*rb .. R*rb+R-1 of head h (task = (b, rb, h)), register-tiled.
 
         Scores are a rows x keys tile vectorised over the keys (``key_t`` holds the keys
-        transposed), so no product ends in a lane sum; the value update is rows x columns.
+        transposed a tile at a time, [tile, d, KT]: the tile streams from one contiguous block, where
+        rows of all positions put every step of dd a page apart, past the reach of Intel's stride
+        prefetcher), so no product ends in a lane sum; the value update is rows x columns.
         """
         blocks = T.ceildiv(seq_len, R)
         b = task // (blocks * H)
@@ -221,7 +223,7 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
                     for kv in T.unroll(KT // V):
                         for lane in T.vectorized(V):
                             score[r, kv * V + lane] = score[r, kv * V + lane] + qr[r, dd] * key_t[
-                                b, h // G, dd, jt * KT + kv * V + lane]
+                                b, h // G, jt, dd, kv * V + lane]
             for r in range(R):
                 for jj in T.vectorized(KT):
                     score[r, jj] = T.Select(jt * KT + jj <= past_len + R * rb + r,
@@ -310,12 +312,12 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
             for task in T.parallel(batch * H):
                 row_task(task, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len)
         else:
-            # the keys transposed ([d, position], float32, zero past the last), read KT at a time
-            key_t = T.alloc_buffer((batch, Hkv, d, T.ceildiv(past_len + seq_len, KT) * KT), f32)
+            # the keys transposed a tile at a time ([tile, d, KT], float32, zero past the last)
+            key_t = T.alloc_buffer((batch, Hkv, T.ceildiv(past_len + seq_len, KT), d, KT), f32)
             for bh in T.parallel(batch * Hkv):
-                for dd, jt in T.grid(d, T.ceildiv(past_len + seq_len, KT)):
+                for jt, dd in T.grid(T.ceildiv(past_len + seq_len, KT), d):
                     for jj in T.vectorized(KT):
-                        key_t[bh // Hkv, bh % Hkv, dd, jt * KT + jj] = T.Select(
+                        key_t[bh // Hkv, bh % Hkv, jt, dd, jj] = T.Select(
                             jt * KT + jj < past_len + seq_len,
                             T.Cast(f32, key_cache[bh // Hkv, bh % Hkv, T.min(jt * KT + jj, past_len + seq_len - 1), dd]),
                             T.float32(0))

@@ -122,7 +122,7 @@ def attention_tiling(head_dim: int, tgt: Target) -> AttentionTiling:
     """
     registers, lanes = simd_registers(tgt), vector_lanes(tgt)
     score_vectors = max(1, PREFILL_KEYS // lanes)
-    rows = min(8, registers // 2 // score_vectors)
+    rows = min(PREFILL_ROWS, registers // 2 // score_vectors)
     vector = math.gcd(lanes, head_dim)
     return AttentionTiling(lanes=next(n for n in (8, 4, 2, 1) if head_dim % n == 0), key_tile=16, rows=rows,
                            vector=vector, score_vectors=PREFILL_KEYS // vector,
@@ -149,6 +149,12 @@ def simd_registers(tgt: Target) -> int:
 # Keys in a prefill score tile on every CPU target: the online softmax rescales once a tile, so the
 # tile fixes the rounding, and builds for x86-64 and AArch64 then compute the same numbers.
 PREFILL_KEYS = 16
+# Rows of a prefill block at most: each key a task loads serves this many rows. The FeedbackAttention
+# prefill's transposed keys of a 1024-token prompt (6.5 MB at D = 768) stream from L3 once a block,
+# so with AVX-512 (then 16 rows of one vector of keys, half the registers) 16 rows halve that
+# traffic against 8 (BENCHMARKS.md, 2026-12-02 14:00-16:45 UTC: FeedbackAttention 32.5 -> 25.3 ms,
+# forward attention 22 -> 17.5 ms a layer at T = 1024). AVX2 and NEON tiles stay at 4 rows.
+PREFILL_ROWS = 16
 DECODE_KEY_SPLITS = 8  # key slices of a decode step: enough tasks for 8 cores, merged in one short pass
 
 
@@ -177,7 +183,7 @@ def prefill_tiling(d_model: int, tgt: Target, d_chunks: int | None = None) -> Pr
     registers, lanes = simd_registers(tgt), vector_lanes(tgt)
     chunks = d_chunks or math.gcd(2, d_model)
     vector = math.gcd(lanes, d_model // chunks)
-    rows = min(8, registers // 2 // max(1, PREFILL_KEYS // lanes))
+    rows = min(PREFILL_ROWS, registers // 2 // max(1, PREFILL_KEYS // lanes))
     return PrefillTiling(rows=rows, vector=vector, score_vectors=PREFILL_KEYS // vector,
                          value_vectors=math.gcd(max(1, registers // 2 // rows), d_model // chunks // vector),
                          d_chunks=chunks)
