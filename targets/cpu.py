@@ -155,6 +155,7 @@ PREFILL_KEYS = 16
 # traffic against 8 (BENCHMARKS.md, 2026-12-02 14:00-16:45 UTC: FeedbackAttention 32.5 -> 25.3 ms,
 # forward attention 22 -> 17.5 ms a layer at T = 1024). AVX2 and NEON tiles stay at 4 rows.
 PREFILL_ROWS = 16
+PREFILL_D_CHUNKS = 8  # most solve tasks of a FeedbackAttention prefill (prefill_tiling)
 DECODE_KEY_SPLITS = 8  # key slices of a decode step: enough tasks for 8 cores, merged in one short pass
 
 
@@ -175,13 +176,16 @@ def feedback_tilings(d_model: int, tgt: Target, d_chunks: int | None = None) -> 
 def prefill_tiling(d_model: int, tgt: Target, d_chunks: int | None = None) -> PrefillTiling:
     """Register tiles of ops/tvm_feedback_prefill.py for ``tgt``, each at most half the SIMD registers.
 
-    Each D chunk recomputes the full q.k products, so more chunks only pay off when cores would
-    otherwise sit idle. By default (None) two when D allows: a batch-1 prefill then keeps two cores
-    busy for 1.5x the work (`benchmarks/tvm_kernels.py`, native, D = 768, T = 1024, two runs: 12.98
-    and 13.69 ms with two chunks against 22.95 and 17.82 ms with one).
+    The probabilities are computed in parallel over row blocks; D chunks split only the solve, each
+    chunk a task, so a batch-1 prefill's solve runs on as many cores. By default (None) up to
+    PREFILL_D_CHUNKS, while a chunk stays a whole number of SIMD vectors (else two when D allows):
+    `benchmarks/tvm_kernels.py`, native, D = 768, T = 1024, 2 threads: 14.4 ms with two chunks
+    against 25.0 with one; eight timed as two within this machine's noise (13.2-15.3 against
+    14.7-17.1 ms), and leave work for the cores of larger machines.
     """
     registers, lanes = simd_registers(tgt), vector_lanes(tgt)
-    chunks = d_chunks or math.gcd(2, d_model)
+    fits = [c for c in range(PREFILL_D_CHUNKS, 0, -1) if d_model % c == 0 and d_model // c % lanes == 0]
+    chunks = d_chunks or (fits[0] if fits else math.gcd(2, d_model))
     vector = math.gcd(lanes, d_model // chunks)
     rows = min(PREFILL_ROWS, registers // 2 // max(1, PREFILL_KEYS // lanes))
     return PrefillTiling(rows=rows, vector=vector, score_vectors=PREFILL_KEYS // vector,

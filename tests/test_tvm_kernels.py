@@ -139,9 +139,12 @@ def test_cpu_other_tilings_match_reference(tilings):
         check_step(lib, K.PREFILL, 3, past, seq, "float32")
 
 
-PREFILL_TILES = {  # the CPU prefill's register tiles at sizes that divide none of the shapes
-    "3 rows, 1 vector of 4 keys, 2 chunks": PrefillTiling(rows=3, vector=4, score_vectors=1, value_vectors=1, d_chunks=2),
-    "5 rows, 2 vectors of 8 keys": PrefillTiling(rows=5, vector=8, score_vectors=2, value_vectors=2),
+PREFILL_TILES = {  # the CPU prefill's register tiles at sizes that divide none of the shapes, in
+    # groups of a few blocks (a prompt of 257 rows is 22 and 13 groups)
+    "3 rows, 1 vector of 4 keys, 2 chunks, groups of 12 rows": PrefillTiling(
+        rows=3, vector=4, score_vectors=1, value_vectors=1, d_chunks=2, group_rows=12),
+    "5 rows, 2 vectors of 8 keys, groups of 20 rows": PrefillTiling(
+        rows=5, vector=8, score_vectors=2, value_vectors=2, group_rows=20),
 }
 
 
