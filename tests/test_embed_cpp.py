@@ -299,14 +299,67 @@ def test_aarch64_dot_product_build_is_refused_on_cortex_a72(aarch64_program, aar
                        "cortex-a76", "asimddp")
 
 
-def test_aarch64_q8_dot_product_kernels_run_as_on_x86(aarch64_program, program, tmp_path):
-    """compile --quantization q8 for cortex-a76 puts the int8 decode on sdot (tests/test_quant_kernels.py
-    checks the object code); under qemu as a Neoverse-N1 it prints the bytes the x86-64 q8 build prints:
-    both sum the same int8 products exactly in int32 and scale them once per group."""
-    prompt, n_new = CASES[0]
-    x86 = run(program, compile_cpu(tmp_path / "x86", "--quantization", "q8"), prompt, n_new)
-    assert x86.returncode == 0, x86.stderr.decode(errors="replace")
+TENSOR_TYPES = {"float32": (2, 32), "float16": (2, 16), "bfloat16": (4, 16), "int64": (0, 64), "int32": (0, 32),
+                "int8": (0, 8), "uint8": (1, 8)}  # numpy dtype -> DLPack type code, bits
+
+
+def kernel_calls(artifact: Path, prompt: str, wanted) -> dict[str, tuple[bytes, bytes]]:
+    """The first call of every kernel whose name `wanted` accepts, in a prefill of `prompt` and one
+    decode step through the Python runner: {name: (its arguments as tests/kernel_call.cpp reads them,
+    the bytes of its tensors after the call)}."""
+    import struct
+
+    import tvm
+
+    from sessa_export.runtime.tvm_runner import TvmRunner
+
+    runner, calls, pending = TvmRunner(artifact, threads=1), {}, {}
+
+    def instrument(func, name, before, ret, *args):
+        if name in calls or not wanted(name):
+            return 0
+        if not before:
+            calls[name] = (pending.pop(name), b"".join(a.numpy().tobytes() for a in args if not isinstance(a, int)))
+            return 0
+        blob = [struct.pack("<I", len(args))]
+        for a in args:
+            if isinstance(a, int):
+                blob.append(struct.pack("<Bq", 1, a))
+            else:
+                assert isinstance(a, tvm.runtime.Tensor), (name, type(a))
+                array = a.numpy()
+                blob.append(struct.pack("<BBBI", 0, *TENSOR_TYPES[str(array.dtype)], array.ndim)
+                            + struct.pack(f"<{array.ndim}q", *array.shape) + array.tobytes())
+        pending[name] = b"".join(blob)
+        return 0
+
+    runner.vm.set_instrument(instrument)
+    logits, state = runner.step(np.asarray([encode(prompt)], dtype=np.int64), runner.empty_state(1))
+    runner.step(np.argmax(logits[:, -1:], axis=-1), state)
+    return calls
+
+
+def test_aarch64_q8_kernels_compute_as_on_x86(aarch64_program, tmp_path):
+    """compile --quantization q8 for cortex-a76 puts the int8 GEMVs on sdot (tests/test_quant_kernels.py
+    checks the object code). Under qemu as a Neoverse-N1, each of its quantized matmul kernels and its
+    FeedbackAttention prefill, called on the arguments the x86-64 q8 build's kernel got in a prefill and
+    a decode step, writes the bytes the x86-64 kernel wrote: the int8 products are summed exactly in
+    int32 and scaled once per group, and the prefill's sums run in one order on every CPU.
+
+    Not the whole greedy text: LayerNorm, the gate's tanh and the attention kernels' results differ
+    between the two builds in the last bit (LLVM forms multiply-adds differently for each), and a q8
+    model turns such a bit now and then into another int8 activation, so the two texts can part (they
+    did after 46 bytes of this prompt once the FeedbackAttention prefill changed its summation order)."""
+    wanted = lambda name: name.startswith(("int_matmul", "dequant_matmul", "feedback_attention_prefill"))  # noqa: E731
+    x86 = compile_cpu(tmp_path / "x86", "--quantization", "q8")
     arm = compile_cpu(tmp_path / "arm", "--quantization", "q8", "--host", "aarch64-linux-gnu", "--cpu", "cortex-a76")
-    emulated = run(aarch64_program, arm, prompt, n_new, emulator=qemu_aarch64("neoverse-n1"))
-    assert emulated.returncode == 0, emulated.stderr.decode(errors="replace")
-    assert emulated.stdout == x86.stdout and len(x86.stdout) == n_new
+    caller = build(tmp_path / "kernel_call", AARCH64_CXX, TVM_LIBS=str(AARCH64_RUNTIME),
+                   SOURCE=str(Path(__file__).with_name("kernel_call.cpp")))
+    calls = kernel_calls(x86, CASES[0][0], wanted)
+    assert any(n.startswith("int_matmul") for n in calls) and any(n.startswith("dequant") for n in calls), list(calls)
+    for name, (arguments, expected) in calls.items():
+        (tmp_path / "args.bin").write_bytes(arguments)
+        done = subprocess.run([*qemu_aarch64("neoverse-n1"), str(caller), str(arm / "model.so"), name,
+                               str(tmp_path / "args.bin"), str(tmp_path / "out.bin")], capture_output=True, timeout=120)
+        assert done.returncode == 0, (name, done.stderr.decode(errors="replace"))
+        assert (tmp_path / "out.bin").read_bytes() == expected, f"{name}: the AArch64 kernel wrote other bytes"
