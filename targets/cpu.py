@@ -146,8 +146,9 @@ def simd_registers(tgt: Target) -> int:
     return 32 if vector_lanes(tgt) >= 16 or architecture(str(tgt.attrs["mtriple"])) == "aarch64" else 16
 
 
-# Keys in a prefill score tile on every CPU target: the online softmax rescales once a tile, so the
-# tile fixes the rounding, and builds for x86-64 and AArch64 then compute the same numbers.
+# Keys in a prefill score tile on every CPU target: the FeedbackAttention prefill sums each row's
+# exps in this many lanes, so the tile fixes its rounding, and its x86-64 and AArch64 builds write
+# the same bytes (tests/test_embed_cpp.py compares them under qemu).
 PREFILL_KEYS = 16
 # Rows of a prefill block at most: each key a task loads serves this many rows. The FeedbackAttention
 # prefill's transposed keys of a 1024-token prompt (6.5 MB at D = 768) stream from L3 once a block,
