@@ -34,6 +34,7 @@ writes out of bounds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tvm import tirx
@@ -64,6 +65,7 @@ class AttentionTiling:
 
     lanes: int = 1  # vector lanes of the d-wide products and updates (decode and GPU); divides head_dim
     key_tile: int = 16  # keys per online-softmax step (decode and GPU)
+    decode_keys: int = 16  # CPU decode: keys whose dot products run interleaved (its gcd with key_tile)
     rows: int = 4  # CPU prefill: query rows of one head per task, sharing each key and value load
     vector: int = 8  # CPU prefill: SIMD lanes, over keys in the scores and over columns in the update
     score_vectors: int = 2  # CPU prefill: vectors of keys in a score tile (rows x score_vectors accumulators)
@@ -101,6 +103,7 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
     KT = V * tiling.score_vectors  # CPU prefill: keys per score tile
     if not gpu and (d % (V * VC)):
         raise ValueError(f"{VC} vectors of {V} lanes do not divide the head width {d}")
+    KG = math.gcd(tiling.decode_keys, tile)  # CPU decode: keys a group, a divisor of the tile
     chunks = d // lanes
     exp = T.exp if gpu else fastmath.exp  # CPU: an exp that vectorises (ops/tvm_fastmath.py)
     f32 = "float32"
@@ -174,6 +177,60 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
             stat[0] = new_max
         for dd in range(d):
             out[b, i, h * d + dd] = T.Cast(dtype, acc[dd] / stat[1])
+
+    @T.macro
+    def decode_task(task, q, inv_freq, key_cache, value_cache, past_len, out):
+        """CPU decode: row_task's online softmax for the one new row of (b, h) = task, with the
+        dot products of KG keys interleaved (a step of the d loop feeds KG independent
+        accumulators, not one key's chain of d / lanes dependent multiply-adds), the tile's exps as
+        one vector, and the value update's chains over the columns."""
+        b = task // H
+        h = task % H
+        qr = T.alloc_buffer((d,), f32)
+        acc = T.alloc_buffer((d,), f32)
+        part = T.alloc_buffer((KG, lanes), f32)
+        score = T.alloc_buffer((1, tile), f32)
+        stat = T.alloc_buffer((2,), f32)  # running max, running sum
+        if rope:
+            for p in range(d // 2):
+                even, odd = rotate(q[b, 0, h * d + 2 * p], q[b, 0, h * d + 2 * p + 1], past_len, inv_freq[p])
+                qr[2 * p] = T.Cast(f32, even)
+                qr[2 * p + 1] = T.Cast(f32, odd)
+        else:
+            for dd in range(d):
+                qr[dd] = T.Cast(f32, q[b, 0, h * d + dd])
+        for dd in T.vectorized(d):
+            acc[dd] = T.float32(0)
+        stat[0] = T.float32(_NEG)
+        stat[1] = T.float32(0)
+        for jt in range(T.ceildiv(past_len + 1, tile)):
+            for g in range(tile // KG):
+                for jj in T.unroll(KG):
+                    for lane in T.vectorized(lanes):
+                        part[jj, lane] = T.float32(0)
+                for c in range(chunks):
+                    for jj in T.unroll(KG):  # keys past past_len read row past_len (written above), masked below
+                        for lane in T.vectorized(lanes):
+                            part[jj, lane] = part[jj, lane] + qr[c * lanes + lane] * T.Cast(
+                                f32, key_cache[b, h // G, T.min(jt * tile + g * KG + jj, past_len), c * lanes + lane])
+                for jj in T.unroll(KG):
+                    score[0, g * KG + jj] = T.Select(jt * tile + g * KG + jj <= past_len,
+                                                     row_sum(part, jj, lanes) * T.float32(scale), T.float32(_NEG))
+            new_max: T.float32 = T.max(stat[0], row_max(score, 0, tile))
+            rescale: T.float32 = exp(stat[0] - new_max)
+            for jj in T.vectorized(tile):
+                score[0, jj] = T.Select(jt * tile + jj <= past_len, exp(score[0, jj] - new_max), T.float32(0))
+            stat[1] = stat[1] * rescale + row_sum(score, 0, tile)
+            for dd in T.vectorized(d):
+                acc[dd] = acc[dd] * rescale
+            for jj in range(T.min(tile, past_len + 1 - jt * tile)):
+                for c in T.unroll(chunks):
+                    for lane in T.vectorized(lanes):
+                        acc[c * lanes + lane] = acc[c * lanes + lane] + score[0, jj] * T.Cast(
+                            f32, value_cache[b, h // G, jt * tile + jj, c * lanes + lane])
+            stat[0] = new_max
+        for dd in T.vectorized(d):
+            out[b, 0, h * d + dd] = T.Cast(dtype, acc[dd] / stat[1])
 
     @T.macro
     def block_task(task, q, inv_freq, key_t, value_cache, past_len, out, batch, seq_len):
@@ -320,7 +377,7 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
                         row_task(bx * threads + tx, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len)
         elif seq_len == 1:  # decode: a block of R rows would compute R - 1 rows of padding
             for task in T.parallel(batch * H):
-                row_task(task, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len)
+                decode_task(task, q, inv_freq, key_cache, value_cache, past_len, out)
         else:
             # the keys transposed a tile at a time ([tile, d, KT], float32, zero past the last)
             key_t = T.alloc_buffer((batch, Hkv, T.ceildiv(past_len + seq_len, KT), d, KT), f32)

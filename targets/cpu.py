@@ -112,9 +112,10 @@ def tvm_target(arch: str | None = None, host: str | None = None, cpu: str | None
 def attention_tiling(head_dim: int, tgt: Target) -> AttentionTiling:
     """Parallel CPU tasks: decode vectors of up to 8 lanes, prefill register tiles sized to ``tgt``.
 
-    Decode: 8 lanes, not 16, even with AVX-512: a head of 64 then runs 8 independent multiply-add
-    chains a key and sums 8 lanes, not 16, at its end (`benchmarks/tvm_kernels.py`, 125M shapes,
-    2 threads, in turns, two runs: decode over 12 layers at P = 1024 as fast or 11% faster).
+    Decode: 8 lanes, not 16, even with AVX-512: a head of 64 then sums 8 lanes, not 16, at the end of
+    each key's product (`benchmarks/tvm_kernels.py`, 125M shapes, 2 threads, in turns, two runs:
+    decode over 12 layers at P = 1024 as fast or 11% faster); the products of ``decode_keys`` keys
+    run interleaved, one accumulator each, in half the SIMD registers.
 
     Prefill: a task's scores are rows x PREFILL_KEYS keys of accumulators and its value update rows
     x value_vectors, each tile at most half the SIMD registers (32 with AVX-512 and on AArch64, 16
@@ -124,8 +125,11 @@ def attention_tiling(head_dim: int, tgt: Target) -> AttentionTiling:
     score_vectors = max(1, PREFILL_KEYS // lanes)
     rows = min(PREFILL_ROWS, registers // 2 // score_vectors)
     vector = math.gcd(lanes, head_dim)
-    return AttentionTiling(lanes=next(n for n in (8, 4, 2, 1) if head_dim % n == 0), key_tile=16, rows=rows,
-                           vector=vector, score_vectors=PREFILL_KEYS // vector,
+    decode_lanes = next(n for n in (8, 4, 2, 1) if head_dim % n == 0)
+    interleaved = registers // 2 // max(1, decode_lanes // lanes)  # accumulators of decode_lanes each
+    return AttentionTiling(lanes=decode_lanes, key_tile=16, rows=rows, vector=vector,
+                           decode_keys=next(n for n in (16, 8, 4, 2, 1) if n <= interleaved),
+                           score_vectors=PREFILL_KEYS // vector,
                            value_vectors=math.gcd(max(1, registers // 2 // rows), head_dim // vector))
 
 
