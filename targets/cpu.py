@@ -154,11 +154,12 @@ def simd_registers(tgt: Target) -> int:
 # exps in this many lanes, so the tile fixes its rounding, and its x86-64 and AArch64 builds write
 # the same bytes (tests/test_embed_cpp.py compares them under qemu).
 PREFILL_KEYS = 16
-# Rows of a prefill block at most: each key a task loads serves this many rows. The FeedbackAttention
-# prefill's transposed keys of a 1024-token prompt (6.5 MB at D = 768) stream from L3 once a block,
-# so with AVX-512 (then 16 rows of one vector of keys, half the registers) 16 rows halve that
-# traffic against 8 (BENCHMARKS.md, 2026-12-02 14:00-16:45 UTC: FeedbackAttention 32.5 -> 25.3 ms,
-# forward attention 22 -> 17.5 ms a layer at T = 1024). AVX2 and NEON tiles stay at 4 rows.
+# Rows of a prefill block at most: each key a task loads serves this many rows. A block streams the
+# transposed keys of its whole past (3 MB for a 1024-token prompt at D = 768: from L3), so with
+# AVX-512 (then 16 rows of one vector of keys, half the registers) 16 rows halve that traffic
+# against 8 (BENCHMARKS.md, 2026-12-02 13:47-15:30 UTC, measured before the two-phase FeedbackAttention
+# prefill: FeedbackAttention 35 -> 25 ms together with the key layout, forward attention 22 -> 17.5
+# ms a layer at T = 1024). AVX2 and NEON tiles stay at 4 rows.
 PREFILL_ROWS = 16
 PREFILL_D_CHUNKS = 8  # most solve tasks of a FeedbackAttention prefill (prefill_tiling)
 DECODE_KEY_SPLITS = 8  # key slices of a decode step: enough tasks for 8 cores, merged in one short pass
