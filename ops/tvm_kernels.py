@@ -19,6 +19,9 @@ already solved: the past cache rows and the previous blocks, whose states are in
 the softmax statistics, then the rows of the block are solved in order (forward substitution)
 with those probabilities. Work is O(S * (P + S) * D); scratch is a few ``block_rows x key_tile``
 tiles, a ``key_tile x key_cols`` key tile and a ``block_rows x D`` float32 accumulator per task.
+The key tile is staged (copied from ``key_cache`` once for every row of the block: GPU shared
+memory) unless the tiling says ``stage_keys=False``; then the products read the cache itself (a
+CPU decode, where the copy cost more than it saved).
 Decode (S = 1) is the same code with one row per block and no diagonal tile: a single pass over
 the P cached rows.
 
@@ -91,6 +94,7 @@ class FeedbackTiling:
     d_chunks: int = 1  # independent slices of D, one task each; divides D
     workers: int = 1  # cooperating workers per task (GPU threads per block)
     key_splits: int = 1  # decode: slices of the keys, one task each, merged by a last pass (split-K)
+    stage_keys: bool = True  # copy each key tile into a task buffer (GPU shared memory); False: read key_cache
 
     def columns(self, d_model: int) -> int:
         """Key tile width for this model width."""
@@ -171,6 +175,7 @@ def _feedback_attention(
     KC = tiling.columns(d_model)
     W = tiling.workers
     split = tiling.key_splits > 1
+    stage = tiling.stage_keys
     D, R, J, L, NC, DC, KS = (
         tirx.IntImm("int64", n)
         for n in (d_model, tiling.block_rows, tiling.key_tile, tiling.dot_lanes, tiling.d_chunks,
@@ -242,6 +247,12 @@ def _feedback_attention(
         return T.And(first_tile(past_len, r, ks) + kt < past_tiles(past_len, r), 0 <= tile_start(past_len, r, ks, kt) + jj)
 
 
+    def tile_key(key_tile, key_cache, past_len, b, r, ks, kt, jj, kb, col):
+        """Column kb * KC + col of key jj of tile kt: from the staged tile, or straight from the cache."""
+        if stage:
+            return key_tile[jj, col]
+        return key_cache[b, tile_start(past_len, r, ks, kt) + jj, kb * KC + col]
+
     @T.prim_func(s_tir=True)
     def kernel(
         query_h: T.handle,
@@ -276,7 +287,7 @@ def _feedback_attention(
                 weight = T.sblock_alloc_buffer((batch, NC, KS), f32)
             for b, c, ks in T.grid(batch, NC, KS):
                 with T.sblock("task"):
-                    key_tile = T.sblock_alloc_buffer((J, KC), cache_dtype)
+                    key_tile = T.sblock_alloc_buffer((J, KC) if stage else (1,), cache_dtype)  # unused unless staged
                     score = T.sblock_alloc_buffer((R, J), f32)
                     prob = T.sblock_alloc_buffer((R, J), f32)
                     row_max = T.sblock_alloc_buffer((R,), f32)
@@ -300,17 +311,18 @@ def _feedback_attention(
                                 for kt in range(end_tile(past_len, r, ks) - first_tile(past_len, r, ks)):
                                     # score = query rows . key tile, key_cols columns at a time
                                     for kb in range(D // KC):
-                                        for e in range(ELEMS):
-                                            with T.sblock("key_tile"):
-                                                if T.And(
-                                                    item(e, w) < J * KC,
-                                                    is_key(past_len, r, ks, kt, item(e, w) // KC),
-                                                ):
-                                                    key_tile[item(e, w) // KC, item(e, w) % KC] = key_cache[
-                                                        b,
-                                                        tile_start(past_len, r, ks, kt) + item(e, w) // KC,
-                                                        kb * KC + item(e, w) % KC,
-                                                    ]
+                                        if stage:
+                                            for e in range(ELEMS):
+                                                with T.sblock("key_tile"):
+                                                    if T.And(
+                                                        item(e, w) < J * KC,
+                                                        is_key(past_len, r, ks, kt, item(e, w) // KC),
+                                                    ):
+                                                        key_tile[item(e, w) // KC, item(e, w) % KC] = key_cache[
+                                                            b,
+                                                            tile_start(past_len, r, ks, kt) + item(e, w) // KC,
+                                                            kb * KC + item(e, w) % KC,
+                                                        ]
                                         for pq, ko, lane in T.grid(PAIRS, KC // L, L):
                                             with T.sblock("dot"):
                                                 if T.And(
@@ -322,7 +334,8 @@ def _feedback_attention(
                                                     part[pq, lane] += T.Cast(
                                                         f32,
                                                         query[b, r * R + item(pq, w) // J, kb * KC + ko * L + lane],
-                                                    ) * T.Cast(f32, key_tile[item(pq, w) % J, ko * L + lane])
+                                                    ) * T.Cast(f32, tile_key(key_tile, key_cache, past_len, b, r, ks, kt,
+                                                                             item(pq, w) % J, kb, ko * L + lane))
                                     for pq in range(PAIRS):
                                         with T.sblock("score"):
                                             if item(pq, w) < R * J:

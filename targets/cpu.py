@@ -173,10 +173,12 @@ def feedback_tilings(d_model: int, tgt: Target, d_chunks: int | None = None) -> 
     over the caches runs on every core: with one task a row, a batch-1 decode read them on one core
     (`benchmarks/tvm_kernels.py`, 12 layers' caches at P = 1024, 2 threads, two runs: 3.24 and 2.99 ms
     with one slice, 2.74 and 2.57 with eight). It keeps one D chunk by default: a second would read
-    every key twice.
+    every key twice. The products read the keys from the cache, not from a staged copy of the tile:
+    12 layers' caches read cold (96 layers' worth cycled through), 2 threads, 25.7 against 22.2 GB/s
+    (BENCHMARKS.md, 2026-12-02, 17:00 UTC).
     """
     return {DECODE: FeedbackTiling(block_rows=1, key_tile=32, dot_lanes=math.gcd(vector_lanes(tgt), d_model),
-                                   d_chunks=d_chunks or 1, key_splits=DECODE_KEY_SPLITS)}
+                                   d_chunks=d_chunks or 1, key_splits=DECODE_KEY_SPLITS, stage_keys=False)}
 
 
 def prefill_tiling(d_model: int, tgt: Target, d_chunks: int | None = None) -> PrefillTiling:
@@ -213,9 +215,10 @@ def schedule_feedback_attention(func: tirx.PrimFunc, tgt: Target) -> tirx.PrimFu
         sch.parallel(sch.fuse(b, i))
         _vectorize(sch, d, lanes)
     sch.parallel(sch.fuse(*sch.get_loops("task")))
-    # the key tile copy runs over key_tile x key_cols elements: split it back into rows, columns
-    (key_tile,) = (buf for buf in sch.get(sch.get_sblock("task")).alloc_buffers if buf.name == "key_tile")
-    _vectorize(sch, sch.split(sch.get_loops("key_tile")[-1], [None, key_tile.shape[1]])[1], lanes)
+    if has_block(sch, "key_tile"):
+        # the key tile copy runs over key_tile x key_cols elements: split it back into rows, columns
+        (key_tile,) = (buf for buf in sch.get(sch.get_sblock("task")).alloc_buffers if buf.name == "key_tile")
+        _vectorize(sch, sch.split(sch.get_loops("key_tile")[-1], [None, key_tile.shape[1]])[1], lanes)
     split = has_block(sch, "merge")  # decode over key slices: a partial sum per task, merged after
     for block in ("init_acc", "rescale_acc", "accumulate", "partial" if split else "solve"):
         _vectorize(sch, sch.get_loops(block)[-1], lanes)
@@ -245,8 +248,12 @@ def scheduled_feedback_attention(
 
 
 def has_block(sch: s_tir.Schedule, name: str) -> bool:
-    """Whether the function being scheduled has a top-level block called ``name``."""
-    return any(sch.get(block).name_hint == name for block in sch.get_child_blocks(sch.get_sblock("root")))
+    """Whether the function being scheduled has a block called ``name``."""
+    try:
+        sch.get_sblock(name)
+    except s_tir.ScheduleError:
+        return False
+    return True
 
 
 def _vectorize(sch: s_tir.Schedule, loop: s_tir.LoopRV, lanes: int) -> None:

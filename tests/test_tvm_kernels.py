@@ -124,11 +124,12 @@ SMALL_TILES = {  # key tile wider than the row block, key columns staged in piec
     K.DECODE: K.FeedbackTiling(block_rows=1, key_tile=8, key_cols=16, dot_lanes=4, d_chunks=2, key_splits=3),
     K.PREFILL: K.FeedbackTiling(block_rows=4, key_tile=8, key_cols=16, dot_lanes=4, d_chunks=2),
 }
+UNSTAGED_TILES = {name: dataclasses.replace(t, stage_keys=False) for name, t in SMALL_TILES.items()}
 # The CUDA tile geometry run by one worker: everything but the thread distribution.
 CUDA_TILES = {name: dataclasses.replace(t, workers=1) for name, t in cuda.feedback_tilings(D, "float32").items()}
 
 
-@pytest.mark.parametrize("tilings", [SMALL_TILES, CUDA_TILES], ids=["small", "cuda-geometry"])
+@pytest.mark.parametrize("tilings", [SMALL_TILES, UNSTAGED_TILES, CUDA_TILES], ids=["small", "small-unstaged", "cuda-geometry"])
 def test_cpu_other_tilings_match_reference(tilings):
     tgt = cpu.tvm_target()
     kernels = K.feedback_attention_kernels(D, "float32", None, tilings)
