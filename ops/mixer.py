@@ -34,12 +34,10 @@ def gain(b, a, mixer, path: str):
 def emit(b, node, a):
     """One Sessa mixer on ā: the new positions' s, with its layer's state read and written."""
     mixer, path, layer = node.module, node.path, node.attrs["index"]
-    q = b.linear(a, mixer.q_proj, f"{path}.q_proj")
-    k = b.linear(a, mixer.k_proj, f"{path}.k_proj")
-    v = b.linear(a, mixer.v_proj, f"{path}.v_proj")
+    q, k, v, fb = b.linears(a, [(getattr(mixer, name), f"{path}.{name}") for name in ("q_proj", "k_proj", "v_proj", "proj_fb")])
     heads = b.forward_attention(q, k, v, mixer, path, layer)
     f = heads if mixer.n_heads == 1 else b.linear(heads, mixer.out_proj, f"{path}.out_proj")
-    q_b, k_b = b.split(b.linear(a, mixer.proj_fb, f"{path}.proj_fb"), [mixer.D, mixer.D])
+    q_b, k_b = b.split(fb, [mixer.D, mixer.D])
     return b.feedback_attention(q_b, k_b, f, gain(b, a, mixer, path), mixer, layer)
 
 

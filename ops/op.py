@@ -23,6 +23,7 @@ class Builder(Protocol):
 
     def const(self, array, name: str) -> Any: ...  # a weight or constant, named once
     def linear(self, x, module, path: str) -> Any: ...  # x @ W^T + b in the back end's weight layout
+    def linears(self, x, layers: Sequence[tuple[Any, str]]) -> tuple: ...  # linear layers of one input, one output each
     def split(self, x, sizes: Sequence[int]) -> tuple: ...  # pieces of the last dim
     def apply(self, op: str, *inputs, **attrs) -> Any: ...  # another op of the table, by name
     def role(self, name: str): ...  # a context: what is emitted inside computes `name` (e.g. "gain")

@@ -103,6 +103,14 @@ def test_dequantize_is_inside_the_matmul_kernels(model, mode):
         P = cpu.weight_panel(N)
         float_shapes = {(K, N), (N, K), (N // P, K, P)}  # plain, torch and panel layouts
         assert not any(("float32", shape) in shapes for shape in float_shapes), (K, N)
+    # stored once, quantized: each mixer's q/k/v/proj_fb side by side (one product), the others alone
+    siblings = ("q_proj", "k_proj", "v_proj", "proj_fb")
+    fused = [(layer.mixer.q_proj.in_features, sum(getattr(layer.mixer, name).out_features for name in siblings))
+             for layer in model.layers]
+    alone = [(m.in_features, m.out_features) for path, m in model.named_modules()
+             if any(m is q for q in quantized) and not path.endswith(siblings)]
+    for K, N in fused + alone:
+        P = cpu.weight_panel(N)
         assert ("uint8", (N // P, K // 4 if mode == "q8" else K // 8, 4 * P)) in shapes, (K, N)
     vocab, width = model.embed.weight.shape
     assert ("uint8", (vocab, width if mode == "q8" else width // 2)) in shapes  # the embedding rows

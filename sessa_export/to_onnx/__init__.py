@@ -99,6 +99,10 @@ class OnnxBuilder:
             y = self.op("Add", [y, self.const(module.bias, f"{path}.bias")])
         return y
 
+    def linears(self, x: ir.Value, layers: Sequence[tuple[torch.nn.Linear, str]]) -> tuple[ir.Value, ...]:
+        """One MatMul per layer: each weight keeps its own initializer, which quantize and --keep name."""
+        return tuple(self.linear(x, module, path) for module, path in layers)
+
     def split(self, x: ir.Value, sizes: Sequence[int]) -> tuple[ir.Value, ...]:
         return tuple(self.tape.op_multi_out("Split", [x, self.const(np.array(sizes), f"sizes.{list(sizes)}")],
                                             attributes={"axis": -1}, num_outputs=len(sizes)))

@@ -197,29 +197,58 @@ class RelaxBuilder:
     def linear(self, x, module: torch.nn.Linear, path: str):
         """x @ W^T + b: W packed in panels on CPU, stored transposed ([in, out]) on GPUs,
         group-quantized under --quantization."""
+        return self.linears(x, [(module, path)])[0]
+
+    def linears(self, x, layers: Sequence[tuple[torch.nn.Linear, str]]) -> tuple:
+        """Linear layers of one input (`(module, path)` pairs), one output each. Layers stored alike
+        (quantized or float32, bias or none, one input width) run as one product over their weights
+        side by side, split after: a decode step then streams the mixer's q/k/v/proj_fb weights in
+        one launch, not four. Each output column is computed as it would be alone."""
+        quantize = [self.quantizes(module, path) for module, path in layers]
+        if len({(q, m.in_features, m.bias is not None) for q, (m, _) in zip(quantize, layers)}) > 1:
+            return tuple(self.linears(x, [layer]) for layer in layers)
+        modules, paths = [m for m, _ in layers], [p for _, p in layers]
+        weight = torch.cat([m.weight.detach().cpu().float() for m in modules])
+        bias = None if modules[0].bias is None else torch.cat([m.bias.detach().cpu().float() for m in modules])
+        name = "+".join(paths)
+        if quantize[0]:
+            self.quantized.update({p: (m.in_features, m.out_features) for m, p in layers})
+            y = self.quantized_linear(x, weight, bias, name)
+        else:
+            y = self.float_linear(x, weight, bias, name)
+        return (y,) if len(layers) == 1 else self.split(y, [m.out_features for m in modules])
+
+    def quantizes(self, module: torch.nn.Linear, path: str) -> bool:
+        """Whether --quantization stores this layer's weight quantized; a layer it leaves in float32 is
+        noted (``float_weights``, or --keep's ``kept_weights``)."""
+        if self.quantization is None or self.kept(path):  # CPU only (check_quantization)
+            return False
+        # Kept in float32: layers whose inputs are not whole groups (of 8 inputs at least) or whose
+        # outputs fill no panel; and layers narrower than MIN_QUANTIZED_OUTPUTS.
+        from ..targets import cpu
+
+        if (module.in_features % self.quantization.block_size == 0 and self.quantization.block_size % 8 == 0
+                and module.out_features >= MIN_QUANTIZED_OUTPUTS and cpu.weight_panel(module.out_features)):
+            return True
+        if path not in self.float_weights:
+            self.float_weights.append(path)
+        return False
+
+    def float_linear(self, x, weight: torch.Tensor, bias: torch.Tensor | None, name: str):
+        """x @ W^T + b in float32: W ([out, in]) packed in panels on CPU, transposed ([in, out]) on GPUs."""
         from ..ops.tvm_matmul import pack_weight
         from ..targets import cpu
 
         op = self.rx.op
-        panel = None if self.target.gpu else cpu.weight_panel(module.out_features)
-        if self.quantization is not None and not self.kept(path):  # CPU only (check_quantization)
-            # Kept in float32: layers whose inputs are not whole groups (of 8 inputs at least) or whose
-            # outputs fill no panel; and layers narrower than MIN_QUANTIZED_OUTPUTS.
-            if (module.in_features % self.quantization.block_size == 0 and self.quantization.block_size % 8 == 0
-                    and module.out_features >= MIN_QUANTIZED_OUTPUTS and panel):
-                return self.quantized_linear(x, module, path, panel)
-            if path not in self.float_weights:
-                self.float_weights.append(path)
+        panel = None if self.target.gpu else cpu.weight_panel(weight.shape[0])
         if panel is None:
-            y = self.emit(op.matmul(x, self.const(module.weight.T, f"{path}.weight")))
-            if module.bias is not None:
-                y = self.emit(op.add(y, self.const(module.bias, f"{path}.bias")))
-            return y
-        weight = self.consts.get(f"{path}.weight")
-        if weight is None:  # the decode and prefill bodies both emit this layer: pack its weight once
-            weight = self.const(pack_weight(module.weight.detach().cpu().float().numpy(), panel), f"{path}.weight")
-        bias = None if module.bias is None else self.const(module.bias.reshape(-1, panel), f"{path}.bias")
-        return cpu.emit_linear(self.bb, x, weight, bias, [self.batch, self.seq, module.out_features])
+            y = self.emit(op.matmul(x, self.const(weight.T, f"{name}.weight")))
+            return y if bias is None else self.emit(op.add(y, self.const(bias, f"{name}.bias")))
+        packed = self.consts.get(f"{name}.weight")
+        if packed is None:  # the decode and prefill bodies both emit this layer: pack its weight once
+            packed = self.const(pack_weight(weight.numpy(), panel), f"{name}.weight")
+        bias = None if bias is None else self.const(bias.reshape(-1, panel), f"{name}.bias")
+        return cpu.emit_linear(self.bb, x, packed, bias, [self.batch, self.seq, weight.shape[0]])
 
     def kept(self, path: str) -> bool:
         """Whether --keep names the module at `path` (its weight stays float32), noted once."""
@@ -246,27 +275,26 @@ class RelaxBuilder:
         return self.bb.emit_te(dq.embedding, ids, self.consts[f"{path}.weight.rows"],
                                self.consts[f"{path}.weight.scales"], qmode.name, qmode.block_size)
 
-    def quantized_linear(self, x, module: torch.nn.Linear, path: str, panel: int):
-        """x @ W^T + b through ops/tvm_dequant_matmul.py: int8 / packed int4 weight in panels of
-        `panel` columns with a float16 scale per group of inputs; decode runs integer dot products over
-        activations quantized per group, prefill dequantizes inside the float matmul."""
+    def quantized_linear(self, x, weight: torch.Tensor, bias: torch.Tensor | None, name: str):
+        """x @ W^T + b through ops/tvm_dequant_matmul.py: int8 / packed int4 W ([out, in]) in CPU panels
+        with a float16 scale per group of inputs; decode runs integer dot products over activations
+        quantized per group, prefill dequantizes inside the float matmul."""
         from ..ops import tvm_dequant_matmul as dq
+        from ..targets import cpu
 
-        K, N, mode, bias, decode = module.in_features, module.out_features, self.quantization.name, \
-            module.bias is not None, self.decode
-        group = self.quantization.block_size
-        if f"{path}.weight.q" not in self.consts:
-            q, scales = dq.quantize(module.weight.detach().cpu().float().numpy(), mode, panel, group)
-            self.consts[f"{path}.weight.q"] = self.rx.const(q)
-            self.consts[f"{path}.weight.scales"] = self.rx.const(scales)
-            self.quantized[path] = (K, N)
+        (N, K), mode, decode = weight.shape, self.quantization.name, self.decode
+        group, panel = self.quantization.block_size, cpu.weight_panel(weight.shape[0])
+        if f"{name}.weight.q" not in self.consts:
+            q, scales = dq.quantize(weight.numpy(), mode, panel, group)
+            self.consts[f"{name}.weight.q"] = self.rx.const(q)
+            self.consts[f"{name}.weight.scales"] = self.rx.const(scales)
         kernel = dq.int_matmul_kernel if decode else dq.dequant_matmul_kernel
-        gv = self.kernel(("dequant_matmul", K, N, mode, bias, decode), lambda: (
-            f"{'int' if decode else 'dequant'}_matmul_{mode}_k{K}_n{N}" + ("_bias" if bias else ""),
-            kernel(K, N, mode, bias, panel, group)))
-        args = [x, self.consts[f"{path}.weight.q"], self.consts[f"{path}.weight.scales"]]
-        if bias:
-            args.append(self.const(module.bias.reshape(-1, panel), f"{path}.bias"))
+        gv = self.kernel(("dequant_matmul", K, N, mode, bias is not None, decode), lambda: (
+            f"{'int' if decode else 'dequant'}_matmul_{mode}_k{K}_n{N}" + ("" if bias is None else "_bias"),
+            kernel(K, N, mode, bias is not None, panel, group)))
+        args = [x, self.consts[f"{name}.weight.q"], self.consts[f"{name}.weight.scales"]]
+        if bias is not None:
+            args.append(self.const(bias.reshape(-1, panel), f"{name}.bias"))
         y = self.emit(self.rx.op.call_tir(gv, args, self.tensor_type([self.batch, self.seq, N // panel, panel])))
         return self.emit(self.rx.op.memory.view(y, self.rx.ShapeExpr([self.batch, self.seq, N])))
 
