@@ -213,16 +213,17 @@ def _feedback_attention(
         return past_tiles(past_len, r) + 1
 
     def first_tile(past_len, r, ks):
-        """The first key tile task slice ks visits (all slices start at 0 without key_splits)."""
+        """The first key tile task slice ks visits (all slices start at 0 without key_splits). Slices
+        differ by one tile at most: ceil-sized slices left up to KS - 1 tiles' work on the last core."""
         if not split:
             return T.int64(0)
-        return T.min(ks * T.ceildiv(past_tiles(past_len, r), KS), past_tiles(past_len, r))
+        return ks * past_tiles(past_len, r) // KS
 
     def end_tile(past_len, r, ks):
         """One past its last: all of key_tiles, or the end of its share of the past tiles."""
         if not split:
             return key_tiles(past_len, r)
-        return T.min((ks + 1) * T.ceildiv(past_tiles(past_len, r), KS), past_tiles(past_len, r))
+        return (ks + 1) * past_tiles(past_len, r) // KS
 
     def merged(weight, part_acc, b, d):
         """sum over the key slices of weight * partial sum, for column d of batch row b."""
