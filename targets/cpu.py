@@ -386,6 +386,10 @@ class CpuMatmul(dl.ScheduleRule):
 #   AArch64 i8mm: usdot (L 4); dot product: sdot (L 4; q8 with w - 128, then + 128 · Σxq);
 #   else: no tensorization, the int32 lanes vectorised (plain NEON / SSE).
 DOT_LANES = {"vnni512": 16, "vnni256": 8, "avx2": 8, "usdot": 4, "sdot": 4}
+# How far ahead of the quantized GEMV's dot products its weight stream is prefetched: 150 fused
+# q/k/v/proj_fb weights (768 x 3840) read cold, 2 threads, against none: q4 21.6 -> 24.4 GB/s at 2 and 4
+# KB, q8 25.8 -> 27.1 at 4 KB (BENCHMARKS.md, 2026-12-02, 17:00 UTC).
+WEIGHT_PREFETCH_BYTES = 4096
 
 
 def dot_instruction(tgt: Target) -> str | None:
@@ -458,30 +462,44 @@ def _dot_body(block, kind: str, wide: bool):
     return tirx.BufferStore(out.source, value, _vector_index(out.region, L))
 
 
+def _rewrite(stmt, visit: Callable):
+    """`stmt` with every statement for which visit(stmt) returns one replaced by it, through the loop
+    nests (SeqStmt, For, blocks) that the schedules here produce; unchanged parts stay shared."""
+    from tvm.s_tir import SBlock, SBlockRealize
+
+    replaced = visit(stmt)
+    if replaced is not None:
+        return replaced
+    if isinstance(stmt, tirx.SeqStmt):
+        parts = [_rewrite(s, visit) for s in stmt.seq]
+        return stmt if all(p.same_as(s) for p, s in zip(parts, stmt.seq)) else tirx.SeqStmt(parts)
+    if isinstance(stmt, tirx.For):
+        inner = _rewrite(stmt.body, visit)
+        return stmt if inner.same_as(stmt.body) else tirx.For(
+            stmt.loop_var, stmt.min, stmt.extent, stmt.kind, inner, stmt.thread_binding, stmt.annotations, stmt.step)
+    if isinstance(stmt, SBlockRealize):
+        block = stmt.block
+        inner = _rewrite(block.body, visit)
+        return stmt if inner.same_as(block.body) else SBlockRealize(stmt.iter_values, stmt.predicate, SBlock(
+            block.iter_vars, block.reads, block.writes, block.name_hint, inner, block.init,
+            block.alloc_buffers, block.match_buffers, block.annotations))
+    return stmt
+
+
 def _replace_block_body(func: tirx.PrimFunc, name: str, body: Callable) -> tirx.PrimFunc:
     """`func` with the body of every block called `name` replaced by body(block) (what tensorize does;
     s_tir's tensorize crashes in this TVM build)."""
     from tvm.s_tir import SBlock, SBlockRealize
 
-    def rebuild(stmt):
-        if isinstance(stmt, tirx.SeqStmt):
-            parts = [rebuild(s) for s in stmt.seq]
-            return stmt if all(p.same_as(s) for p, s in zip(parts, stmt.seq)) else tirx.SeqStmt(parts)
-        if isinstance(stmt, tirx.For):
-            inner = rebuild(stmt.body)
-            return stmt if inner.same_as(stmt.body) else tirx.For(
-                stmt.loop_var, stmt.min, stmt.extent, stmt.kind, inner, stmt.thread_binding, stmt.annotations, stmt.step)
-        if isinstance(stmt, SBlockRealize):
+    def visit(stmt):
+        if isinstance(stmt, SBlockRealize) and stmt.block.name_hint == name:
             block = stmt.block
-            inner = body(block) if block.name_hint == name else rebuild(block.body)
-            if inner.same_as(block.body):
-                return stmt
             return SBlockRealize(stmt.iter_values, stmt.predicate, SBlock(
-                block.iter_vars, block.reads, block.writes, block.name_hint, inner, block.init,
+                block.iter_vars, block.reads, block.writes, block.name_hint, body(block), block.init,
                 block.alloc_buffers, block.match_buffers, block.annotations))
-        return stmt
+        return None
 
-    return func.with_body(rebuild(func.body))
+    return func.with_body(_rewrite(func.body, visit))
 
 
 class CpuIntMatmul(dl.ScheduleRule):
@@ -492,7 +510,8 @@ class CpuIntMatmul(dl.ScheduleRule):
     products into int32 accumulators in registers (``int_dot``, tensorized with the build's
     dot-product instruction, `dot_instruction`; q4 nibbles unpacked a run of 4 inputs at a time
     into a register tile first), then the float32 scaling into the panel's float accumulators
-    (``int_scale``): the weight streams once from memory, the scales are applied once per group.
+    (``int_scale``): the weight streams once from memory, the scales are applied once per group. On
+    the dot-product paths every run also prefetches the weights WEIGHT_PREFETCH_BYTES ahead.
     """
 
     def apply(self, func, target, _tunable):
@@ -549,7 +568,50 @@ class CpuIntMatmul(dl.ScheduleRule):
         if tensorized is None:
             return sch
         run, kind, wide = tensorized
-        return s_tir.Schedule(_replace_block_body(sch.mod["main"], run, lambda block: _dot_body(block, kind, wide)))
+        func = _replace_block_body(sch.mod["main"], run, lambda block: _dot_body(block, kind, wide))
+        return s_tir.Schedule(_prefetch_weights(func, run, WEIGHT_PREFETCH_BYTES))
+
+
+def _prefetch_weights(func: tirx.PrimFunc, run: str, ahead: int) -> tirx.PrimFunc:
+    """`func` with a prefetch of the weight stream ``ahead`` bytes past each run of 4 inputs (the loop
+    around the blockized `run`): the dot products then overlap the next panel's loads, where the
+    hardware prefetcher alone left each core waiting on memory between bursts of compute."""
+    from tvm.s_tir import SBlockRealize
+
+    bindings: dict[str, tirx.PrimExpr] = {}
+    buffers: dict[str, tirx.Buffer] = {}
+
+    def find(stmt):
+        if isinstance(stmt, SBlockRealize):
+            buffers.update({region.source.name: region.source for region in stmt.block.reads})
+            if stmt.block.name_hint == run:
+                bindings.update({v.var.name: value for v, value in zip(stmt.block.iter_vars, stmt.iter_values)})
+        return None
+
+    _rewrite(func.body, find)
+    q = buffers["q"]  # [panels, rows, 4 * panel] uint8, the panels one after the other
+    NP, rows, width = (int(n) for n in q.shape)
+    groups = int(buffers["scales"].shape[1])  # [panels, groups, panel]
+    p, g, r4 = (bindings[name] for name in ("v_p_o", "v_g_o", "v_r4_o"))
+
+    def insert(stmt):
+        if not (isinstance(stmt, tirx.For) and stmt.loop_var.same_as(r4)):
+            return None
+        runs = int(stmt.extent)  # runs of 4 inputs a group
+        step = width * rows // (runs * groups)  # bytes of q one run reads: 4 x panel (q8), half that (q4)
+        start = p * (rows * width) + (g * runs + r4) * step + ahead
+        lines = []
+        for line in range(max(1, step // 64)):
+            flat = tirx.min(start + line * 64, NP * rows * width - 1)
+            address = tirx.call_intrin("handle", "tirx.address_of",
+                                       tirx.BufferLoad(q, [flat // (rows * width), flat // width % rows, flat % width]))
+            lines.append(tirx.Evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch.p0", address, tirx.const(0, "int32"),
+                                                             tirx.const(3, "int32"), tirx.const(1, "int32"))))
+        body = _rewrite(stmt.body, insert)
+        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, tirx.SeqStmt([*lines, body]),
+                        stmt.thread_binding, stmt.annotations, stmt.step)
+
+    return func.with_body(_rewrite(func.body, insert))
 
 
 def pipeline(tvm_target):

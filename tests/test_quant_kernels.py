@@ -94,8 +94,10 @@ def test_int_matmul_matches_numpy(mode, shape, cpu_name):
     target = cpu.tvm_target(cpu=cpu_name)
     lib = tvm.compile(schedule(dq.int_matmul_kernel(k, n, mode, True, panel, group), target), target=target)
     instruction = X86_PATHS[cpu_name] or ("vpdpbusd" if cpu.dot_instruction(target) == "vnni512" else None)
-    if instruction:
-        assert instruction in lib.mod.inspect_source("asm"), f"{cpu_name}: no {instruction} in the kernel"
+    if instruction:  # the dot-product paths also prefetch the weight stream ahead of the products
+        asm = lib.mod.inspect_source("asm")
+        assert instruction in asm, f"{cpu_name}: no {instruction} in the kernel"
+        assert "prefetcht0" in asm, f"{cpu_name}: the weights are not prefetched"
     for batch in (1, 3):
         for exact in (True, False):
             x = decode_inputs(rng, batch, k, group, exact)
@@ -170,4 +172,5 @@ def test_aarch64_object_code_has_the_dot_product(mode, cpu_name, instruction):
     asm = lib.mod.inspect_source("asm")
     dots = {name for name in ("sdot", "usdot") if f"\t{name}\t" in asm}
     assert dots == ({instruction} if instruction else set()), dots
+    assert ("\tprfm\t" in asm) == bool(dots)  # the weight stream prefetched on the dot-product paths
     assert "smlal" in asm or dots  # plain NEON widening multiply-adds without the dot product
