@@ -37,10 +37,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import tvm
 from tvm import tirx
 from tvm.script import tirx as T
 
 from . import tvm_fastmath as fastmath
+from .tvm_prefetch import LINE_BYTES, prefetch
 
 NAME = "forward_attention"
 DTYPES = ("float32", "float16")
@@ -66,6 +68,7 @@ class AttentionTiling:
     lanes: int = 1  # vector lanes of the d-wide products and updates (decode and GPU); divides head_dim
     key_tile: int = 16  # keys per online-softmax step (decode and GPU)
     decode_keys: int = 16  # CPU decode: keys whose dot products run interleaved (its gcd with key_tile)
+    prefetch_tiles: int = 0  # CPU decode: how many tiles ahead the keys and values are prefetched (0: none)
     rows: int = 4  # CPU prefill: query rows of one head per task, sharing each key and value load
     vector: int = 8  # CPU prefill: SIMD lanes, over keys in the scores and over columns in the update
     score_vectors: int = 2  # CPU prefill: vectors of keys in a score tile (rows x score_vectors accumulators)
@@ -104,6 +107,8 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
     if not gpu and (d % (V * VC)):
         raise ValueError(f"{VC} vectors of {V} lanes do not divide the head width {d}")
     KG = math.gcd(tiling.decode_keys, tile)  # CPU decode: keys a group, a divisor of the tile
+    ahead = tiling.prefetch_tiles
+    line = LINE_BYTES * 8 // tvm.DataType(cache_dtype).bits  # cache elements a prefetched line
     chunks = d // lanes
     exp = T.exp if gpu else fastmath.exp  # CPU: an exp that vectorises (ops/tvm_fastmath.py)
     f32 = "float32"
@@ -204,6 +209,12 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
         stat[0] = T.float32(_NEG)
         stat[1] = T.float32(0)
         for jt in range(T.ceildiv(past_len + 1, tile)):
+            if ahead > 0:  # the tile `ahead` tiles on, while this one is read (rows past P: row P)
+                for ln in range(T.ceildiv(tile * d, line)):
+                    T.evaluate(prefetch(T.address_of(key_cache[
+                        b, h // G, T.min((jt + ahead) * tile + ln * line // d, past_len), ln * line % d])))
+                    T.evaluate(prefetch(T.address_of(value_cache[
+                        b, h // G, T.min((jt + ahead) * tile + ln * line // d, past_len), ln * line % d])))
             for g in range(tile // KG):
                 for jj in T.unroll(KG):
                     for lane in T.vectorized(lanes):

@@ -22,8 +22,8 @@ CASES = ((1, 0, 1), (2, 19, 1), (1, 0, 37), (3, 5, 11), (1, 40, 29))
 TILINGS = {
     "rule, this machine": cpu.attention_tiling(HEAD_DIM, cpu.tvm_target(cpu=cpu.NATIVE)),
     "rule, default build": cpu.attention_tiling(HEAD_DIM, cpu.tvm_target()),
-    "3 rows, 1 score vector, 3 value passes": tvm_attention.AttentionTiling(
-        lanes=4, key_tile=5, rows=3, vector=8, score_vectors=1, value_vectors=1),
+    "3 rows, 1 score vector, 3 value passes, decode prefetching 2 tiles ahead": tvm_attention.AttentionTiling(
+        lanes=4, key_tile=5, rows=3, vector=8, score_vectors=1, value_vectors=1, prefetch_tiles=2),
     "5 rows, 3 score vectors of 4": tvm_attention.AttentionTiling(
         lanes=2, key_tile=7, rows=5, vector=4, score_vectors=3, value_vectors=2),
 }
@@ -89,3 +89,16 @@ def test_matches_reference(kernels, batch: int, past: int, seq: int, use_rope: b
     for cache, rows in ((args[4].numpy(), keys), (args[5].numpy(), values)):
         np.testing.assert_allclose(cache[:, :, :past + seq], rows, rtol=1e-5, atol=1e-5)
         assert np.isnan(cache[:, :, past + seq:]).all()  # nothing written past the new rows
+
+
+@pytest.mark.parametrize("prefetch_tiles", (0, 1))
+def test_decode_prefetches_the_next_tile(prefetch_tiles: int) -> None:
+    """The CPU rule's decode prefetches the caches a tile ahead (prefetcht0); a tiling without it has none."""
+    import dataclasses
+
+    target = cpu.tvm_target(cpu="x86-64-v3")
+    tiling = dataclasses.replace(cpu.attention_tiling(HEAD_DIM, target), prefetch_tiles=prefetch_tiles)
+    assert cpu.attention_tiling(HEAD_DIM, target).prefetch_tiles == 1
+    func = tvm_attention.forward_attention_kernel(H, HKV, HEAD_DIM, True, "float32", tiling)
+    asm = tvm.compile(tvm.IRModule({"attn": func.with_attr("global_symbol", "attn")}), target=target).mod.inspect_source("asm")
+    assert ("prefetcht0" in asm) == bool(prefetch_tiles)
