@@ -6,8 +6,10 @@ ratios between them stay fair. Each turn starts after a pause of SETTLE_S: ONNX 
 torch's thread pools spin for a while after they run: without it (`benchmarks/onnx_runtime.py
 --settle 0`) PyTorch measured up to 2.8x slower right after an ORT turn. A block's first RAMP_STEPS
 decode steps are not timed either: after the pause (and the prefill) the machine takes a few steps to
-come back up to speed (a q4 TVM decode of 2.3 ms a step here: 4.1, 3.5, 3.5, 3.3 ms for the first
-four after a 50 ms pause), which a generation loop, stepping back to back, does not see.
+come back up to speed, which a generation loop, stepping back to back, does not see: a q4 TVM decode
+of 2.0 ms a step at context 64 took 4.3, 4.0, 3.8, 3.3, 3.0, 2.8, 2.3, 2.3 ms for the first eight
+steps after the pause and a prefill (2026-12-02, Intel Xeon; on the AMD EPYC before, four steps
+were enough).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .errors import SessaExportError
 
 ROUNDS = 4  # turns each runner takes: one prefill and one block of decode steps per turn
 SETTLE_S = 0.5  # pause before each turn: the previous runner's spinning thread pool goes idle
-RAMP_STEPS = 4  # untimed decode steps at the start of each block
+RAMP_STEPS = 8  # untimed decode steps at the start of each block
 
 
 @dataclass
