@@ -19,9 +19,9 @@ already solved: the past cache rows and the previous blocks, whose states are in
 the softmax statistics, then the rows of the block are solved in order (forward substitution)
 with those probabilities. Work is O(S * (P + S) * D); scratch is a few ``block_rows x key_tile``
 tiles, a ``key_tile x key_cols`` key tile and a ``block_rows x D`` float32 accumulator per task.
-The key tile is staged (copied from ``key_cache`` once for every row of the block: GPU shared
-memory) unless the tiling says ``stage_keys=False``; then the products read the cache itself (a
-CPU decode, where the copy cost more than it saved).
+The key tile is staged (copied into a task buffer that the block's rows share: GPU shared memory)
+unless the tiling says ``stage_keys=False``; then the products read the cache itself (a CPU decode,
+where the copy cost more than it saved).
 Decode (S = 1) is the same code with one row per block and no diagonal tile: a single pass over
 the P cached rows.
 
@@ -214,7 +214,8 @@ def _feedback_attention(
 
     def first_tile(past_len, r, ks):
         """The first key tile task slice ks visits (all slices start at 0 without key_splits). Slices
-        differ by one tile at most: ceil-sized slices left up to KS - 1 tiles' work on the last core."""
+        differ by one tile at most (ceil-sized ones left the last slices short or empty: 33 tiles in 8
+        slices put 20 on one of two cores)."""
         if not split:
             return T.int64(0)
         return ks * past_tiles(past_len, r) // KS
