@@ -287,7 +287,7 @@ class CpuMatmul(dl.ScheduleRule):
 
     One row (decode, S = 1): a matrix-vector product; each task owns one panel (a packed weight)
     or a run of up to 512 columns, keeps its accumulators in registers and streams the weight
-    through them. More rows (prefill): tiles of ROW_TILE rows x one panel (or 32 columns),
+    through them (a packed one prefetched FLOAT_PREFETCH_BYTES ahead). More rows (prefill): tiles of ROW_TILE rows x one panel (or 32 columns),
     accumulators in registers, column tiles outermost so a task's panel stays in cache across
     row tiles. The rows are padded to a multiple of ROW_TILE (copies of x and of the result,
     both cheap): a row predicate would keep LLVM from holding the accumulators in registers.
@@ -376,7 +376,12 @@ class CpuMatmul(dl.ScheduleRule):
         lanes = _vector_width(width)
         sch.vectorize(sch.split(col_i, [None, lanes])[1] if lanes < width else col_i)
         sch.decompose_reduction(matmul, red)
-        return sch
+        if row_i is not None or not packed or decoded:
+            return sch
+        (weight,) = (r.source for r in sch.get(matmul).reads  # [panels, in, panel]: the one read of that shape
+                     if len(r.source.shape) == 3 and all(isinstance(n, tirx.IntImm) for n in r.source.shape)
+                     and int(r.source.shape[2]) == columns and int(r.source.shape[1]) > 1)
+        return s_tir.Schedule(_prefetch_panel(sch.mod["main"], f"{name}_update", weight.name, FLOAT_PREFETCH_BYTES))
 
 
 # -- quantized decode: integer dot products ---------------------------------------------------------
@@ -393,6 +398,10 @@ DOT_LANES = {"vnni512": 16, "vnni256": 8, "avx2": 8, "usdot": 4, "sdot": 4}
 # q/k/v/proj_fb weights (768 x 3840) read cold, 2 threads, against none: q4 21.6 -> 24.4 GB/s at 2 and 4
 # KB, q8 25.8 -> 27.1 at 4 KB (BENCHMARKS.md, 2026-12-02, 17:00 UTC).
 WEIGHT_PREFETCH_BYTES = 4096
+# The same for the float32 GEMV over packed panels: 24 cold 768 x 3840 weights, 2 threads, in turns, 0 / 2
+# / 4 / 8 KB: 10.9 / 14.5 / 14.3 / 14.4 GB/s; the fp32 125M decode 13.19 -> 12.79 ms at 64, 19.33 ->
+# 18.76 at 1024 (BENCHMARKS.md, 2026-12-02, 17:00 UTC).
+FLOAT_PREFETCH_BYTES = 4096
 
 
 def dot_instruction(tgt: Target) -> str | None:
@@ -575,10 +584,15 @@ class CpuIntMatmul(dl.ScheduleRule):
         return s_tir.Schedule(_prefetch_weights(func, run, WEIGHT_PREFETCH_BYTES))
 
 
-def _prefetch_weights(func: tirx.PrimFunc, run: str, ahead: int) -> tirx.PrimFunc:
-    """`func` with a prefetch of the weight stream ``ahead`` bytes past each run of 4 inputs (the loop
-    around the blockized `run`): the dot products then overlap the next panel's loads, where the
-    hardware prefetcher alone left each core waiting on memory between bursts of compute."""
+def _prefetch_stream(func: tirx.PrimFunc, block: str, loop: str, weight: str, reads: Callable,
+                     ahead: int) -> tirx.PrimFunc:
+    """`func` with prefetches of the buffer `weight`, ``ahead`` bytes past what each iteration of a
+    loop reads, prepended to that loop's body: the loop that iterates ``loop`` (an iter var) of
+    `block`. ``reads(bindings, buffers, for_loop)`` gives (the flat element an iteration starts at,
+    the bytes it reads); bindings map the block's iter var names to their values. A GEMV's weight then
+    streams ahead of its multiply-adds, where the hardware prefetcher alone left each core waiting on
+    memory between bursts of compute."""
+    import tvm
     from tvm.s_tir import SBlockRealize
 
     bindings: dict[str, tirx.PrimExpr] = {}
@@ -587,33 +601,56 @@ def _prefetch_weights(func: tirx.PrimFunc, run: str, ahead: int) -> tirx.PrimFun
     def find(stmt):
         if isinstance(stmt, SBlockRealize):
             buffers.update({region.source.name: region.source for region in stmt.block.reads})
-            if stmt.block.name_hint == run:
+            if stmt.block.name_hint == block:
                 bindings.update({v.var.name: value for v, value in zip(stmt.block.iter_vars, stmt.iter_values)})
         return None
 
     _rewrite(func.body, find)
-    q = buffers["q"]  # [panels, rows, 4 * panel] uint8, the panels one after the other
-    NP, rows, width = (int(n) for n in q.shape)
-    groups = int(buffers["scales"].shape[1])  # [panels, groups, panel]
-    p, g, r4 = (bindings[name] for name in ("v_p_o", "v_g_o", "v_r4_o"))
+    buffer, var = buffers[weight], bindings[loop]
+    shape = [int(n) for n in buffer.shape]
+    size, item = math.prod(shape), tvm.DataType(str(buffer.dtype)).bits // 8
+
+    def address(flat):
+        flat, indices = tirx.min(flat, size - 1), []
+        for extent in reversed(shape):
+            indices.insert(0, flat % extent)
+            flat = flat // extent
+        return tirx.call_intrin("handle", "tirx.address_of", tirx.BufferLoad(buffer, indices))
 
     def insert(stmt):
-        if not (isinstance(stmt, tirx.For) and stmt.loop_var.same_as(r4)):
+        if not (isinstance(stmt, tirx.For) and stmt.loop_var.same_as(var)):
             return None
-        runs = int(stmt.extent)  # runs of 4 inputs a group
-        step = width * rows // (runs * groups)  # bytes of q one run reads: 4 x panel (q8), half that (q4)
-        start = p * (rows * width) + (g * runs + r4) * step + ahead
-        lines = []
-        for line in range(max(1, step // LINE_BYTES)):
-            flat = tirx.min(start + line * LINE_BYTES, NP * rows * width - 1)
-            address = tirx.call_intrin("handle", "tirx.address_of",
-                                       tirx.BufferLoad(q, [flat // (rows * width), flat // width % rows, flat % width]))
-            lines.append(tirx.Evaluate(prefetch(address)))
-        body = _rewrite(stmt.body, insert)
-        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, tirx.SeqStmt([*lines, body]),
+        start, step = reads(bindings, buffers, stmt)
+        lines = [tirx.Evaluate(prefetch(address(start + (ahead + line * LINE_BYTES) // item)))
+                 for line in range(max(1, step // LINE_BYTES))]
+        return tirx.For(stmt.loop_var, stmt.min, stmt.extent, stmt.kind, tirx.SeqStmt([*lines, _rewrite(stmt.body, insert)]),
                         stmt.thread_binding, stmt.annotations, stmt.step)
 
     return func.with_body(_rewrite(func.body, insert))
+
+
+def _prefetch_panel(func: tirx.PrimFunc, block: str, panels: str, ahead: int) -> tirx.PrimFunc:
+    """The float32 GEMV over packed panels ([panels, in, panel], one after the other) with the weight
+    prefetched ``ahead`` bytes past each input's row of the panel (the reduction loop)."""
+
+    def reads(bindings, buffers, loop):
+        _, inputs, panel = (int(n) for n in buffers[panels].shape)
+        return bindings["v_p"] * (inputs * panel) + bindings["v_k"] * panel, panel * 4
+
+    return _prefetch_stream(func, block, "v_k", panels, reads, ahead)
+
+
+def _prefetch_weights(func: tirx.PrimFunc, run: str, ahead: int) -> tirx.PrimFunc:
+    """The quantized GEMV with its packed weight ``q`` ([panels, rows, 4 x panel] uint8, panels one after
+    the other) prefetched ``ahead`` bytes past each run of 4 inputs (the loop around the blockized `run`)."""
+
+    def reads(bindings, buffers, loop):
+        rows, width = (int(n) for n in buffers["q"].shape[1:])
+        runs, groups = int(loop.extent), int(buffers["scales"].shape[1])  # scales [panels, groups, panel]
+        step = width * rows // (runs * groups)  # bytes of q one run reads: 4 x panel (q8), half that (q4)
+        return bindings["v_p_o"] * (rows * width) + (bindings["v_g_o"] * runs + bindings["v_r4_o"]) * step, step
+
+    return _prefetch_stream(func, run, "v_r4_o", "q", reads, ahead)
 
 
 def pipeline(tvm_target):

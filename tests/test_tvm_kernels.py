@@ -319,6 +319,25 @@ def test_cpu_linear_layout_matches_numpy(columns):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
+def test_cpu_decode_linear_prefetches_its_panels():
+    """The decode body's GEMV (one row, a static shape) over packed panels: right, and its weight
+    prefetched ahead of the multiply-adds (prefetcht0)."""
+    rng = np.random.default_rng(1)
+    weight, columns = rng.standard_normal((96, 64)).astype("float32"), 96
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([1, 1, 64], "float32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            out = bb.emit_output(cpu.emit_linear(bb, x, relax.const(pack_weight(weight, 32)), None, [1, 1, columns]))
+        bb.emit_func_output(out)
+    target = cpu.tvm_target(cpu="x86-64-v3")
+    executable = tvm.compile(bb.get(), target=target, relax_pipeline=cpu.pipeline(target))
+    assert "prefetcht0" in "".join(m.inspect_source("asm") for m in executable.mod.imports)
+    data = rng.standard_normal((1, 1, 64)).astype("float32")
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(data)).numpy()
+    np.testing.assert_allclose(got, data.astype(np.float64) @ weight.T.astype(np.float64), rtol=1e-5, atol=1e-4)
+
+
 def test_fast_exp_matches_numpy():
     """ops/tvm_fastmath.exp (the CPU attention's vectorisable exp) against float64 NumPy."""
     from tvm import te
