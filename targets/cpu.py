@@ -177,8 +177,8 @@ def feedback_tilings(d_model: int, tgt: Target, d_chunks: int | None = None) -> 
     (`benchmarks/tvm_kernels.py`, 12 layers' caches at P = 1024, 2 threads, two runs: 3.24 and 2.99 ms
     with one slice, 2.74 and 2.57 with eight). It keeps one D chunk by default: a second would read
     every key twice. The products read the keys from the cache, not from a staged copy of the tile:
-    12 layers' caches read cold (96 layers' worth cycled through), 2 threads, 25.7 against 22.2 GB/s
-    (BENCHMARKS.md, 2026-12-02, 17:00 UTC).
+    96 layers' caches at P = 1024 cycled through (each read from memory), 2 threads, 25.7 against 22.2
+    GB/s (BENCHMARKS.md, 2026-12-02, 17:00 UTC).
     """
     return {DECODE: FeedbackTiling(block_rows=1, key_tile=32, dot_lanes=math.gcd(vector_lanes(tgt), d_model),
                                    d_chunks=d_chunks or 1, key_splits=DECODE_KEY_SPLITS, stage_keys=False)}
@@ -287,9 +287,9 @@ class CpuMatmul(dl.ScheduleRule):
 
     One row (decode, S = 1): a matrix-vector product; each task owns one panel (a packed weight)
     or a run of up to 512 columns, keeps its accumulators in registers and streams the weight
-    through them (a packed one prefetched FLOAT_PREFETCH_BYTES ahead). More rows (prefill): tiles of ROW_TILE rows x one panel (or 32 columns),
-    accumulators in registers, column tiles outermost so a task's panel stays in cache across
-    row tiles. The rows are padded to a multiple of ROW_TILE (copies of x and of the result,
+    through them (a packed one prefetched FLOAT_PREFETCH_BYTES ahead). More rows (prefill): tiles
+    of ROW_TILE rows x one panel (or 32 columns), accumulators in registers, column tiles outermost
+    so a task's panel stays in cache across row tiles. The rows are padded to a multiple of ROW_TILE (copies of x and of the result,
     both cheap): a row predicate would keep LLVM from holding the accumulators in registers.
     Weight decode blocks of ops/tvm_dequant_matmul.py (named "dequantize*") lead the function. In a
     matrix-vector product they are inlined into the reduction (each weight widened and scaled in
