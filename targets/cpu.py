@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import tvm
 from tvm import relax, s_tir, tirx
 from tvm.s_tir import dlight as dl
 from tvm.target import Target
@@ -592,7 +593,6 @@ def _prefetch_stream(func: tirx.PrimFunc, block: str, loop: str, weight: str, re
     the bytes it reads); bindings map the block's iter var names to their values. A GEMV's weight then
     streams ahead of its multiply-adds, where the hardware prefetcher alone left each core waiting on
     memory between bursts of compute."""
-    import tvm
     from tvm.s_tir import SBlockRealize
 
     bindings: dict[str, tirx.PrimExpr] = {}

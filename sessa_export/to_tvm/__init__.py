@@ -207,15 +207,12 @@ class RelaxBuilder:
         quantize = [self.quantizes(module, path) for module, path in layers]
         if len({(q, m.in_features, m.bias is not None) for q, (m, _) in zip(quantize, layers)}) > 1:
             return tuple(self.linears(x, [layer]) for layer in layers)
-        modules, paths = [m for m, _ in layers], [p for _, p in layers]
-        weight = torch.cat([m.weight.detach().cpu().float() for m in modules])
-        bias = None if modules[0].bias is None else torch.cat([m.bias.detach().cpu().float() for m in modules])
-        name = "+".join(paths)
+        modules, name = [m for m, _ in layers], "+".join(p for _, p in layers)
         if quantize[0]:
             self.quantized.update({p: (m.in_features, m.out_features) for m, p in layers})
-            y = self.quantized_linear(x, weight, bias, name)
+            y = self.quantized_linear(x, modules, name)
         else:
-            y = self.float_linear(x, weight, bias, name)
+            y = self.float_linear(x, modules, name)
         return (y,) if len(layers) == 1 else self.split(y, [m.out_features for m in modules])
 
     def quantizes(self, module: torch.nn.Linear, path: str) -> bool:
@@ -234,21 +231,24 @@ class RelaxBuilder:
             self.float_weights.append(path)
         return False
 
-    def float_linear(self, x, weight: torch.Tensor, bias: torch.Tensor | None, name: str):
-        """x @ W^T + b in float32: W ([out, in]) packed in panels on CPU, transposed ([in, out]) on GPUs."""
+    def float_linear(self, x, modules: Sequence[torch.nn.Linear], name: str):
+        """x @ W^T + b in float32 for the layers' weights side by side (W [out, in]): packed in panels
+        on CPU, transposed ([in, out]) on GPUs."""
         from ..ops.tvm_matmul import pack_weight
         from ..targets import cpu
 
-        op = self.rx.op
-        panel = None if self.target.gpu else cpu.weight_panel(weight.shape[0])
+        op, out = self.rx.op, sum(m.out_features for m in modules)
+        panel = None if self.target.gpu else cpu.weight_panel(out)
+        weight = self.consts.get(f"{name}.weight")
+        if weight is None:  # the decode and prefill bodies both emit this layer: stack and lay it out once
+            stack = stacked([m.weight for m in modules])
+            weight = self.const(stack.T if panel is None else pack_weight(stack.numpy(), panel), f"{name}.weight")
+        bias = None if modules[0].bias is None else stacked([m.bias for m in modules])
         if panel is None:
-            y = self.emit(op.matmul(x, self.const(weight.T, f"{name}.weight")))
+            y = self.emit(op.matmul(x, weight))
             return y if bias is None else self.emit(op.add(y, self.const(bias, f"{name}.bias")))
-        packed = self.consts.get(f"{name}.weight")
-        if packed is None:  # the decode and prefill bodies both emit this layer: pack its weight once
-            packed = self.const(pack_weight(weight.numpy(), panel), f"{name}.weight")
         bias = None if bias is None else self.const(bias.reshape(-1, panel), f"{name}.bias")
-        return cpu.emit_linear(self.bb, x, packed, bias, [self.batch, self.seq, weight.shape[0]])
+        return cpu.emit_linear(self.bb, x, weight, bias, [self.batch, self.seq, out])
 
     def kept(self, path: str) -> bool:
         """Whether --keep names the module at `path` (its weight stays float32), noted once."""
@@ -275,17 +275,20 @@ class RelaxBuilder:
         return self.bb.emit_te(dq.embedding, ids, self.consts[f"{path}.weight.rows"],
                                self.consts[f"{path}.weight.scales"], qmode.name, qmode.block_size)
 
-    def quantized_linear(self, x, weight: torch.Tensor, bias: torch.Tensor | None, name: str):
-        """x @ W^T + b through ops/tvm_dequant_matmul.py: int8 / packed int4 W ([out, in]) in CPU panels
-        with a float16 scale per group of inputs; decode runs integer dot products over activations
-        quantized per group, prefill dequantizes inside the float matmul."""
+    def quantized_linear(self, x, modules: Sequence[torch.nn.Linear], name: str):
+        """x @ W^T + b through ops/tvm_dequant_matmul.py for the layers' weights side by side: int8 /
+        packed int4 W ([out, in]) in CPU panels with a float16 scale per group of inputs; decode runs
+        integer dot products over activations quantized per group, prefill dequantizes inside the
+        float matmul."""
         from ..ops import tvm_dequant_matmul as dq
         from ..targets import cpu
 
-        (N, K), mode, decode = weight.shape, self.quantization.name, self.decode
-        group, panel = self.quantization.block_size, cpu.weight_panel(weight.shape[0])
+        N, K, mode, decode = sum(m.out_features for m in modules), modules[0].in_features, \
+            self.quantization.name, self.decode
+        group, panel = self.quantization.block_size, cpu.weight_panel(N)
+        bias = None if modules[0].bias is None else stacked([m.bias for m in modules])
         if f"{name}.weight.q" not in self.consts:
-            q, scales = dq.quantize(weight.numpy(), mode, panel, group)
+            q, scales = dq.quantize(stacked([m.weight for m in modules]).numpy(), mode, panel, group)
             self.consts[f"{name}.weight.q"] = self.rx.const(q)
             self.consts[f"{name}.weight.scales"] = self.rx.const(scales)
         kernel = dq.int_matmul_kernel if decode else dq.dequant_matmul_kernel
@@ -426,6 +429,12 @@ class RelaxBuilder:
                     out = self.bb.match_cast(out, self.tensor_type([B, S, width]))
             self.bb.emit_func_output(out)
         return self.bb.get()
+
+
+def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The tensors one after the other along dim 0, float32 on the CPU (one tensor: itself, uncopied)."""
+    tensors = [t.detach().cpu().float() for t in tensors]
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def check_quantization(quantization: str | None, target: CompileTarget | None = None) -> QuantMode | None:
