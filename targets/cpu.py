@@ -8,7 +8,8 @@ vector loop). The recurrence itself (row blocks, key tiles, rows inside a block)
 Linear layers: weights are packed in panels of 32 output columns, each panel one contiguous
 run over the inputs (``pack_weight``), and ``CpuMatmul`` schedules the matmuls over them: a
 decode step streams every panel once from memory with its accumulators in registers, a
-prefill tile reads its panel with unit stride. ``CpuElementwise`` parallelises the rest.
+prefill tile reads its panel with unit stride. ``CpuElementwise`` and dlight's CPU ``Reduction``
+parallelise the rest (`schedule_rules`).
 """
 
 from __future__ import annotations
@@ -653,19 +654,30 @@ def _prefetch_weights(func: tirx.PrimFunc, run: str, ahead: int) -> tirx.PrimFun
     return _prefetch_stream(func, run, "v_r4_o", "q", reads, ahead)
 
 
+def schedule_rules() -> tuple[dl.ScheduleRule, ...]:
+    """The CPU schedule rules, first fit wins: CpuIntMatmul for the quantized decode GEMVs, CpuMatmul for
+    the other matmuls, CpuElementwise for injective functions, then dlight's CPU Reduction for the
+    row-wise ones (layer norm, the gain's one-column product)."""
+    return CpuIntMatmul(), CpuMatmul(), CpuElementwise(), dl.cpu.Reduction()
+
+
+def scheduling_passes(tvm_target) -> list:
+    """Relax's CPU dispatch and legalization, then `schedule_rules` on every TIR function."""
+    from tvm.relax.backend.cpu_generic import pipeline as backend
+
+    return (backend.library_dispatch_passes(tvm_target) + backend.legalize_passes(tvm_target)
+            + [dl.ApplyDefaultSchedule(*schedule_rules())])
+
+
 def pipeline(tvm_target):
-    """The default Relax CPU pipeline with this file's rules scheduling the matmuls (CpuIntMatmul for
-    the quantized decode GEMVs, CpuMatmul for the rest) and the position-wise functions (CpuElementwise)."""
-    import tvm
+    """The default Relax CPU pipeline with `scheduling_passes` in place of its own scheduling."""
     from tvm.relax.backend.cpu_generic import pipeline as backend
 
     @tvm.transform.module_pass(opt_level=0, name="SessaCpuPipeline")
     def _pipeline(mod, _ctx):
         with tvm_target:
-            seq = tvm.transform.Sequential(
-                backend.library_dispatch_passes(tvm_target) + backend.legalize_passes(tvm_target)
-                + [dl.ApplyDefaultSchedule(CpuIntMatmul(), CpuMatmul(), CpuElementwise())]
-                + backend.dataflow_lower_passes(tvm_target) + backend.finalize_passes(tvm_target))
+            seq = tvm.transform.Sequential(scheduling_passes(tvm_target) + backend.dataflow_lower_passes(tvm_target)
+                                           + backend.finalize_passes(tvm_target))
             return seq(mod)
 
     return _pipeline
@@ -681,21 +693,28 @@ def package(executable, path, arch: str | None, host: str | None, workspace) -> 
 
 
 class CpuElementwise(dl.ScheduleRule):
-    """Injective functions of one block: the outer loops fused and run in parallel; the last loop is
-    left as it is (no explicit vectorisation)."""
+    """Injective functions: blocks that write no output inlined into their consumers (GELU's
+    steps), then each output block's outer loops fused and run in parallel (a split writes
+    several); the last loop is left as it is (no explicit vectorisation)."""
 
     def apply(self, func, target, _tunable):
         if target.kind.name != "llvm":
             return None
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        if len(blocks) != 1 or any(iv.iter_type != 0 for iv in sch.get(blocks[0]).iter_vars):
+        if any(iv.iter_type != 0 for block in blocks for iv in sch.get(block).iter_vars):
             return None
-        loops = sch.get_loops(blocks[0])
-        if len(loops) < 2:
-            return None
-        sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
-        return sch
+        scratch = sch.get(sch.get_sblock("root")).alloc_buffers
+        for block in blocks[:-1]:
+            if all(any(region.source.same_as(buf) for buf in scratch) for region in sch.get(block).writes):
+                sch.compute_inline(block)
+        scheduled = False
+        for block in sch.get_child_blocks(sch.get_sblock("root")):
+            loops = sch.get_loops(block)
+            if len(loops) >= 2:
+                sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
+                scheduled = True
+        return sch if scheduled else None
 
 
 def _spatial_reduce(sch: s_tir.Schedule, block) -> bool:

@@ -50,10 +50,10 @@ def stored_weight(q: np.ndarray, scales: np.ndarray, bits: int, group: int) -> n
 
 
 def schedule(func: tirx.PrimFunc, target) -> tvm.IRModule:
-    """`func` scheduled by the CPU rules (CpuIntMatmul, else CpuMatmul, else CpuElementwise)."""
+    """`func` scheduled by the CPU rules (`cpu.schedule_rules`: the first that fits)."""
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     with target:
-        mod = dl.ApplyDefaultSchedule(cpu.CpuIntMatmul(), cpu.CpuMatmul(), cpu.CpuElementwise())(mod)
+        mod = dl.ApplyDefaultSchedule(*cpu.schedule_rules())(mod)
     assert mod["main"].attrs and mod["main"].attrs["tirx.is_scheduled"], "no CPU rule scheduled the kernel"
     return mod
 

@@ -34,7 +34,7 @@ from sessa_export.checkpoint import save_checkpoint
 from sessa_export.errors import SessaExportError
 from sessa_export.runtime import TorchRunner, open_runner
 from sessa_export.tracer import trace
-from sessa_export.to_tvm import CompileTarget, compile_graph
+from sessa_export.to_tvm import CompileTarget, build_module, compile_graph
 from sessa_export.runtime.tvm_runner import TvmRunner
 
 CAPACITY = 640  # room for the longest parity check (600 tokens)
@@ -296,6 +296,22 @@ def test_refused_model_leaves_nothing(tmp_path):
 @pytest.fixture(scope="module")
 def cross_model(make_lm):
     return make_lm(seed=7, std=0.2, n_heads=4, n_kv_heads=2, mlp_ratio=1.0)
+
+
+def test_every_cpu_function_is_scheduled_to_run_in_parallel(cross_model):
+    """The CPU rules leave no TIR function of a model (layer norms, GELU, the splits of fused
+    linears, the gain) to TVM's unscheduled loop nest, which runs on one core."""
+    import tvm
+    from sessa_export.targets import cpu
+
+    tvm_target = CompileTarget("cpu").tvm_target()
+    with tvm_target:
+        mod = tvm.transform.Sequential(cpu.scheduling_passes(tvm_target))(build_module(trace(cross_model), CAPACITY))
+    funcs = {gv.name_hint: f for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert any(name.startswith("layer_norm") for name in funcs) and any("gelu" in name for name in funcs)
+    unscheduled = [name for name, f in funcs.items() if not (f.attrs and f.attrs.get("tirx.is_scheduled"))]
+    serial = [name for name, f in funcs.items() if "T.parallel" not in f.script()]
+    assert not unscheduled and not serial, f"unscheduled: {unscheduled}; no parallel loop: {serial}"
 
 
 @pytest.mark.parametrize("name", ["cuda", "metal", "opencl"])
