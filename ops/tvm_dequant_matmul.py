@@ -17,13 +17,15 @@ with zero point Z (q8: q + 128, Z = 128; q4: q + 8, Z = 8):
 
 Two kernels read this layout; the caller views their result [B, S, N / P, P] as [B, S, N]:
 
-- ``int_matmul_kernel`` (decode, S = 1, the bandwidth-bound GEMV): the activations are quantized
-  once per call per group of G inputs to int8 (scale max|x| / 127, as ONNX Runtime's
-  MatMulNBits accuracy level 4 does), then ``int_dot`` sums int32(xq) · int32(stored) over each
-  group, and ``int_scale`` applies the scales once per group after the integer sum:
-  ``y = Σ_g float(dot_g − Z · Σ_{k∈g} xq_k) · scale_w[g] · scale_x[g]``.
-- ``dequant_matmul_kernel`` (prefill, any S): float32 matmul, each weight decoded inside the
-  matmul (block ``dequantize``, which CpuMatmul inlines into the reduction).
+- ``int_matmul_kernel`` (decode, S = 1, the bandwidth-bound GEMV; and prefill, any S, in tiles of
+  rows): the activations are quantized once per call per row and group of G inputs to int8 (scale
+  max|x| / 127, as ONNX Runtime's MatMulNBits accuracy level 4 does), then ``int_dot`` sums
+  int32(xq) · int32(stored) over each group, and ``int_scale`` applies the scales once per group
+  after the integer sum: ``y = Σ_g float(dot_g − Z · Σ_{k∈g} xq_k) · scale_w[g] · scale_x[g]``.
+  A prompt's row then gets the numbers a decode step gives it.
+- ``dequant_matmul_kernel`` (prefill where the CPU has no dot-product instruction, any S): float32
+  matmul, each weight decoded inside the matmul (block ``dequantize``, which CpuMatmul inlines
+  into the reduction).
 
 The kernels name their blocks and carry no schedule: ``targets/cpu.py``'s rules schedule them
 (CpuIntMatmul tensorizes ``int_dot`` with the build's dot-product instruction).
@@ -42,7 +44,7 @@ from .tvm_matmul import PACKED_MATMUL
 GROUP_SIZE = MODES["q8"].block_size  # inputs per quantization group (along the input dim), one scale each
 ZERO_POINT = {8: 128, 4: 8}  # stored value = q + ZERO_POINT[bits]
 RUN = 4  # consecutive inputs of one column stored together (one int32 lane of a dot-product instruction)
-INT_DOT, INT_SCALE = "int_dot", "int_scale"  # the block names CpuIntMatmul looks for
+INT_DOT, INT_SCALE, INT_ROWS = "int_dot", "int_scale", "int_rows"  # the block names CpuIntMatmul looks for
 
 
 def quantize_groups(weight: np.ndarray, bits: int, group_size: int = GROUP_SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -160,30 +162,35 @@ def _bias(y, args: list, NP: int, P: int):
 
 
 def int_matmul_kernel(in_features: int, out_features: int, mode: str, bias: bool, panel: int,
-                      group_size: int = GROUP_SIZE):
-    """Decode: the PrimFunc ``(x [B, 1, K], q, scales, [bias [N / P, P]], y [B, 1, N / P, P])`` with
-    activations quantized to int8 per group and integer dot products (module docstring)."""
+                      group_size: int = GROUP_SIZE, row_tile: int | None = None):
+    """The PrimFunc ``(x [B, S, K], q, scales, [bias [N / P, P]], y [B, S, N / P, P])`` with activations
+    quantized to int8 per group and integer dot products (module docstring). ``row_tile`` None: decode,
+    S = 1. Else prefill, any S: the rows are computed in whole tiles of ``row_tile`` (the schedule's
+    register tile), the rows past S repeating row S - 1, so that no row predicate reaches the products."""
     from tvm import te, tirx
 
     bits = MODES[mode].bits
     K, N, G, P = int(in_features), int(out_features), int(group_size), int(panel)
     q, scales = _placeholders(K, N, bits, G, P)
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731 - int64 indices throughout
-    batch, one = tirx.Var("batch", "int64"), i64(1)
-    x = te.placeholder((batch, one, i64(K)), "float32", name="x")
+    batch = tirx.Var("batch", "int64")
+    seq = i64(1) if row_tile is None else tirx.Var("seq_len", "int64")
+    rows = seq if row_tile is None else (seq + (row_tile - 1)) // row_tile * row_tile
+    x = te.placeholder((batch, seq, i64(K)), "float32", name="x")
+    row = (lambda s: s) if row_tile is None else (lambda s: tirx.min(s, seq - 1))
     r = te.reduce_axis((i64(0), i64(G)), name="r")
-    amax = te.compute((batch, i64(K // G)), lambda b, g: te.max(te.abs(x[b, 0, g * G + r]), axis=r),
+    amax = te.compute((batch, rows, i64(K // G)), lambda b, s, g: te.max(te.abs(x[b, row(s), g * G + r]), axis=r),
                       name="act_absmax")
 
-    def quantized(b, kb, c):
-        peak = amax[b, kb * RUN // G]
-        scaled = x[b, 0, kb * RUN + c] * (127.0 / te.max(peak, 1e-30))
+    def quantized(b, s, kb, c):
+        peak = amax[b, s, kb * RUN // G]
+        scaled = x[b, row(s), kb * RUN + c] * (127.0 / te.max(peak, 1e-30))
         return te.round(scaled).astype("int8")
 
-    xq = te.compute((batch, i64(K // RUN), i64(RUN)), quantized, name="act_quantize")
+    xq = te.compute((batch, rows, i64(K // RUN), i64(RUN)), quantized, name="act_quantize")
     r4, c = te.reduce_axis((i64(0), i64(G // RUN)), name="r4"), te.reduce_axis((i64(0), i64(RUN)), name="c")
-    xsum = te.compute((batch, i64(K // G)), lambda b, g: te.sum(xq[b, g * (G // RUN) + r4, c].astype("int32"),
-                                                                axis=[r4, c]), name="act_sum")
+    xsum = te.compute((batch, rows, i64(K // G)), lambda b, s, g: te.sum(
+        xq[b, s, g * (G // RUN) + r4, c].astype("int32"), axis=[r4, c]), name="act_sum")
     NP = q.shape[0]
     if bits == 8:
         w = q
@@ -191,17 +198,20 @@ def int_matmul_kernel(in_features: int, out_features: int, mode: str, bias: bool
         w = te.compute((NP, i64(K // RUN), i64(P * RUN)),
                        lambda p, kb, jc: _stored(q, bits, p, kb, jc // RUN, jc % RUN), name="unpack")
     r4, c = te.reduce_axis((i64(0), i64(G // RUN)), name="r4"), te.reduce_axis((i64(0), i64(RUN)), name="c")
-    dot = te.compute((batch, NP, i64(K // G), i64(P)), lambda b, p, g, j: te.sum(
-        xq[b, g * (G // RUN) + r4, c].astype("int32") * w[p, g * (G // RUN) + r4, j * RUN + c].astype("int32"),
+    dot = te.compute((batch, rows, NP, i64(K // G), i64(P)), lambda b, s, p, g, j: te.sum(
+        xq[b, s, g * (G // RUN) + r4, c].astype("int32") * w[p, g * (G // RUN) + r4, j * RUN + c].astype("int32"),
         axis=[r4, c]), name=INT_DOT)
     g = te.reduce_axis((i64(0), i64(K // G)), name="g")
     zero = ZERO_POINT[bits]
-    y = te.compute((batch, one, NP, i64(P)), lambda b, s, p, j: te.sum(
-        (dot[b, p, g, j] - zero * xsum[b, g]).astype("float32") * scales[p, g, j].astype("float32")
-        * (amax[b, g] * (1.0 / 127.0)), axis=g), name=INT_SCALE)
+    y = te.compute((batch, rows, NP, i64(P)), lambda b, s, p, j: te.sum(
+        (dot[b, s, p, g, j] - zero * xsum[b, s, g]).astype("float32") * scales[p, g, j].astype("float32")
+        * (amax[b, s, g] * (1.0 / 127.0)), axis=g), name=INT_SCALE)
     args = [x, q, scales]
     if bias:
         y = _bias(y, args, N // P, P)
+    if row_tile is not None:  # the S rows of the tiles
+        tiles = y
+        y = te.compute((batch, seq, NP, i64(P)), lambda b, s, p, j: tiles[b, s, p, j], name=INT_ROWS)
     return te.create_prim_func([*args, y])
 
 
@@ -251,5 +261,5 @@ def embedding(ids, rows, scales, mode: str, group_size: int = GROUP_SIZE):
     return te.compute((*ids.shape, width), row, name="embedding_dequantize")
 
 
-__all__ = ["GROUP_SIZE", "ZERO_POINT", "RUN", "INT_DOT", "INT_SCALE", "quantize_groups", "quantize", "dequantize",
+__all__ = ["GROUP_SIZE", "ZERO_POINT", "RUN", "INT_DOT", "INT_SCALE", "INT_ROWS", "quantize_groups", "quantize", "dequantize",
            "quantize_rows", "dequantize_rows", "int_matmul_kernel", "dequant_matmul_kernel", "embedding"]

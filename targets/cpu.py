@@ -37,6 +37,7 @@ from . import packaging
 SCRATCH = "global"
 PANELS = (32, 16, 8)  # columns per weight panel, by preference: 32 = two AVX-512 or eight NEON registers
 ROW_TILE = 8  # prefill rows per register tile (8 x 32 accumulators: 16 AVX-512 registers)
+INT_ROW_TILE = 4  # quantized prefill rows per tile (6 x 32 int32 and float32 accumulators: 24 AVX-512 registers)
 
 
 def host_triple() -> str:
@@ -425,6 +426,13 @@ def dot_instruction(tgt: Target) -> str | None:
     return "avx2" if has("avx2") else None
 
 
+def quantized_row_tile(tgt: Target) -> int | None:
+    """Rows per tile of the quantized prefill's integer kernel, or None where the build has no
+    dot-product instruction: there int32 multiplies are slower than decoding the weights into the float
+    matmul (SSE2: 18 against 67 GFLOP/s, BENCHMARKS.md 2026-12-02, 19:30 UTC)."""
+    return INT_ROW_TILE if dot_instruction(tgt) else None
+
+
 def dot_product(kind: str, wide: bool, acc, a, b, a_values):
     """C + Σ_c int32(a[c]) · int32(b[lane, c]) per int32 lane with `kind`'s instruction: `acc` int32 x L,
     `a` int8 x 4 (the activation run), `b` uint8 x 4L (4 inputs of each of L columns), `a_values`
@@ -517,19 +525,24 @@ def _replace_block_body(func: tirx.PrimFunc, name: str, body: Callable) -> tirx.
 
 
 class CpuIntMatmul(dl.ScheduleRule):
-    """The quantized decode GEMV of ops/tvm_dequant_matmul.py (blocks ``int_dot``, ``int_scale``).
+    """The quantized matmuls of ops/tvm_dequant_matmul.py (blocks ``int_dot``, ``int_scale``).
 
-    The activation blocks (absmax, int8 quantization, group sums: K values) run once, serially.
-    Then one parallel task per weight panel: for each batch row and group, the panel's integer dot
-    products into int32 accumulators in registers (``int_dot``, tensorized with the build's
-    dot-product instruction, `dot_instruction`; q4 nibbles unpacked a run of 4 inputs at a time
-    into a register tile first), then the float32 scaling into the panel's float accumulators
-    (``int_scale``): the weight streams once from memory, the scales are applied once per group. On
-    the dot-product paths every run also prefetches the weights WEIGHT_PREFETCH_BYTES ahead.
+    Decode (one row): the activation blocks (absmax, int8 quantization, group sums: K values) run
+    once, serially. Then one parallel task per weight panel: for each batch row and group, the
+    panel's integer dot products into int32 accumulators in registers (``int_dot``, tensorized with
+    the build's dot-product instruction, `dot_instruction`; q4 nibbles unpacked a run of 4 inputs
+    at a time into a register tile first), then the float32 scaling into the panel's float
+    accumulators (``int_scale``): the weight streams once from memory, the scales are applied once
+    per group. On the dot-product paths every run also prefetches the weights
+    WEIGHT_PREFETCH_BYTES ahead.
+
+    Prefill (tiles of INT_ROW_TILE rows): the activation blocks in parallel over the rows, then one
+    task per panel running every row tile over it (the panel stays in cache): per group, each run of
+    4 inputs (unpacked once) meets the tile's rows in one dot-product instruction a row and vector.
     """
 
     def apply(self, func, target, _tunable):
-        from sessa_export.ops.tvm_dequant_matmul import INT_DOT, INT_SCALE
+        from sessa_export.ops.tvm_dequant_matmul import INT_DOT, INT_ROWS, INT_SCALE
 
         if target.kind.name != "llvm":
             return None
@@ -539,35 +552,46 @@ class CpuIntMatmul(dl.ScheduleRule):
         dot, scale = sch.get_sblock(INT_DOT), sch.get_sblock(INT_SCALE)
         unpack = sch.get_sblock("unpack") if has_block(sch, "unpack") else None
         epilogues = [b for b in sch.get_child_blocks(sch.get_sblock("root"))
-                     if sch.get(b).name_hint == "bias_add"]
+                     if sch.get(b).name_hint in ("bias_add", INT_ROWS)]
         b, s, p, j, g = sch.get_loops(scale)
         panel = int(sch.get(j).extent)
-        sch.reorder(p, b, s, g, j)
+        tiled = has_block(sch, INT_ROWS)
+        if tiled:  # prefill: the activations in parallel over the rows, a task per panel over the row tiles
+            for name in ("act_absmax", "act_quantize", "act_sum"):
+                loops = sch.get_loops(sch.get_sblock(name))
+                sch.parallel(sch.fuse(*loops[:2]))
+            s, row = sch.split(s, [None, INT_ROW_TILE])
+            sch.reorder(p, b, s, g, row, j)
+        else:
+            sch.reorder(p, b, s, g, j)
         sch.parallel(p)
         acc = sch.cache_write(scale, 0, SCRATCH)
         sch.reverse_compute_at(acc, s)
         for block in epilogues:
-            sch.reverse_compute_at(block, p)
+            sch.reverse_compute_at(block, s if tiled else p)
         sch.compute_at(dot, g)
         sch.set_scope(dot, 0, SCRATCH)
         j_dot, r4, c = sch.get_loops(dot)[-3:]
+        rows = [sch.get_loops(dot)[-4]] if tiled else []
         kind = dot_instruction(target)
         if kind == "vnni512" and panel % DOT_LANES[kind]:  # panels of 8 columns: the ymm form (AVX512-VL)
             kind = "vnni256"
         lanes = DOT_LANES.get(kind, 0)
         if lanes and panel % lanes == 0:
             jo, ji = sch.split(j_dot, [None, lanes])
-            sch.reorder(r4, jo, ji, c)
+            sch.reorder(r4, *rows, jo, ji, c)
             if unpack is not None:
                 sch.compute_at(unpack, r4)
                 sch.set_scope(unpack, 0, SCRATCH)
                 sch.vectorize(sch.get_loops(unpack)[-1])
             init = sch.decompose_reduction(dot, r4)
             sch.vectorize(sch.fuse(*sch.get_loops(init)[-2:]))
+            for loop in (*rows, jo):
+                sch.unroll(loop)
             run = sch.get(sch.blockize(ji)).name_hint
             tensorized = (run, kind, unpack is None)
         else:  # no dot-product instruction: int32 multiply-adds over the panel's lanes
-            sch.reorder(r4, c, j_dot)
+            sch.reorder(r4, c, *rows, j_dot)
             if unpack is not None:
                 sch.compute_at(unpack, r4)
                 sch.set_scope(unpack, 0, SCRATCH)
@@ -579,11 +603,13 @@ class CpuIntMatmul(dl.ScheduleRule):
             _vectorize(sch, sch.get_loops(block)[-1], 16)
         init = sch.decompose_reduction(scale, g)
         _vectorize(sch, sch.get_loops(init)[-1], 16)
+        if tiled:
+            sch.unroll(sch.get_loops(scale)[-2])
         if tensorized is None:
             return sch
         run, kind, wide = tensorized
         func = _replace_block_body(sch.mod["main"], run, lambda block: _dot_body(block, kind, wide))
-        return s_tir.Schedule(_prefetch_weights(func, run, WEIGHT_PREFETCH_BYTES))
+        return s_tir.Schedule(func if tiled else _prefetch_weights(func, run, WEIGHT_PREFETCH_BYTES))
 
 
 def _prefetch_stream(func: tirx.PrimFunc, block: str, loop: str, weight: str, reads: Callable,

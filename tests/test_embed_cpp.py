@@ -340,8 +340,8 @@ def kernel_calls(artifact: Path, prompt: str, wanted) -> dict[str, tuple[bytes, 
 
 
 def test_aarch64_q8_kernels_compute_as_on_x86(aarch64_program, tmp_path):  # (the program's fixture: the skips)
-    """compile --quantization q8 for cortex-a76 puts the int8 GEMVs on sdot (tests/test_quant_kernels.py
-    checks the object code). Under qemu as a Neoverse-N1, each of its quantized matmul kernels and its
+    """compile --quantization q8 for cortex-a76 puts the int8 matmuls, decode and prefill, on sdot
+    (tests/test_quant_kernels.py checks the object code). Under qemu as a Neoverse-N1, each of its quantized matmul kernels and its
     FeedbackAttention prefill, called on the arguments the x86-64 q8 build's kernel got in a prefill and
     a decode step, writes the bytes the x86-64 kernel wrote: the int8 products are summed exactly in
     int32 and scaled once per group, and the prefill's sums run in one order on every CPU.
@@ -350,7 +350,7 @@ def test_aarch64_q8_kernels_compute_as_on_x86(aarch64_program, tmp_path):  # (th
     between the two builds in the last bit (LLVM forms multiply-adds differently for each), and a q8
     model turns such a bit now and then into another int8 activation, so the two texts can part (they
     did after 46 bytes of this prompt once the FeedbackAttention prefill changed its summation order)."""
-    kinds = ("int_matmul", "dequant_matmul", "feedback_attention_prefill")
+    kinds = ("int_matmul_decode", "int_matmul_prefill", "feedback_attention_prefill")
     x86 = compile_cpu(tmp_path / "x86", "--quantization", "q8")
     arm = compile_cpu(tmp_path / "arm", "--quantization", "q8", "--host", "aarch64-linux-gnu", "--cpu", "cortex-a76")
     caller = build(tmp_path / "kernel_call", AARCH64_CXX, TVM_LIBS=str(AARCH64_RUNTIME),

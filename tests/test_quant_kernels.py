@@ -2,12 +2,13 @@
 
 The references are written here from the storage format (values, zero points, scales), not from the
 kernels: the weight a stored (q, scales) pair stands for is rebuilt by unpacking the bytes by hand,
-and the decode kernel's activation quantization (int8 per group of G inputs, scale max|x| / 127)
+and the integer kernels' activation quantization (int8 per group of G inputs, scale max|x| / 127)
 either is exact (activations on that grid: the kernel must then match to float32 rounding) or is
 bounded (random activations: the error of each output is at most Σ_g scale_x[g] / 2 · Σ_{k∈g} |w[k]|).
 Shapes are not multiples of the SIMD tiles (3 groups, 80 or 40 columns: panels of 16 and 8), group
-sizes 32 and 128, batches 1 and 3, on every x86-64 instruction path this machine runs (AVX-512 VNNI,
-AVX-VNNI, AVX2, none); the AArch64 paths are checked in their object code.
+sizes 32 and 128, batches 1 and 3, decode and prefill (rows past the last whole tile), on every
+x86-64 instruction path this machine runs (AVX-512 VNNI, AVX-VNNI, AVX2, none); the AArch64 paths
+are checked in their object code.
 """
 
 from __future__ import annotations
@@ -58,29 +59,35 @@ def schedule(func: tirx.PrimFunc, target) -> tvm.IRModule:
     return mod
 
 
-def decode_inputs(rng, batch: int, k: int, group: int, exact: bool) -> np.ndarray:
-    """x [B, 1, K]: on the int8 grid of each group when `exact` (peak 127 · 2^-5), else random."""
+def int_inputs(rng, batch: int, rows: int, k: int, group: int, exact: bool) -> np.ndarray:
+    """x [B, S, K]: on the int8 grid of each group when `exact` (peak 127 · 2^-5), else random."""
     if not exact:
-        return (rng.standard_normal((batch, 1, k)) * rng.uniform(0.1, 3.0, (batch, 1, k // group)).repeat(group, -1)
+        return (rng.standard_normal((batch, rows, k)) * rng.uniform(0.1, 3.0, (batch, rows, k // group)).repeat(group, -1)
                 ).astype(np.float32)
-    values = rng.integers(-127, 128, (batch, 1, k))
-    values[..., ::group] = rng.choice([-127, 127], (batch, 1, k // group))
+    values = rng.integers(-127, 128, (batch, rows, k))
+    values[..., ::group] = rng.choice([-127, 127], (batch, rows, k // group))
     return (values * 2.0**-5).astype(np.float32)
 
 
 def activation_bound(x: np.ndarray, weight: np.ndarray, group: int) -> np.ndarray:
     """max |error| per output of quantizing x to int8 per group: Σ_g (max|x_g| / 127) / 2 · Σ_{k∈g} |w[n, k]|."""
-    b, _, k = x.shape
-    step = np.abs(x.reshape(b, k // group, group)).max(-1) / 127  # [B, G]
+    b, s, k = x.shape
+    step = np.abs(x.reshape(b, s, k // group, group)).max(-1) / 127  # [B, S, G]
     per_group = np.abs(weight).reshape(weight.shape[0], k // group, group).sum(-1)  # [N, G]
-    return (step / 2) @ per_group.T  # [B, N]
+    return (step / 2) @ per_group.T  # [B, S, N]
 
 
+# decode: one row; prefill: tiles of INT_ROW_TILE rows, S not a multiple of the tile (13 = 3 tiles + 1, 5)
+ROWS = {"decode": (None, (1,)), "prefill": (cpu.INT_ROW_TILE, (13, 5))}
+
+
+@pytest.mark.parametrize("step", ROWS)
 @pytest.mark.parametrize("cpu_name", list(X86_PATHS))
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"k{s[0]}n{s[1]}g{s[2]}")
 @pytest.mark.parametrize("mode", MODES)
-def test_int_matmul_matches_numpy(mode, shape, cpu_name):
-    """Decode (S = 1): integer dot products over int8 activations, the scales once per group after."""
+def test_int_matmul_matches_numpy(mode, shape, cpu_name, step):
+    """Integer dot products over int8 activations, the scales once per group after: decode (S = 1)
+    and prefill (row tiles, the last one partly past S)."""
     need = NEEDS.get(cpu_name)
     if need and need not in cpu.running_cpu_features():
         pytest.skip(f"this CPU lacks {need}")
@@ -92,19 +99,21 @@ def test_int_matmul_matches_numpy(mode, shape, cpu_name):
     weight = stored_weight(q, scales, bits, group)
     bias = rng.standard_normal((n // panel, panel)).astype(np.float32)
     target = cpu.tvm_target(cpu=cpu_name)
-    lib = tvm.compile(schedule(dq.int_matmul_kernel(k, n, mode, True, panel, group), target), target=target)
+    row_tile, row_counts = ROWS[step]
+    lib = tvm.compile(schedule(dq.int_matmul_kernel(k, n, mode, True, panel, group, row_tile), target), target=target)
     instruction = X86_PATHS[cpu_name] or ("vpdpbusd" if cpu.dot_instruction(target) == "vnni512" else None)
-    if instruction:  # the dot-product paths also prefetch the weight stream ahead of the products
+    if instruction:
         asm = lib.mod.inspect_source("asm")
         assert instruction in asm, f"{cpu_name}: no {instruction} in the kernel"
-        assert "prefetcht0" in asm, f"{cpu_name}: the weights are not prefetched"
-    for batch in (1, 3):
+        if step == "decode":  # the GEMV's weight stream is prefetched ahead of the products
+            assert "prefetcht0" in asm, f"{cpu_name}: the weights are not prefetched"
+    for batch, rows in ((1, row_counts[0]), (3, row_counts[-1])):
         for exact in (True, False):
-            x = decode_inputs(rng, batch, k, group, exact)
-            y = tvm.runtime.tensor(np.zeros((batch, 1, n // panel, panel), np.float32))
+            x = int_inputs(rng, batch, rows, k, group, exact)
+            y = tvm.runtime.tensor(np.zeros((batch, rows, n // panel, panel), np.float32))
             lib["main"](*(tvm.runtime.tensor(a) for a in (x, q, scales, bias)), y)
-            got = y.numpy().reshape(batch, n)
-            expected = x[:, 0].astype(np.float64) @ weight.T + bias.reshape(-1)
+            got = y.numpy().reshape(batch, rows, n)
+            expected = x.astype(np.float64) @ weight.T + bias.reshape(-1)
             if exact:
                 np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * np.abs(expected).max())
             else:
@@ -115,7 +124,8 @@ def test_int_matmul_matches_numpy(mode, shape, cpu_name):
 @pytest.mark.parametrize("shape", SHAPES + [(96, 96, 32)], ids=lambda s: f"k{s[0]}n{s[1]}g{s[2]}")
 @pytest.mark.parametrize("mode", MODES)
 def test_dequant_matmul_matches_numpy(mode, shape):
-    """Prefill: float32 matmul with each weight decoded in the reduction, rows not a multiple of the tile."""
+    """Prefill without a dot-product instruction: float32 matmul with each weight decoded in the
+    reduction, rows not a multiple of the tile."""
     k, n, group = shape
     rng = np.random.default_rng(k * n)
     panel = cpu.weight_panel(n)
@@ -164,7 +174,8 @@ def test_embedding_rows_match_numpy(mode, group):
 @pytest.mark.parametrize("cpu_name,instruction", [("generic", None), ("cortex-a76", "sdot"), ("neoverse-v1", "usdot")])
 @pytest.mark.parametrize("mode", MODES)
 def test_aarch64_object_code_has_the_dot_product(mode, cpu_name, instruction):
-    """An AArch64 build's decode kernel uses sdot (dot product) / usdot (i8mm) when --cpu has them."""
+    """An AArch64 build's decode kernel uses sdot (dot product) / usdot (i8mm) when --cpu has them, and
+    so does its prefill kernel (the builder takes it only then: `quantized_row_tile`)."""
     if shutil.which(f"{AARCH64_LINUX}-g++") is None:
         pytest.skip(f"{AARCH64_LINUX}-g++ not found (apt-get install g++-aarch64-linux-gnu)")
     target = cpu.tvm_target(host=AARCH64_LINUX, cpu=cpu_name)
@@ -174,3 +185,8 @@ def test_aarch64_object_code_has_the_dot_product(mode, cpu_name, instruction):
     assert dots == ({instruction} if instruction else set()), dots
     assert ("\tprfm\t" in asm) == bool(dots)  # the weight stream prefetched on the dot-product paths
     assert "smlal" in asm or dots  # plain NEON widening multiply-adds without the dot product
+    assert (cpu.quantized_row_tile(target) is not None) == bool(dots)
+    if dots:
+        prefill = tvm.compile(schedule(dq.int_matmul_kernel(96, 64, mode, False, 32, 32, cpu.INT_ROW_TILE), target),
+                              target=target)
+        assert f"\t{instruction}\t" in prefill.mod.inspect_source("asm")

@@ -2,10 +2,11 @@
 
 On the bundled model (vocab 256, tied embeddings): the q8 / q4 libraries are much smaller than
 float32's; the lowered module holds the linear weights (the LM head included) and the embedding
-table as uint8 constants only, its prefill matmuls decode one weight panel per parallel task (no
-float weight of a whole layer) and its decode matmuls are integer GEMVs; the compiled kernels are
-exact for the weights they stand for (parity with PyTorch running the dequantized weights, and for
-single-token steps the activations quantized to int8 per group as the decode kernels do); --keep
+table as uint8 constants only, its decode matmuls are integer GEMVs and its prefill matmuls integer
+too where the CPU has a dot-product instruction (else they decode one weight panel per parallel
+task: no float weight of a whole layer); the compiled kernels are exact for the weights they stand
+for (parity with PyTorch running the dequantized weights, and for single-token steps the
+activations quantized to int8 per group as the integer kernels do); --keep
 leaves named modules in float32; `validate` holds q8 to int8's quality bar and q4 to int4's; a bad
 --quantization or --keep exits 2 and writes nothing.
 """
@@ -31,6 +32,8 @@ from sessa_export.runtime.tvm_runner import TvmRunner
 
 CAPACITY = 256
 MODES = ("q8", "q4")
+# whether this machine's default CPU build runs its quantized prefill on integer dot products
+INTEGER_PREFILL = cpu.quantized_row_tile(CompileTarget("cpu").tvm_target()) is not None
 
 
 pytestmark = pytest.mark.usefixtures("one_tvm_thread")
@@ -115,9 +118,10 @@ def test_dequantize_is_inside_the_matmul_kernels(model, mode):
     vocab, width = model.embed.weight.shape
     assert ("uint8", (vocab, width if mode == "q8" else width // 2)) in shapes  # the embedding rows
     kernels = {gv.name_hint: f for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
-               and "_matmul_q" in gv.name_hint}
-    assert any(name.startswith("int_matmul") for name in kernels), "no integer decode kernel"
-    assert any(name.startswith("dequant_matmul") for name in kernels), "no quantized prefill kernel"
+               and gv.name_hint.startswith(("int_matmul_", "dequant_matmul_"))}
+    assert any(name.startswith("int_matmul_decode") for name in kernels), "no integer decode kernel"
+    prefill = "int_matmul_prefill" if INTEGER_PREFILL else "dequant_matmul_prefill"
+    assert any(name.startswith(prefill) for name in kernels), f"no {prefill} kernel"
     for name, func in kernels.items():
         text = func.script()
         assert func.attrs["tirx.is_scheduled"], f"{name} was left unscheduled"
@@ -128,11 +132,11 @@ def test_dequantize_is_inside_the_matmul_kernels(model, mode):
 
 
 def quantize_activations(module, inputs):
-    """A single-token step's input to a quantized linear layer as the decode kernels see it: int8 per
+    """A single-token step's input to a quantized linear layer as the integer kernels see it: int8 per
     group of 32 inputs, scale max|x| / 127 (float32, round half to even), written here from that rule."""
     (x,) = inputs
     if x.shape[-2] != 1:
-        return None  # prefill runs in float32
+        return None  # prefill runs in float32 (test_kernels_exact_for_the_dequantized_weights)
     groups = x.reshape(*x.shape[:-1], -1, dq.GROUP_SIZE)
     peak = groups.abs().amax(-1, keepdim=True)
     values = torch.round(groups * (127.0 / peak.clamp_min(1e-30)))
@@ -140,10 +144,19 @@ def quantize_activations(module, inputs):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_kernels_exact_for_the_dequantized_weights(model, builds, mode):
+def test_kernels_exact_for_the_dequantized_weights(model, mode, tmp_path):
     """The library computes the model whose weights are the dequantized ones, and whose single-token
-    steps quantize the activations of the quantized layers, at fp32 parity (1e-4)."""
-    quant = json.loads((builds[mode] / "sessa_config.json").read_text())["quantization"]
+    steps quantize the activations of the quantized layers, at fp32 parity (1e-4).
+
+    Built for a CPU without a dot-product instruction, whose prefill runs in float32: where prefill
+    rows quantize their activations too, a value within float32 rounding of a rounding tie may round
+    either way in the library and in PyTorch, and the feedback state carries that one step to every
+    later position (the bundled model has such a tie in its first dozen positions). The integer
+    prefill kernels are held exact in tests/test_quant_kernels.py, and the model to the quality bar below."""
+    cpu_name = next(c for c in cpu.cpu_choices(None)[0] if cpu.quantized_row_tile(cpu.tvm_target(cpu=c)) is None)
+    out = compile_graph(trace(model), tmp_path / mode, CompileTarget("cpu", cpu=cpu_name), CAPACITY,
+                        source=str(BUNDLED_MODEL), quantization=mode)
+    quant = json.loads((out / "sessa_config.json").read_text())["quantization"]
     twin = copy.deepcopy(model)
     weights = {}  # from the original weights: the tied embedding and LM head share one tensor
     for name in quant["quantized_weights"]:
@@ -158,7 +171,7 @@ def test_kernels_exact_for_the_dequantized_weights(model, builds, mode):
         for name, weight in weights.items():
             twin.get_parameter(name).copy_(torch.from_numpy(weight))
     ids = np.random.default_rng(3).integers(0, 256, (2, 40))
-    run_parity(twin, TvmRunner(builds[mode], threads=1), ids, [33, 1, 1, 5])
+    run_parity(twin, TvmRunner(out, threads=1), ids, [33, 1, 1, 5])
 
 
 @pytest.mark.parametrize("mode", MODES)

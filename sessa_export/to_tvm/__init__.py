@@ -277,9 +277,10 @@ class RelaxBuilder:
 
     def quantized_linear(self, x, modules: Sequence[torch.nn.Linear], name: str):
         """x @ W^T + b through ops/tvm_dequant_matmul.py for the layers' weights side by side: int8 /
-        packed int4 W ([out, in]) in CPU panels with a float16 scale per group of inputs; decode runs
-        integer dot products over activations quantized per group, prefill dequantizes inside the
-        float matmul."""
+        packed int4 W ([out, in]) in CPU panels with a float16 scale per group of inputs. Integer dot
+        products over activations quantized per group, in decode and, where the build has a
+        dot-product instruction, in prefill (tiles of rows); else prefill decodes the weights
+        inside the float matmul."""
         from ..ops import tvm_dequant_matmul as dq
         from ..targets import cpu
 
@@ -291,10 +292,14 @@ class RelaxBuilder:
             q, scales = dq.quantize(stacked([m.weight for m in modules]).numpy(), mode, panel, group)
             self.consts[f"{name}.weight.q"] = self.rx.const(q)
             self.consts[f"{name}.weight.scales"] = self.rx.const(scales)
-        kernel = dq.int_matmul_kernel if decode else dq.dequant_matmul_kernel
-        gv = self.kernel(("dequant_matmul", K, N, mode, bias is not None, decode), lambda: (
-            f"{'int' if decode else 'dequant'}_matmul_{mode}_k{K}_n{N}" + ("" if bias is None else "_bias"),
-            kernel(K, N, mode, bias is not None, panel, group)))
+        row_tile = None if decode else cpu.quantized_row_tile(self.target.tvm_target())
+        step = "decode" if decode else "prefill"
+        if decode or row_tile:
+            kind, build = "int", lambda: dq.int_matmul_kernel(K, N, mode, bias is not None, panel, group, row_tile)
+        else:
+            kind, build = "dequant", lambda: dq.dequant_matmul_kernel(K, N, mode, bias is not None, panel, group)
+        gv = self.kernel(("quantized_matmul", K, N, mode, bias is not None, step), lambda: (
+            f"{kind}_matmul_{step}_{mode}_k{K}_n{N}" + ("" if bias is None else "_bias"), build()))
         args = [x, self.consts[f"{name}.weight.q"], self.consts[f"{name}.weight.scales"]]
         if bias is not None:
             args.append(self.const(bias.reshape(-1, panel), f"{name}.bias"))
