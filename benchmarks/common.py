@@ -107,6 +107,28 @@ def tvm_linear(weight: np.ndarray, rows: int, packed: bool = True, cpu_name: str
     return relax.VirtualMachine(executable, tvm.cpu())["main"]
 
 
+def tvm_quantized_linear(weight: np.ndarray, rows: int, mode: str, cpu_name: str | None = None) -> Callable:
+    """x [1, rows, in] (a TVM tensor) -> y [1, rows, out / P, P]: x @ W^T with W = `weight` [out, in]
+    stored as compile --quantization `mode` stores it, through the prefill kernel the TVM compiler
+    emits for compile --cpu `cpu_name` (targets/cpu.py's `quantized_matmul_kernel` and rules)."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    from sessa_export.ops import tvm_dequant_matmul as dq
+    from sessa_export.targets import cpu
+    from sessa_export.to_tvm import CompileTarget
+
+    outputs, inputs = weight.shape
+    target = CompileTarget("cpu", cpu=cpu_name).tvm_target()
+    q, scales = (tvm.runtime.tensor(a) for a in dq.quantize(weight, mode, cpu.weight_panel(outputs), QUANT_GROUP))
+    _, func = cpu.quantized_matmul_kernel(inputs, outputs, mode, False, QUANT_GROUP, False, target)
+    with target:
+        mod = dl.ApplyDefaultSchedule(*cpu.schedule_rules())(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
+    kernel = tvm.compile(mod, target=target)["main"]
+    y = tvm.runtime.tensor(np.zeros((1, rows, outputs // cpu.weight_panel(outputs), cpu.weight_panel(outputs)), np.float32))
+    return lambda x: kernel(x, q, scales, y)
+
+
 QUANT_GROUP = 32  # inputs per 16-bit scale in the decode bound's accounting of q8/q4, int8/int4 weights
 
 

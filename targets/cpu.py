@@ -433,6 +433,22 @@ def quantized_row_tile(tgt: Target) -> int | None:
     return INT_ROW_TILE if dot_instruction(tgt) else None
 
 
+def quantized_matmul_kernel(in_features: int, out_features: int, mode: str, bias: bool, group_size: int,
+                            decode: bool, tgt: Target) -> tuple[str, tirx.PrimFunc]:
+    """(name, PrimFunc) of a quantized linear layer's kernel for this build (ops/tvm_dequant_matmul.py,
+    weights in panels of `weight_panel`): integer dot products in decode, and in prefill where
+    `quantized_row_tile` allows; else the prefill decodes its weights inside the float matmul."""
+    from sessa_export.ops import tvm_dequant_matmul as dq
+
+    panel, step = weight_panel(out_features), "decode" if decode else "prefill"
+    row_tile = None if decode else quantized_row_tile(tgt)
+    if decode or row_tile:
+        kind, func = "int", dq.int_matmul_kernel(in_features, out_features, mode, bias, panel, group_size, row_tile)
+    else:
+        kind, func = "dequant", dq.dequant_matmul_kernel(in_features, out_features, mode, bias, panel, group_size)
+    return f"{kind}_matmul_{step}_{mode}_k{in_features}_n{out_features}" + ("_bias" if bias else ""), func
+
+
 def dot_product(kind: str, wide: bool, acc, a, b, a_values):
     """C + Σ_c int32(a[c]) · int32(b[lane, c]) per int32 lane with `kind`'s instruction: `acc` int32 x L,
     `a` int8 x 4 (the activation run), `b` uint8 x 4L (4 inputs of each of L columns), `a_values`

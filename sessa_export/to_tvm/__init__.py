@@ -277,10 +277,8 @@ class RelaxBuilder:
 
     def quantized_linear(self, x, modules: Sequence[torch.nn.Linear], name: str):
         """x @ W^T + b through ops/tvm_dequant_matmul.py for the layers' weights side by side: int8 /
-        packed int4 W ([out, in]) in CPU panels with a float16 scale per group of inputs. Integer dot
-        products over activations quantized per group, in decode and, where the build has a
-        dot-product instruction, in prefill (tiles of rows); else prefill decodes the weights
-        inside the float matmul."""
+        packed int4 W ([out, in]) in CPU panels with a float16 scale per group of inputs; the kernel
+        for this build and step is targets/cpu.py's `quantized_matmul_kernel`."""
         from ..ops import tvm_dequant_matmul as dq
         from ..targets import cpu
 
@@ -292,14 +290,8 @@ class RelaxBuilder:
             q, scales = dq.quantize(stacked([m.weight for m in modules]).numpy(), mode, panel, group)
             self.consts[f"{name}.weight.q"] = self.rx.const(q)
             self.consts[f"{name}.weight.scales"] = self.rx.const(scales)
-        row_tile = None if decode else cpu.quantized_row_tile(self.target.tvm_target())
-        step = "decode" if decode else "prefill"
-        if decode or row_tile:
-            kind, build = "int", lambda: dq.int_matmul_kernel(K, N, mode, bias is not None, panel, group, row_tile)
-        else:
-            kind, build = "dequant", lambda: dq.dequant_matmul_kernel(K, N, mode, bias is not None, panel, group)
-        gv = self.kernel(("quantized_matmul", K, N, mode, bias is not None, step), lambda: (
-            f"{kind}_matmul_{step}_{mode}_k{K}_n{N}" + ("" if bias is None else "_bias"), build()))
+        gv = self.kernel(("quantized_matmul", K, N, mode, bias is not None, decode), lambda: cpu.quantized_matmul_kernel(
+            K, N, mode, bias is not None, group, decode, self.target.tvm_target()))
         args = [x, self.consts[f"{name}.weight.q"], self.consts[f"{name}.weight.scales"]]
         if bias is not None:
             args.append(self.const(bias.reshape(-1, panel), f"{name}.bias"))
