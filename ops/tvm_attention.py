@@ -282,7 +282,9 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
                 for dd in range(d):
                     qr[r, dd] = T.float32(0)
         # 1. the block's scores, every key of the rows' past, and each row's largest (per lane)
-        probs = T.alloc_buffer((R, T.ceildiv(past_len + seq_len, KT) * KT), f32)  # (the widest block)
+        # key tile by key tile ([tile, row, KT]): the value update's R broadcasts of one key lie at fixed
+        # offsets from one pointer (rows at a run-time stride had LLVM add the stride before each)
+        probs = T.alloc_buffer((T.ceildiv(past_len + seq_len, KT), R, KT), f32)  # (the widest block)
         for r in T.unroll(R):
             for jj in T.vectorized(KT):
                 peak[r, jj] = T.float32(_NEG)
@@ -301,17 +303,17 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
                                 b, h // G, jt, dd, kv * V + lane]
             for r in range(R):
                 for jj in T.vectorized(KT):
-                    probs[r, jt * KT + jj] = T.Select(jt * KT + jj <= past_len + R * rb + r,
-                                                      score[r, jj] * T.float32(scale), T.float32(_NEG))
-                    peak[r, jj] = T.max(peak[r, jj], probs[r, jt * KT + jj])
+                    probs[jt, r, jj] = T.Select(jt * KT + jj <= past_len + R * rb + r,
+                                                score[r, jj] * T.float32(scale), T.float32(_NEG))
+                    peak[r, jj] = T.max(peak[r, jj], probs[jt, r, jj])
         # 2. exp(score - max) over the row and the sum: one max and one sum per row, no rescaling
         for r in range(R):
             row_peak: T.float32 = row_max(peak, r, KT)
             for jt in range(T.ceildiv(past_len + last + 1, KT)):
                 for jj in T.vectorized(KT):
-                    probs[r, jt * KT + jj] = T.Select(jt * KT + jj <= past_len + R * rb + r,
-                                                      exp(probs[r, jt * KT + jj] - row_peak), T.float32(0))
-                    total[r, jj] = total[r, jj] + probs[r, jt * KT + jj]
+                    probs[jt, r, jj] = T.Select(jt * KT + jj <= past_len + R * rb + r,
+                                                exp(probs[jt, r, jj] - row_peak), T.float32(0))
+                    total[r, jj] = total[r, jj] + probs[jt, r, jj]
             row_total[r] = row_sum(total, r, KT)
         # 3. rows x columns of probs @ values, VC columns a pass so that the accumulators fit in registers
         for cp in range(d // V // VC):
@@ -323,8 +325,8 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
                 for r in T.unroll(R):
                     for c in T.unroll(VC):
                         for lane in T.vectorized(V):
-                            acc[r, (cp * VC + c) * V + lane] = acc[r, (cp * VC + c) * V + lane] + probs[r, j] * T.Cast(
-                                f32, value_cache[b, h // G, j, (cp * VC + c) * V + lane])
+                            acc[r, (cp * VC + c) * V + lane] = acc[r, (cp * VC + c) * V + lane] + probs[
+                                j // KT, r, j % KT] * T.Cast(f32, value_cache[b, h // G, j, (cp * VC + c) * V + lane])
         for r in T.unroll(R):
             if R * rb + r <= last:
                 for c in T.unroll(d // V):

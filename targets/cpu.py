@@ -37,7 +37,10 @@ from . import packaging
 SCRATCH = "global"
 PANELS = (32, 16, 8)  # columns per weight panel, by preference: 32 = two AVX-512 or eight NEON registers
 ROW_TILE = 8  # prefill rows per register tile (8 x 32 accumulators: 16 AVX-512 registers)
-INT_ROW_TILE = 4  # quantized prefill rows per tile (6 x 32 int32 and float32 accumulators: 24 AVX-512 registers)
+# Quantized prefill rows per tile (4 x 32 int32 and float32 accumulators: 16 AVX-512 registers). One
+# 768 x 3840 kernel over 1024 rows, AVX-512 VNNI, 2 threads, q8 / q4: 3 rows 6.7 / 7.5 ms, 4 rows 6.4 / 7.1,
+# 5 rows 6.4 / 7.0, 6 rows 6.4 / 8.9, 8 rows 7.2 / 9.3 (BENCHMARKS.md, 2026-12-02, 19:31 UTC).
+INT_ROW_TILE = 4
 
 
 def host_triple() -> str:
@@ -429,7 +432,7 @@ def dot_instruction(tgt: Target) -> str | None:
 def quantized_row_tile(tgt: Target) -> int | None:
     """Rows per tile of the quantized prefill's integer kernel, or None where the build has no
     dot-product instruction: there int32 multiplies are slower than decoding the weights into the float
-    matmul (SSE2: 18 against 67 GFLOP/s, BENCHMARKS.md 2026-12-02, 19:30 UTC)."""
+    matmul (SSE2: 18 against 67 GFLOP/s, BENCHMARKS.md 2026-12-02, 19:31 UTC)."""
     return INT_ROW_TILE if dot_instruction(tgt) else None
 
 
@@ -697,7 +700,7 @@ def _prefetch_weights(func: tirx.PrimFunc, run: str, ahead: int) -> tirx.PrimFun
 
 
 def schedule_rules() -> tuple[dl.ScheduleRule, ...]:
-    """The CPU schedule rules, first fit wins: CpuIntMatmul for the quantized decode GEMVs, CpuMatmul for
+    """The CPU schedule rules, first fit wins: CpuIntMatmul for the integer quantized matmuls, CpuMatmul for
     the other matmuls, CpuElementwise for injective functions, then dlight's CPU Reduction for the
     row-wise ones (layer norm, the gain's one-column product)."""
     return CpuIntMatmul(), CpuMatmul(), CpuElementwise(), dl.cpu.Reduction()
