@@ -8,8 +8,8 @@ vector loop). The recurrence itself (row blocks, key tiles, rows inside a block)
 Linear layers: weights are packed in panels of 32 output columns, each panel one contiguous
 run over the inputs (``pack_weight``), and ``CpuMatmul`` schedules the matmuls over them: a
 decode step streams every panel once from memory with its accumulators in registers, a
-prefill tile reads its panel with unit stride. ``CpuElementwise`` and dlight's CPU ``Reduction``
-parallelise the rest (`schedule_rules`).
+prefill tile reads its panel with unit stride. ``CpuElementwise`` and ``CpuRowReduction`` (dlight's)
+parallelise the rest of a prefill (`schedule_rules`).
 """
 
 from __future__ import annotations
@@ -701,9 +701,9 @@ def _prefetch_weights(func: tirx.PrimFunc, run: str, ahead: int) -> tirx.PrimFun
 
 def schedule_rules() -> tuple[dl.ScheduleRule, ...]:
     """The CPU schedule rules, first fit wins: CpuIntMatmul for the integer quantized matmuls, CpuMatmul for
-    the other matmuls, CpuElementwise for injective functions, then dlight's CPU Reduction for the
-    row-wise ones (layer norm, the gain's one-column product)."""
-    return CpuIntMatmul(), CpuMatmul(), CpuElementwise(), dl.cpu.Reduction()
+    the other matmuls, CpuElementwise for injective functions, then CpuRowReduction for the row-wise
+    ones; a decode step's row-wise functions are left serial (`_many_rows`)."""
+    return CpuIntMatmul(), CpuMatmul(), CpuElementwise(), CpuRowReduction()
 
 
 def scheduling_passes(tvm_target) -> list:
@@ -737,10 +737,32 @@ def package(executable, path, arch: str | None, host: str | None, workspace) -> 
     packaging.export_elf(executable, path, host, workspace)
 
 
+# A parallel launch on TVM's thread pool costs 2-5 us: less than this many rows of a row-wise function
+# (layer norm, GELU, a split: one model width a row) run on one core.
+MIN_PARALLEL_ROWS = 64
+
+
+def _many_rows(extent) -> bool:
+    """Whether `extent` rows are worth a parallel launch: a prefill's batch x seq_len (two run-time sizes),
+    or at least MIN_PARALLEL_ROWS; not a decode step's one row per batch row (125M q4 decode at 64:
+    1.6 ms a step, 1.8 with its 75 row-wise functions each launched in parallel)."""
+    if isinstance(extent, tirx.IntImm):
+        return int(extent) >= MIN_PARALLEL_ROWS
+    return len(tirx.analysis.undefined_vars(extent)) >= 2
+
+
+def _rows(sch: s_tir.Schedule, block, leading: int) -> tirx.PrimExpr:
+    """The product of the extents of `block`'s first `leading` loops."""
+    extent = tirx.IntImm("int64", 1)
+    for loop in sch.get_loops(block)[:leading]:
+        extent = extent * sch.get(loop).extent
+    return extent
+
+
 class CpuElementwise(dl.ScheduleRule):
-    """Injective functions: blocks that write no output inlined into their consumers (GELU's
-    steps), then each output block's outer loops fused and run in parallel (a split writes
-    several); the last loop is left as it is (no explicit vectorisation)."""
+    """Injective functions of many rows (`_many_rows`): blocks that write no output inlined into their
+    consumers (GELU's steps), then each output block's outer loops fused and run in parallel (a split
+    writes several); the last loop is left as it is (no explicit vectorisation)."""
 
     def apply(self, func, target, _tunable):
         if target.kind.name != "llvm":
@@ -748,6 +770,8 @@ class CpuElementwise(dl.ScheduleRule):
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
         if any(iv.iter_type != 0 for block in blocks for iv in sch.get(block).iter_vars):
+            return None
+        if not _many_rows(_rows(sch, blocks[-1], len(sch.get_loops(blocks[-1])) - 1)):
             return None
         scratch = sch.get(sch.get_sblock("root")).alloc_buffers
         for block in blocks[:-1]:
@@ -760,6 +784,19 @@ class CpuElementwise(dl.ScheduleRule):
                 sch.parallel(sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0])
                 scheduled = True
         return sch if scheduled else None
+
+
+class CpuRowReduction(dl.cpu.Reduction):
+    """dlight's CPU Reduction (row-wise reductions: layer norm, the gain's one-column product, rows in
+    parallel, each row's blocks under its loop) for functions of many rows (`_many_rows`) only."""
+
+    def apply(self, func, target, tunable):
+        sch = s_tir.Schedule(func)
+        blocks = sch.get_child_blocks(sch.get_sblock("root"))
+        spatial = [iv.iter_type == 0 for iv in sch.get(blocks[-1]).iter_vars] if blocks else []
+        if not blocks or not _many_rows(_rows(sch, blocks[-1], max(0, len(spatial) - 1))):
+            return None
+        return super().apply(func, target, tunable)
 
 
 def _spatial_reduce(sch: s_tir.Schedule, block) -> bool:
