@@ -273,8 +273,8 @@ def quantized(args, model: SessaLM, graph, work: Path, threads: int, bandwidth: 
     print(f"read bandwidth after the timings: {again / 1e9:.1f} GB/s (before: {bandwidth / 1e9:.1f})", flush=True)
     bandwidth = max(bandwidth, again)
     D = model.config.d_model
-    quantized_rates = matmul_rates(args.cpu, threads, D, quantized=tuple(m for m in ("q8", "q4") if f"TVM {m}" in runners))
-    rates = {name: r for name, r in quantized_rates.items() if name in ("torch", "ONNX Runtime", "TVM")}
+    kernel_rates = matmul_rates(args.cpu, threads, D, quantized=tuple(m for m in ("q8", "q4") if f"TVM {m}" in runners))
+    rates = {name: r for name, r in kernel_rates.items() if name in ("torch", "ONNX Runtime", "TVM")}  # float32
     rate = max(rates.values())
     prefill_at = contexts[-1]
     flops = dense_flops(model, prefill_at)
@@ -317,7 +317,7 @@ def quantized(args, model: SessaLM, graph, work: Path, threads: int, bandwidth: 
         if {tvm_name, ort_name} <= set(runners):
             ratio = tokens[tvm_name] / tokens[ort_name]
             print(f"  {tvm_name} prefill no slower than {ort_name}: {ratio:.2f}x {'met' if ratio >= 1 else 'NOT met'}")
-    for name, measured in quantized_rates.items():
+    for name, measured in kernel_rates.items():
         if name.startswith("TVM"):
             share = measured / rate
             rule = "dense rule" if name == "TVM" else f"{name[4:]} prefill kernel"

@@ -793,8 +793,7 @@ class CpuRowReduction(dl.cpu.Reduction):
     def apply(self, func, target, tunable):
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        spatial = [iv.iter_type == 0 for iv in sch.get(blocks[-1]).iter_vars] if blocks else []
-        if not blocks or not _many_rows(_rows(sch, blocks[-1], max(0, len(spatial) - 1))):
+        if not blocks or not _many_rows(_rows(sch, blocks[-1], len(sch.get_loops(blocks[-1])) - 1)):
             return None
         return super().apply(func, target, tunable)
 
