@@ -60,9 +60,10 @@ def time_runners(runners: Mapping[str, object], vocab_size: int, context: int = 
                  settle_s: float = SETTLE_S, tokens: Sequence[int] | None = None) -> dict[str, Timing]:
     """Prefill of `context` tokens and `decode_steps` decode steps after it, for every runner in turns.
 
-    Each runner first prefills once untimed (first-run allocations) and takes `warmup` untimed
-    decode steps from that prefill; its timed decode then continues from the same prefill, so
-    every runner decodes the same tokens at the same positions. `decode_steps` is rounded up to
+    Each runner first prefills twice untimed (first-run allocations: the decode's state, and one
+    that its pool then hands to every timed prefill, as it would to a server's next prompt) and
+    takes `warmup` untimed decode steps from the first prefill; its timed decode then continues
+    from that prefill, so every runner decodes the same tokens at the same positions. `decode_steps` is rounded up to
     a multiple of `rounds` (one block of steps per round). A runner whose `max_len` is shorter
     than the positions this needs is refused before anything runs. The ids fed are `tokens` (repeated
     to the positions needed, every row alike), or random ones.
@@ -86,6 +87,7 @@ def time_runners(runners: Mapping[str, object], vocab_size: int, context: int = 
         for _ in range(warmup):  # the same step from the prefilled state: it stays the one decode starts from
             runner.step(ids[:, context:context + 1], prefilled)
         states[name] = prefilled
+        runner.step(ids[:, :context], runner.empty_state(batch))  # its caches go back to the runner's pool
     for _ in range(rounds):
         for name, runner in runners.items():
             time.sleep(settle_s)
@@ -93,6 +95,7 @@ def time_runners(runners: Mapping[str, object], vocab_size: int, context: int = 
             start = time.perf_counter()
             runner.step(ids[:, :context], empty)
             timings[name].prefill_s.append(time.perf_counter() - start)
+            del empty  # a new sequence's state, dropped as a server drops a finished one
             for t in range(RAMP_STEPS + per_block):
                 token = ids[:, position[name]:position[name] + 1]
                 start = time.perf_counter()

@@ -78,3 +78,45 @@ def test_threads_may_share_a_runner(runners, name):
         together = list(pool.map(generate, range(4)))
     for a, b in zip(alone, together):
         assert np.allclose(a, b, atol=1e-6)
+
+
+def cache_arrays(state) -> list[np.ndarray]:
+    """The state's caches as numpy arrays over their memory."""
+    return list(state.arrays.values()) if hasattr(state, "arrays") else [np.from_dlpack(c) for c in state.caches]
+
+
+def poison(state) -> None:
+    """NaN in every row of the state's caches (what an earlier sequence might leave behind)."""
+    if hasattr(state, "arrays"):
+        for array in state.arrays.values():
+            array.fill(np.nan)
+    else:
+        for cache in state.caches:
+            cache.copyfrom(np.full(cache.shape, np.nan, cache.dtype))
+
+
+@pytest.mark.parametrize("name", ["tvm", "onnx-inplace"])
+def test_a_dropped_state_s_buffers_serve_the_next_sequence_alike(runners, name):
+    runner = runners[name]
+    want, state = runner.step(IDS[:, :8], runner.empty_state(1))
+    pointers = [a.ctypes.data for a in cache_arrays(state)]
+    poison(state)
+    del state  # the last state over those caches: they go back to the runner's pool
+    reused = runner.empty_state(1)
+    assert [a.ctypes.data for a in cache_arrays(reused)] == pointers
+    got, _ = runner.step(IDS[:, :8], reused)
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("name", ["tvm", "onnx-inplace"])
+def test_a_held_state_s_buffers_are_not_handed_out(runners, name):
+    runner = runners[name]
+    want, held = runner.step(IDS[:, :8], runner.empty_state(1))
+    held_pointers = {a.ctypes.data for a in cache_arrays(held)}
+    others = [runner.empty_state(1) for _ in range(3)]
+    assert not held_pointers & {a.ctypes.data for s in others for a in cache_arrays(s)}
+    for other in others:
+        runner.step(IDS[:, 4:12], other)
+    got, _ = runner.step(IDS[:, 8:9], held)
+    check, _ = runner.step(IDS[:, 8:9], runner.step(IDS[:, :8], runner.empty_state(1))[1])
+    assert np.array_equal(got, check)

@@ -7,6 +7,8 @@ Every runner has `name`, `layout` (the state contract, sessa_export/state.py), `
 - torch_runner.py: the PyTorch references (`TorchRunner`, `StepGraphRunner`);
 - ort_runner.py: ONNX Runtime on an export (`OrtRunner`);
 - tvm_runner.py: the TVM runtime on a CPU library (`TvmRunner`).
+- cache_writes.py, buffer_pool.py: what the two in-place runners share (which states stay valid; the
+  memory of dropped states handed to the next one).
 
 `open_runner` picks one for a path: an ONNX export, a TVM artifact of a target the table in
 targets/ says runs here, or a checkpoint.

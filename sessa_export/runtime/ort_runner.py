@@ -20,6 +20,7 @@ import numpy as np
 from ..artifact import member, read_manifest, state_layout
 from ..errors import SessaExportError
 from ..state import ATTENTION_MASK, GENAI, GROW, PAST_LENGTH, capacity_for
+from .buffer_pool import BufferPool
 from .cache_writes import CacheWrites
 
 
@@ -79,6 +80,7 @@ class OrtRunner:
         self.precision = self.layout.precision  # the state's (state.STATE_DTYPES)
         self.max_len = self.manifest.get("max_len")
         self.inplace = self.layout.contract != GROW
+        self._pool = BufferPool()
 
     def empty_state(self, batch: int) -> dict | CacheState:
         if self.inplace:
@@ -90,15 +92,21 @@ class OrtRunner:
         return self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, self.precision.onnx_type)
 
     def _caches(self, batch: int, capacity: int, state: CacheState | None = None) -> CacheState:
-        """Zeroed caches of `capacity`, holding the valid rows of `state` if given."""
-        arrays = self.layout.zeros(batch, capacity)
+        """Zeroed caches of `capacity`, holding the valid rows of `state` if given: those of a state no
+        longer held when there is one (runtime/buffer_pool.py), cleared, since the graph reads every row."""
+        arrays, reused = self._pool.take((batch, capacity), lambda: self.layout.zeros(batch, capacity))
+        if reused:
+            for array in arrays.values():
+                array.fill(0)
         if state is not None:
             for (layer, field), (name, array) in zip(self.layout.tensors(), arrays.items()):
                 rows = [slice(None)] * array.ndim
                 rows[self.layout.position_axis(field)] = slice(0, state.past)
                 array[tuple(rows)] = state.arrays[name][tuple(rows)]
         values = {name: self._value(array) for name, array in arrays.items()}
-        return CacheState(arrays, values, 0 if state is None else state.past, batch, capacity)
+        caches = CacheState(arrays, values, 0 if state is None else state.past, batch, capacity)
+        self._pool.lend(caches.writes, (batch, capacity), arrays)
+        return caches
 
     def step(self, input_ids: np.ndarray, state: dict) -> tuple[np.ndarray, dict]:
         input_ids = np.asarray(input_ids)

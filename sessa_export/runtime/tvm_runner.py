@@ -24,6 +24,7 @@ from ..artifact import member, read_manifest, state_layout
 from ..errors import SessaExportError
 from ..targets import TARGETS
 from . import available_cores
+from .buffer_pool import BufferPool
 from .cache_writes import CacheWrites
 
 
@@ -84,6 +85,7 @@ class TvmRunner:
                                    f"({str(exc).strip().splitlines()[-1]}); re-run `sessa-export compile`") from None
         self._tvm, self._shape = tvm, tvm_ffi.Shape
         self._lock = threading.Lock()
+        self._pool = BufferPool()
         self._step = self.vm[manifest.get("entry", "step")]
         self.capacity = int(manifest["capacity"])
         self.max_len = self.capacity  # the longest context this library runs (<= the model's max_len)
@@ -94,10 +96,14 @@ class TvmRunner:
         self.dtype = np.float32
 
     def empty_state(self, batch: int) -> TvmState:
-        """Caches for `batch` sequences, capacity rows each, uninitialised: only rows < P are read."""
-        caches = [self._tvm.runtime.empty(layer.shape(f, batch, self.capacity), self.layout.dtype, self._tvm.cpu())
-                  for layer, f in self.layout.tensors()]
-        return TvmState(tuple(caches), 0, batch)
+        """Caches for `batch` sequences, capacity rows each, uninitialised (only rows < P are read):
+        those of a state no longer held when there is one (runtime/buffer_pool.py)."""
+        caches, _ = self._pool.take(batch, lambda: tuple(
+            self._tvm.runtime.empty(layer.shape(f, batch, self.capacity), self.layout.dtype, self._tvm.cpu())
+            for layer, f in self.layout.tensors()))
+        state = TvmState(caches, 0, batch)
+        self._pool.lend(state.writes, batch, caches)
+        return state
 
     def step(self, input_ids: np.ndarray, state: TvmState) -> tuple[np.ndarray, TvmState]:
         input_ids = np.asarray(input_ids)
