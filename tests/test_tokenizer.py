@@ -276,6 +276,7 @@ def test_bench_times_the_tokens_it_is_given():
     runner = Recorder()
     time_runners({"recorder": runner}, 8, context=5, decode_steps=2, batch=2, rounds=1, warmup=0, settle_s=0,
                  tokens=[3, 1, 4])
-    assert np.array_equal(runner.fed[0], [[3, 1, 4, 3, 1]] * 2)  # the untimed prefill
+    for prefill in runner.fed[:3]:  # the two untimed prefills, then the timed one
+        assert np.array_equal(prefill, [[3, 1, 4, 3, 1]] * 2)
     # decode continues the text from position 5: the untimed ramp steps, then the 2 timed ones
-    assert [int(f[0, 0]) for f in runner.fed[2:]] == [[3, 1, 4][p % 3] for p in range(5, 5 + RAMP_STEPS + 2)]
+    assert [int(f[0, 0]) for f in runner.fed[3:]] == [[3, 1, 4][p % 3] for p in range(5, 5 + RAMP_STEPS + 2)]
