@@ -12,8 +12,8 @@ are taken ``group_rows`` at a time, and for each group:
    tile streams from contiguous memory, and no product ends in a lane sum), stored with the
    row's max; then a second pass over the row turns them into exp(score - max) and their sum;
 2. the solve, one parallel task per (batch row, D chunk): each block of rows accumulates
-   ``prob @ state`` over the positions before it in passes of rows x ``value_vectors`` vectors of
-   columns (every state row read once a pass for all the rows), then solves its own rows in order
+   ``prob @ state`` over the positions before it in passes of ``value_rows`` rows x
+   ``value_vectors`` vectors of columns (every state row read once a pass), then solves its own rows in order
    (forward substitution).
 
 The earlier form solved row blocks in order with an online softmax inside the solve, so a batch-1
@@ -43,16 +43,19 @@ class PrefillTiling:
     rows: int = 8  # rows a block: each key loaded serves them all
     vector: int = 8  # SIMD lanes: over keys in the scores, over columns in the update
     score_vectors: int = 2  # vectors of keys a score tile (rows x score_vectors accumulators)
-    value_vectors: int = 2  # vectors of columns an update pass (rows x value_vectors accumulators)
+    value_rows: int = 8  # rows of an update pass (value_rows x value_vectors accumulators)
+    value_vectors: int = 2  # vectors of columns an update pass
     d_chunks: int = 1  # slices of D, one solve task each
     group_rows: int = 256  # rows whose probabilities are computed at once (a multiple of rows)
 
     def check(self, d_model: int) -> None:
         """Raise ValueError for tile sizes the kernel cannot use."""
-        if min(self.rows, self.vector, self.score_vectors, self.value_vectors, self.d_chunks, self.group_rows) < 1:
+        if min(self.rows, self.vector, self.score_vectors, self.value_rows, self.value_vectors, self.d_chunks,
+               self.group_rows) < 1:
             raise ValueError(f"tile sizes must be positive: {self}")
-        if self.group_rows % self.rows:
-            raise ValueError(f"group_rows {self.group_rows} is not a multiple of rows {self.rows}")
+        if self.group_rows % self.rows or self.rows % self.value_rows:
+            raise ValueError(f"group_rows {self.group_rows} is not a multiple of rows {self.rows}, or rows not "
+                             f"of value_rows {self.value_rows}")
         if d_model % self.d_chunks or (d_model // self.d_chunks) % (self.vector * self.value_vectors):
             raise ValueError(f"{self} does not divide d_model {d_model}")
 
@@ -68,7 +71,7 @@ def feedback_prefill_kernel(d_model: int, dtype: str = "float32", scale: float |
     scale = d_model**-0.5 if scale is None else float(scale)
     D, R, V, NC, G = d_model, tiling.rows, tiling.vector, tiling.d_chunks, tiling.group_rows
     KT = V * tiling.score_vectors  # keys a tile
-    SV, VC = tiling.score_vectors, tiling.value_vectors
+    SV, RV, VC = tiling.score_vectors, tiling.value_rows, tiling.value_vectors
     NB = G // R  # row blocks a group
     DC = D // NC  # columns a solve task
     PASS = V * VC  # columns an update pass
@@ -170,18 +173,19 @@ def feedback_prefill_kernel(d_model: int, dtype: str = "float32", scale: float |
                     row0 = g * G + rb * R
                     if row0 < seq_len:
                         base = past_len + row0
-                        # acc = prob @ state over the positions before the block, PASS columns a pass
-                        for cp in range(DC // PASS):
-                            for ri in T.unroll(R):
+                        # acc = prob @ state over the positions before the block, RV rows x PASS columns a pass
+                        for rg, cp in T.grid(R // RV, DC // PASS):
+                            for ri in T.unroll(RV):
                                 for cv in T.unroll(VC):
                                     for lane in T.vectorized(V):
-                                        acc[ri, cp * PASS + cv * V + lane] = T.float32(0)
+                                        acc[rg * RV + ri, cp * PASS + cv * V + lane] = T.float32(0)
                             for j in range(base):
-                                for ri in T.unroll(R):
+                                for ri in T.unroll(RV):
                                     for cv in T.unroll(VC):
                                         for lane in T.vectorized(V):
-                                            acc[ri, cp * PASS + cv * V + lane] = acc[ri, cp * PASS + cv * V + lane] + prob[
-                                                b, rb * R + ri, j] * T.Cast(f32, state_cache[b, j, c0 + cp * PASS + cv * V + lane])
+                                            acc[rg * RV + ri, cp * PASS + cv * V + lane] = acc[
+                                                rg * RV + ri, cp * PASS + cv * V + lane] + prob[b, rb * R + rg * RV + ri, j] * T.Cast(
+                                                f32, state_cache[b, j, c0 + cp * PASS + cv * V + lane])
                         # forward substitution: row ri adds the block's rows before it, solved just
                         # before it, then is solved and stored
                         for ri in range(R):

@@ -126,9 +126,9 @@ def attention_tiling(head_dim: int, tgt: Target) -> AttentionTiling:
     prefetches the next (96 layers' caches at P = 1024 read cold, 2 threads, in turns: 23.3 / 21.5 GB/s
     without, 24.9 / 26.0 with, 24.7 / 25.7 two tiles ahead; BENCHMARKS.md, 2026-12-02, 17:00 UTC).
 
-    Prefill: a task's scores are rows x PREFILL_KEYS keys of accumulators and its value update rows
-    x value_vectors, each tile at most half the SIMD registers (32 with AVX-512 and on AArch64, 16
-    with AVX2), so that the loads and the broadcasts keep the rest.
+    Prefill: a task's scores are rows x PREFILL_KEYS keys of accumulators, at most half the SIMD
+    registers (32 with AVX-512 and on AArch64, 16 with AVX2), so that the loads and the broadcasts
+    keep the rest; its value update takes value_tile's passes.
     """
     registers, lanes = simd_registers(tgt), vector_lanes(tgt)
     score_vectors = max(1, PREFILL_KEYS // lanes)
@@ -136,10 +136,25 @@ def attention_tiling(head_dim: int, tgt: Target) -> AttentionTiling:
     vector = math.gcd(lanes, head_dim)
     decode_lanes = next(n for n in (8, 4, 2, 1) if head_dim % n == 0)
     interleaved = registers // 2 // max(1, decode_lanes // lanes)  # accumulators of decode_lanes each
+    value_rows, value_vectors = value_tile(rows, head_dim // vector, registers)
     return AttentionTiling(lanes=decode_lanes, key_tile=16, rows=rows, vector=vector, prefetch_tiles=1,
                            decode_keys=next(n for n in (16, 8, 4, 2, 1) if n <= interleaved),
-                           score_vectors=PREFILL_KEYS // vector,
-                           value_vectors=math.gcd(max(1, registers // 2 // rows), head_dim // vector))
+                           score_vectors=PREFILL_KEYS // vector, value_rows=value_rows, value_vectors=value_vectors)
+
+
+def value_tile(rows: int, vectors: int, registers: int) -> tuple[int, int]:
+    """(value_rows, value_vectors) of a prefill's probabilities @ values pass, for a block of `rows`
+    rows and a task of `vectors` SIMD vectors of columns: at most half the `registers` as
+    accumulators, and the fewest loads per multiply-add (a step loads value_vectors values and
+    broadcasts value_rows probabilities for their product); on a tie the more columns, fewer passes.
+
+    With AVX-512 (forward attention, a head of 64): 4 rows x 4 vectors, 8 loads for 16
+    multiply-adds, took 8.7 ms at T = 1024 where 16 rows x 1 vector, 17 loads, took 10.2
+    (`benchmarks/tvm_kernels.py`, 2 threads; BENCHMARKS.md, 2026-12-03).
+    """
+    tiles = [(r, v) for r in range(1, rows + 1) for v in range(1, vectors + 1)
+             if rows % r == 0 and vectors % v == 0 and r * v <= registers // 2]
+    return max(tiles, key=lambda tile: (tile[0] * tile[1] / (tile[0] + tile[1]), tile[1]))
 
 
 def vector_lanes(tgt: Target) -> int:
@@ -205,9 +220,9 @@ def prefill_tiling(d_model: int, tgt: Target, d_chunks: int | None = None) -> Pr
     chunks = d_chunks or (fits[0] if fits else math.gcd(2, d_model))
     vector = math.gcd(lanes, d_model // chunks)
     rows = min(PREFILL_ROWS, registers // 2 // max(1, PREFILL_KEYS // lanes))
-    return PrefillTiling(rows=rows, vector=vector, score_vectors=PREFILL_KEYS // vector,
-                         value_vectors=math.gcd(max(1, registers // 2 // rows), d_model // chunks // vector),
-                         d_chunks=chunks)
+    value_rows, value_vectors = value_tile(rows, d_model // chunks // vector, registers)
+    return PrefillTiling(rows=rows, vector=vector, score_vectors=PREFILL_KEYS // vector, value_rows=value_rows,
+                         value_vectors=value_vectors, d_chunks=chunks)
 
 
 def schedule_feedback_attention(func: tirx.PrimFunc, tgt: Target) -> tirx.PrimFunc:
