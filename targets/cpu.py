@@ -186,6 +186,11 @@ PREFILL_KEYS = 16
 # ms a layer at T = 1024). AVX2 and NEON tiles stay at 4 rows.
 PREFILL_ROWS = 16
 PREFILL_D_CHUNKS = 8  # most solve tasks of a FeedbackAttention prefill (prefill_tiling)
+# Rows of a FeedbackAttention prefill block, in score passes of the register tile's rows: a key tile
+# (D x 16 keys, 48 KB at D = 768) comes from the L3 once for them all. `benchmarks/tvm_kernels.py`
+# shapes, T = 1024, 2 threads, BENCHMARKS.md 2026-12-03: AVX-512 7.6 -> 6.6 ms (16 -> 32 rows, passes
+# of 16; 64 rows 6.9), AVX2 13.1 -> 11.0 ms (4 -> 32 rows, passes of 4; 16 rows 12.0).
+FEEDBACK_BLOCK_ROWS = 32
 DECODE_KEY_SPLITS = 8  # key slices of a decode step: enough tasks for 8 cores, merged in one short pass
 
 
@@ -219,10 +224,11 @@ def prefill_tiling(d_model: int, tgt: Target, d_chunks: int | None = None) -> Pr
     fits = [c for c in range(PREFILL_D_CHUNKS, 0, -1) if d_model % c == 0 and d_model // c % lanes == 0]
     chunks = d_chunks or (fits[0] if fits else math.gcd(2, d_model))
     vector = math.gcd(lanes, d_model // chunks)
-    rows = min(PREFILL_ROWS, registers // 2 // max(1, PREFILL_KEYS // lanes))
+    score_rows = min(PREFILL_ROWS, registers // 2 // max(1, PREFILL_KEYS // lanes))
+    rows = score_rows * max(1, FEEDBACK_BLOCK_ROWS // score_rows)
     value_rows, value_vectors = value_tile(rows, d_model // chunks // vector, registers)
-    return PrefillTiling(rows=rows, vector=vector, score_vectors=PREFILL_KEYS // vector, value_rows=value_rows,
-                         value_vectors=value_vectors, d_chunks=chunks)
+    return PrefillTiling(rows=rows, vector=vector, score_rows=score_rows, score_vectors=PREFILL_KEYS // vector,
+                         value_rows=value_rows, value_vectors=value_vectors, d_chunks=chunks)
 
 
 def schedule_feedback_attention(func: tirx.PrimFunc, tgt: Target) -> tirx.PrimFunc:

@@ -143,11 +143,11 @@ def test_cpu_other_tilings_match_reference(tilings):
 PREFILL_TILES = {  # the CPU prefill's register tiles at sizes that divide none of the shapes, in
     # groups of a few blocks (a prompt of 257 rows is 22 and 13 groups)
     "3 rows, 1 vector of 4 keys, 2 chunks, groups of 12 rows": PrefillTiling(
-        rows=3, vector=4, score_vectors=1, value_rows=3, value_vectors=1, d_chunks=2, group_rows=12),
+        rows=3, vector=4, score_rows=3, score_vectors=1, value_rows=3, value_vectors=1, d_chunks=2, group_rows=12),
     "5 rows, 2 vectors of 8 keys, groups of 20 rows, updates a row a pass": PrefillTiling(
-        rows=5, vector=8, score_vectors=2, value_rows=1, value_vectors=2, group_rows=20),
-    "6 rows, updates of 2 rows x 4 vectors, 2 chunks": PrefillTiling(
-        rows=6, vector=4, score_vectors=2, value_rows=2, value_vectors=4, d_chunks=2, group_rows=12),
+        rows=5, vector=8, score_rows=5, score_vectors=2, value_rows=1, value_vectors=2, group_rows=20),
+    "6 rows, scores 3 rows a pass, updates of 2 rows x 4 vectors, 2 chunks": PrefillTiling(
+        rows=6, vector=4, score_rows=3, score_vectors=2, value_rows=2, value_vectors=4, d_chunks=2, group_rows=12),
 }
 
 
