@@ -71,9 +71,10 @@ class AttentionTiling:
     key_tile: int = 16  # keys per online-softmax step (decode and GPU)
     decode_keys: int = 16  # CPU decode: keys whose dot products run interleaved (its gcd with key_tile)
     prefetch_tiles: int = 0  # CPU decode: how many tiles ahead the keys and values are prefetched (0: none)
-    rows: int = 4  # CPU prefill: query rows of one head per task, sharing each key and value load
+    rows: int = 4  # CPU prefill: query rows of one head per task, sharing each key tile and value row
     vector: int = 8  # CPU prefill: SIMD lanes, over keys in the scores and over columns in the update
-    score_vectors: int = 2  # CPU prefill: vectors of keys in a score tile (rows x score_vectors accumulators)
+    score_rows: int = 4  # CPU prefill: rows of a score pass (score_rows x score_vectors accumulators)
+    score_vectors: int = 2  # CPU prefill: vectors of keys in a score tile
     value_rows: int = 4  # CPU prefill: rows of a value-update pass (value_rows x value_vectors accumulators)
     value_vectors: int = 4  # CPU prefill: vectors of columns a value-update pass
     threads: int | None = None  # GPU threads per block
@@ -105,11 +106,12 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
     lanes, tile = tiling.lanes, tiling.key_tile
     if d % lanes:
         raise ValueError(f"{lanes} lanes do not divide the head width {d}")
-    R, V, RV, VC = tiling.rows, tiling.vector, tiling.value_rows, tiling.value_vectors  # CPU prefill register tiles
+    R, V = tiling.rows, tiling.vector  # CPU prefill: a task's rows, SIMD lanes
+    RS, RV, VC = tiling.score_rows, tiling.value_rows, tiling.value_vectors  # and its register tiles
     KT = V * tiling.score_vectors  # CPU prefill: keys per score tile
-    if not gpu and (d % (V * VC) or R % RV):
-        raise ValueError(f"{VC} vectors of {V} lanes do not divide the head width {d}, or {RV} rows not the {R} "
-                         "of a block")
+    if not gpu and (d % (V * VC) or R % RS or R % RV):
+        raise ValueError(f"{VC} vectors of {V} lanes do not divide the head width {d}, or {RS} score rows or {RV} "
+                         f"value rows not the {R} of a block")
     KG = math.gcd(tiling.decode_keys, tile)  # CPU decode: keys a group, a divisor of the tile
     ahead = tiling.prefetch_tiles
     line = LINE_BYTES * 8 // tvm.DataType(cache_dtype).bits  # cache elements a prefetched line
@@ -272,7 +274,7 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
         last = T.min(R * rb + R, seq_len) - 1  # last row of the block
         qr = T.alloc_buffer((R, d), f32)
         acc = T.alloc_buffer((R, d), f32)
-        score = T.alloc_buffer((R, KT), f32)
+        score = T.alloc_buffer((RS, KT), f32)
         peak = T.alloc_buffer((R, KT), f32)  # largest score so far, per lane
         total = T.alloc_buffer((R, KT), f32)  # sum of the exps, per lane
         row_total = T.alloc_buffer((R,), f32)  # the row's sum of exps
@@ -299,24 +301,26 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
                 peak[r, jj] = T.float32(_NEG)
                 total[r, jj] = T.float32(0)
         for jt in range(T.ceildiv(past_len + last + 1, KT)):
-            # rows x keys scores: each step of dd broadcasts R query values against KT keys
-            for r in T.unroll(R):
-                for kv in T.unroll(KT // V):
-                    for lane in T.vectorized(V):
-                        score[r, kv * V + lane] = T.float32(0)
-            for dd in range(d):
-                for r in T.unroll(R):
-                    for kv in T.unroll(KT // V):
-                        for lane in T.vectorized(V):
-                            score[r, kv * V + lane] = score[r, kv * V + lane] + qr[r, dd] * key_t[
-                                b, h // G, jt, dd, kv * V + lane]
-            for r in range(R):
-                for jj in T.vectorized(KT):
-                    probs[jt, r, jj] = T.Select(jt * KT + jj <= past_len + R * rb + r,
-                                                score[r, jj] * T.float32(scale), T.float32(_NEG))
-                    peak[r, jj] = T.max(peak[r, jj], probs[jt, r, jj])
+            for rg in range(R // RS):
+                if R * rb + rg * RS <= last:  # (a pass of rows all past the last is skipped, here and below)
+                    # RS rows x KT keys: each step of dd broadcasts RS query values against KT keys
+                    for r in T.unroll(RS):
+                        for kv in T.unroll(KT // V):
+                            for lane in T.vectorized(V):
+                                score[r, kv * V + lane] = T.float32(0)
+                    for dd in range(d):
+                        for r in T.unroll(RS):
+                            for kv in T.unroll(KT // V):
+                                for lane in T.vectorized(V):
+                                    score[r, kv * V + lane] = score[r, kv * V + lane] + qr[rg * RS + r, dd] * key_t[
+                                        b, h // G, jt, dd, kv * V + lane]
+                    for r in range(RS):
+                        for jj in T.vectorized(KT):
+                            probs[jt, rg * RS + r, jj] = T.Select(jt * KT + jj <= past_len + R * rb + rg * RS + r,
+                                                                  score[r, jj] * T.float32(scale), T.float32(_NEG))
+                            peak[rg * RS + r, jj] = T.max(peak[rg * RS + r, jj], probs[jt, rg * RS + r, jj])
         # 2. exp(score - max) over the row and the sum: one max and one sum per row, no rescaling
-        for r in range(R):
+        for r in range(T.min(R, last + 1 - R * rb)):
             row_peak: T.float32 = row_max(peak, r, KT)
             for jt in range(T.ceildiv(past_len + last + 1, KT)):
                 for jj in T.vectorized(KT):
@@ -326,7 +330,7 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
             row_total[r] = row_sum(total, r, KT)
         # 3. probs @ values, a pass for every RV rows x VC vectors of columns (the accumulators fit in
         # registers; each step of j loads VC values and RV probabilities for RV x VC multiply-adds)
-        for rg, cp in T.grid(R // RV, d // V // VC):
+        for rg, cp in T.grid(T.ceildiv(last + 1 - R * rb, RV), d // V // VC):
             for r in T.unroll(RV):
                 for c in T.unroll(VC):
                     for lane in T.vectorized(V):

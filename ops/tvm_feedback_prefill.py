@@ -141,23 +141,24 @@ def feedback_prefill_kernel(d_model: int, dtype: str = "float32", scale: float |
                         peak[ri] = T.float32(_NEG)
                     for kt in range(T.ceildiv(past_len + last, KT)):
                         for rg in range(R // RS):
-                            for ri in T.unroll(RS):
-                                for sv in T.unroll(SV):
-                                    for lane in T.vectorized(V):
-                                        score[ri, sv * V + lane] = T.float32(0)
-                            for d in range(D):
+                            if row0 + rg * RS < seq_len:  # (a pass of rows past the last is skipped, here and below)
                                 for ri in T.unroll(RS):
                                     for sv in T.unroll(SV):
                                         for lane in T.vectorized(V):
-                                            score[ri, sv * V + lane] = score[ri, sv * V + lane] + qr[rg * RS + ri, d] * key_t[
-                                                b, kt, d, sv * V + lane]
-                            for ri in range(RS):  # keys 0 <= j < t = base + ri
-                                for jj in T.vectorized(KT):
-                                    score[ri, jj] = T.Select(kt * KT + jj < base + rg * RS + ri, score[ri, jj] * T.float32(scale),
-                                                             T.float32(_NEG))
-                                    prob[b, rb * R + rg * RS + ri, kt * KT + jj] = score[ri, jj]
-                                peak[rg * RS + ri] = T.max(peak[rg * RS + ri], row_max(score, ri, KT))
-                    for ri in range(R):
+                                            score[ri, sv * V + lane] = T.float32(0)
+                                for d in range(D):
+                                    for ri in T.unroll(RS):
+                                        for sv in T.unroll(SV):
+                                            for lane in T.vectorized(V):
+                                                score[ri, sv * V + lane] = score[ri, sv * V + lane] + qr[rg * RS + ri, d] * key_t[
+                                                    b, kt, d, sv * V + lane]
+                                for ri in range(RS):  # keys 0 <= j < t = base + ri
+                                    for jj in T.vectorized(KT):
+                                        score[ri, jj] = T.Select(kt * KT + jj < base + rg * RS + ri, score[ri, jj] * T.float32(scale),
+                                                                 T.float32(_NEG))
+                                        prob[b, rb * R + rg * RS + ri, kt * KT + jj] = score[ri, jj]
+                                    peak[rg * RS + ri] = T.max(peak[rg * RS + ri], row_max(score, ri, KT))
+                    for ri in range(T.min(R, seq_len - row0)):
                         for jj in T.vectorized(KT):
                             part[0, jj] = T.float32(0)
                         for kt in range(T.ceildiv(past_len + last, KT)):
@@ -178,7 +179,7 @@ def feedback_prefill_kernel(d_model: int, dtype: str = "float32", scale: float |
                     if row0 < seq_len:
                         base = past_len + row0
                         # acc = prob @ state over the positions before the block, RV rows x PASS columns a pass
-                        for rg, cp in T.grid(R // RV, DC // PASS):
+                        for rg, cp in T.grid(T.ceildiv(T.min(R, seq_len - row0), RV), DC // PASS):
                             for ri in T.unroll(RV):
                                 for cv in T.unroll(VC):
                                     for lane in T.vectorized(V):

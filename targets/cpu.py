@@ -126,20 +126,28 @@ def attention_tiling(head_dim: int, tgt: Target) -> AttentionTiling:
     prefetches the next (96 layers' caches at P = 1024 read cold, 2 threads, in turns: 23.3 / 21.5 GB/s
     without, 24.9 / 26.0 with, 24.7 / 25.7 two tiles ahead; BENCHMARKS.md, 2026-12-02, 17:00 UTC).
 
-    Prefill: a task's scores are rows x PREFILL_KEYS keys of accumulators, at most half the SIMD
-    registers (32 with AVX-512 and on AArch64, 16 with AVX2), so that the loads and the broadcasts
-    keep the rest; its value update takes value_tile's passes.
+    Prefill: a task takes PREFILL_BLOCK_ROWS rows of a head; its scores, a pass at a time, are
+    score_rows x PREFILL_KEYS keys of accumulators, at most half the SIMD registers (32 with AVX-512
+    and on AArch64, 16 with AVX2), so that the loads and the broadcasts keep the rest; its value
+    update takes value_tile's passes.
     """
     registers, lanes = simd_registers(tgt), vector_lanes(tgt)
-    score_vectors = max(1, PREFILL_KEYS // lanes)
-    rows = min(PREFILL_ROWS, registers // 2 // score_vectors)
+    rows, score_rows = prefill_rows(tgt)
     vector = math.gcd(lanes, head_dim)
     decode_lanes = next(n for n in (8, 4, 2, 1) if head_dim % n == 0)
     interleaved = registers // 2 // max(1, decode_lanes // lanes)  # accumulators of decode_lanes each
     value_rows, value_vectors = value_tile(rows, head_dim // vector, registers)
     return AttentionTiling(lanes=decode_lanes, key_tile=16, rows=rows, vector=vector, prefetch_tiles=1,
                            decode_keys=next(n for n in (16, 8, 4, 2, 1) if n <= interleaved),
-                           score_vectors=PREFILL_KEYS // vector, value_rows=value_rows, value_vectors=value_vectors)
+                           score_rows=score_rows, score_vectors=PREFILL_KEYS // vector, value_rows=value_rows,
+                           value_vectors=value_vectors)
+
+
+def prefill_rows(tgt: Target) -> tuple[int, int]:
+    """(rows, score_rows) of a prefill task of either attention kernel: score tiles of score_rows x
+    PREFILL_KEYS accumulators in half the SIMD registers, PREFILL_BLOCK_ROWS rows a task in passes of them."""
+    score_rows = min(PREFILL_ROWS, simd_registers(tgt) // 2 // max(1, PREFILL_KEYS // vector_lanes(tgt)))
+    return score_rows * max(1, PREFILL_BLOCK_ROWS // score_rows), score_rows
 
 
 def value_tile(rows: int, vectors: int, registers: int) -> tuple[int, int]:
@@ -178,19 +186,18 @@ def simd_registers(tgt: Target) -> int:
 # exps in this many lanes, so the tile fixes its rounding, and its x86-64 and AArch64 builds write
 # the same bytes (tests/test_embed_cpp.py compares them under qemu).
 PREFILL_KEYS = 16
-# Rows of a prefill block at most: each key a task loads serves this many rows. A block streams the
-# transposed keys of its whole past (3 MB for a 1024-token prompt at D = 768: from L3), so with
-# AVX-512 (then 16 rows of one vector of keys, half the registers) 16 rows halve that traffic
-# against 8 (BENCHMARKS.md, 2026-12-02 13:47-15:30 UTC, measured before the two-phase FeedbackAttention
-# prefill: FeedbackAttention 35 -> 25 ms together with the key layout, forward attention 22 -> 17.5
-# ms a layer at T = 1024). AVX2 and NEON tiles stay at 4 rows.
+# Rows of a prefill score tile at most: with AVX-512, 16 rows of one vector of keys (half the
+# registers) load a key for 16 multiply-adds (BENCHMARKS.md, 2026-12-02 13:47-15:30 UTC: with 8
+# rows, FeedbackAttention 35 -> 25 ms together with the key layout, forward attention 22 -> 17.5 ms a
+# layer at T = 1024). AVX2 and NEON tiles stay at 4 rows.
 PREFILL_ROWS = 16
 PREFILL_D_CHUNKS = 8  # most solve tasks of a FeedbackAttention prefill (prefill_tiling)
-# Rows of a FeedbackAttention prefill block, in score passes of the register tile's rows: a key tile
-# (D x 16 keys, 48 KB at D = 768) comes from the L3 once for them all. `benchmarks/tvm_kernels.py`
-# shapes, T = 1024, 2 threads, BENCHMARKS.md 2026-12-03: AVX-512 7.6 -> 6.6 ms (16 -> 32 rows, passes
-# of 16; 64 rows 6.9), AVX2 13.1 -> 11.0 ms (4 -> 32 rows, passes of 4; 16 rows 12.0).
-FEEDBACK_BLOCK_ROWS = 32
+# Rows of a prefill task (a block), in score passes of the score tile's rows: a key tile is loaded
+# from the L3 (FeedbackAttention: D x 16 keys, 48 KB at D = 768) or the L2 (a head's) once for them
+# all. `benchmarks/tvm_kernels.py` shapes, T = 1024, 2 threads (BENCHMARKS.md, 2026-12-03): with
+# AVX-512 from 16 rows, FeedbackAttention 7.6 -> 6.6 ms (64 rows 6.9), forward attention 8.5 -> 7.7
+# (64 rows 7.6); with AVX2 (x86-64-v3) from 4 rows, 13.1 -> 11.0 ms and 20.4 -> 12.6.
+PREFILL_BLOCK_ROWS = 32
 DECODE_KEY_SPLITS = 8  # key slices of a decode step: enough tasks for 8 cores, merged in one short pass
 
 
@@ -224,8 +231,7 @@ def prefill_tiling(d_model: int, tgt: Target, d_chunks: int | None = None) -> Pr
     fits = [c for c in range(PREFILL_D_CHUNKS, 0, -1) if d_model % c == 0 and d_model // c % lanes == 0]
     chunks = d_chunks or (fits[0] if fits else math.gcd(2, d_model))
     vector = math.gcd(lanes, d_model // chunks)
-    score_rows = min(PREFILL_ROWS, registers // 2 // max(1, PREFILL_KEYS // lanes))
-    rows = score_rows * max(1, FEEDBACK_BLOCK_ROWS // score_rows)
+    rows, score_rows = prefill_rows(tgt)
     value_rows, value_vectors = value_tile(rows, d_model // chunks // vector, registers)
     return PrefillTiling(rows=rows, vector=vector, score_rows=score_rows, score_vectors=PREFILL_KEYS // vector,
                          value_rows=value_rows, value_vectors=value_vectors, d_chunks=chunks)

@@ -23,11 +23,11 @@ TILINGS = {
     "rule, this machine": cpu.attention_tiling(HEAD_DIM, cpu.tvm_target(cpu=cpu.NATIVE)),
     "rule, default build": cpu.attention_tiling(HEAD_DIM, cpu.tvm_target()),
     "3 rows, 1 score vector, 3 x 3 value passes, decode prefetching 2 tiles ahead": tvm_attention.AttentionTiling(
-        lanes=4, key_tile=5, rows=3, vector=8, score_vectors=1, value_rows=1, value_vectors=1, prefetch_tiles=2),
+        lanes=4, key_tile=5, rows=3, vector=8, score_rows=3, score_vectors=1, value_rows=1, value_vectors=1, prefetch_tiles=2),
     "5 rows, 3 score vectors of 4": tvm_attention.AttentionTiling(
-        lanes=2, key_tile=7, rows=5, vector=4, score_vectors=3, value_rows=5, value_vectors=2),
-    "6 rows, value passes of 2 rows x 3 vectors": tvm_attention.AttentionTiling(
-        lanes=4, key_tile=4, rows=6, vector=4, score_vectors=2, value_rows=2, value_vectors=3),
+        lanes=2, key_tile=7, rows=5, vector=4, score_rows=5, score_vectors=3, value_rows=5, value_vectors=2),
+    "6 rows, score passes of 3 rows, value passes of 2 rows x 3 vectors": tvm_attention.AttentionTiling(
+        lanes=4, key_tile=4, rows=6, vector=4, score_rows=3, score_vectors=2, value_rows=2, value_vectors=3),
 }
 
 
