@@ -37,6 +37,13 @@ from . import packaging
 SCRATCH = "global"
 PANELS = (32, 16, 8)  # columns per weight panel, by preference: 32 = two AVX-512 or eight NEON registers
 ROW_TILE = 8  # prefill rows per register tile (8 x 32 accumulators: 16 AVX-512 registers)
+# Weight bytes a float prefill matmul's panel group holds at most: its tasks (a row tile over a panel
+# each) run every row tile over the group's panels in turn, so the group's weights stay in the L2 and
+# a row tile comes from the L3 once a group, not once a panel. 125M shapes, T = 1024, 2 threads, in turns, against one panel a group:
+# 768 x 2304 339 -> 383 GFLOP/s, 768 x 32000 355 -> 389, 3072 x 768 391 -> 390 (BENCHMARKS.md,
+# 2026-12-03); 768 KB 386-394, 18 panels (1.7 MB, near this 2 MB L2) fell to 330. Under the L2 of
+# most cores.
+PANEL_GROUP_BYTES = 512 * 1024
 # Quantized prefill rows per tile (4 x 32 int32 and float32 accumulators: 16 AVX-512 registers). One
 # 768 x 3840 kernel over 1024 rows, AVX-512 VNNI, 2 threads, q8 / q4: 3 rows 6.7 / 7.5 ms, 4 rows 6.4 / 7.1,
 # 5 rows 6.4 / 7.0, 6 rows 6.4 / 8.9, 8 rows 7.2 / 9.3 (BENCHMARKS.md, 2026-12-02, 19:31 UTC).
@@ -305,6 +312,11 @@ def weight_panel(columns: int) -> int | None:
     return next((panel for panel in PANELS if columns % panel == 0), None)
 
 
+def panel_group(panels: int, panel_bytes: int) -> int:
+    """The panels of a prefill matmul's group: the most that divide ``panels`` and fit PANEL_GROUP_BYTES."""
+    return max(g for g in range(1, panels + 1) if panels % g == 0 and (g == 1 or g * panel_bytes <= PANEL_GROUP_BYTES))
+
+
 def emit_linear(bb: relax.BlockBuilder, x: relax.Expr, panels: relax.Expr, bias: relax.Expr | None,
                 shape: list) -> relax.Expr:
     """Emit x @ W^T (+ b) over packed panels (bias as [out / panel, panel]), viewed as ``shape``
@@ -321,8 +333,8 @@ class CpuMatmul(dl.ScheduleRule):
     One row (decode, S = 1): a matrix-vector product; each task owns one panel (a packed weight)
     or a run of up to 512 columns, keeps its accumulators in registers and streams the weight
     through them (a packed one prefetched FLOAT_PREFETCH_BYTES ahead). More rows (prefill): tiles
-    of ROW_TILE rows x one panel (or 32 columns), accumulators in registers, column tiles outermost
-    so a task's panel stays in cache across row tiles. The rows are padded to a multiple of ROW_TILE (copies of x and of the result,
+    of ROW_TILE rows x one panel (or 32 columns), accumulators in registers, groups of panels
+    outermost (panel_group) so that the group's panels stay in the L2 across row tiles. The rows are padded to a multiple of ROW_TILE (copies of x and of the result,
     both cheap): a row predicate would keep LLVM from holding the accumulators in registers.
     Weight decode blocks of ops/tvm_dequant_matmul.py (named "dequantize*") lead the function. In a
     matrix-vector product they are inlined into the reduction (each weight widened and scaled in
@@ -392,8 +404,12 @@ class CpuMatmul(dl.ScheduleRule):
                     sch.compute_at(sch.get_sblock(block), col_o)
                     inner = sch.get_loops(sch.get_sblock(block))[-1]
                     _vectorize(sch, inner, _vector_width(sch.get(inner).extent))
-            else:
-                task = tile = sch.fuse(col_o, *outer, row_o)
+            else:  # row tiles over a group of panels at a time, the group's weights held in the L2
+                item = tvm.DataType(sch.get(matmul).writes[0].source.dtype).bits // 8
+                group = panel_group(int(sch.get(col_o).extent), int(sch.get(red).extent) * width * item)
+                col_g, col_in = sch.split(col_o, [None, group])
+                sch.reorder(col_g, *outer, row_o, col_in)
+                task = tile = sch.fuse(col_g, *outer, row_o, col_in)
         sch.parallel(task)
         acc = sch.cache_write(matmul, 0, SCRATCH)
         sch.reverse_compute_at(acc, tile)

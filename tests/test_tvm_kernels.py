@@ -288,19 +288,23 @@ def test_cuda_kernels_match_reference(dtype):
 
 
 # -- linear layers on CPU: panel-packed weights (targets/cpu.py) ---------------------------------
-@pytest.mark.parametrize("columns", [96, 48, 40, 7], ids=["panel32", "panel16", "panel8", "plain"])
-def test_cpu_linear_layout_matches_numpy(columns):
+@pytest.mark.parametrize("columns, inputs", [(96, 64), (48, 64), (40, 64), (7, 64), (160, 2048)],
+                         ids=["panel32", "panel16", "panel8", "plain", "panel32-groups"])
+def test_cpu_linear_layout_matches_numpy(columns, inputs):
     """x @ W^T + b as the CPU build emits it, for decode (S = 1) and a prefill whose rows are not
-    a multiple of the row tile, against float64 NumPy."""
+    a multiple of the row tile, against float64 NumPy; 2048 inputs make panels of 256 KB, a prefill
+    group (cpu.panel_group) then holds fewer than all of them."""
     from sessa_export.to_tvm import CompileTarget
 
+    if columns % 32 == 0:  # float32 panels of 32 columns
+        assert (cpu.panel_group(columns // 32, inputs * 32 * 4) < columns // 32) == (inputs == 2048)
     rng = np.random.default_rng(columns)
-    weight = rng.standard_normal((columns, 64)).astype("float32")
+    weight = rng.standard_normal((columns, inputs)).astype("float32")
     bias = rng.standard_normal(columns).astype("float32")
     panel = cpu.weight_panel(columns)
     seq = tirx.Var("seq", "int64")
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([1, seq, 64], "float32"))
+    x = relax.Var("x", relax.TensorType([1, seq, inputs], "float32"))
     with bb.function("main", [x]):
         with bb.dataflow():
             if panel is None:
@@ -314,7 +318,7 @@ def test_cpu_linear_layout_matches_numpy(columns):
     target = CompileTarget("cpu").tvm_target()
     vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target, relax_pipeline=cpu.pipeline(target)), tvm.cpu())
     for rows in (1, 13):
-        data = rng.standard_normal((1, rows, 64)).astype("float32")
+        data = rng.standard_normal((1, rows, inputs)).astype("float32")
         got = vm["main"](tvm.runtime.tensor(data)).numpy()
         expected = data.astype(np.float64) @ weight.T.astype(np.float64) + bias
         assert got.shape == (1, rows, columns)
