@@ -118,6 +118,10 @@ def test_feedback_attention_survives_and_checker_passes(mode, fp32_export, quant
         bits = {a.name: a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute}["bits"]
         assert bits == {"int8": 8, "int4": 4}[mode]
         assert ops["MatMul"] == 1, f"{mode}: {ops['MatMul']} float MatMul left (every other linear layer is quantized)"
+        # a mixer's q/k/v/proj_fb/gamma_ctx read one activation: one MatMulNBits over them, then a Split
+        nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        assert len({n.input[0] for n in nbits}) == len(nbits)
+        assert ops["Split"] >= n_layers + Counter(n.op_type for n in model_of(fp32_export).graph.node)["Split"]
     left = {w.module.rsplit(".", 1)[-1] for w in find_weights(model)}  # float32 weights still in the model
     assert left == ({"gamma_ctx"} if mode == "fp16" else {"embed"}), left  # fp16 keeps the gain path in float32
 
@@ -219,6 +223,41 @@ def test_quality_metrics_on_known_inputs():
     worse = quality.compare("int8", ref, bad, ids, 16)
     assert worse.top1_agreement == pytest.approx(56 / 64) and worse.kl_mean > 0.01 and not worse.ok
     assert [c.ok for c in worse.checks] == [False, False]
+
+
+@pytest.mark.parametrize("bits", (8, 4))
+def test_fused_matmul_nbits_gives_the_separate_products(bits):
+    """fuse_shared_input: three MatMulNBits of one activation (widths that are not one another's, one
+    of a single column) as one over their weights side by side, then a Split, give the same outputs."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    from sessa_export.to_onnx.quantize import Weight, fuse_shared_input, quantize_nbits
+
+    rng = np.random.default_rng(bits)
+    widths, inputs = (48, 1, 80), 64
+    weights = [rng.standard_normal((inputs, n)).astype(np.float32) for n in widths]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"mm{i}") for i in range(3)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, inputs])],
+                              [helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, [3, n])
+                               for i, n in enumerate(widths)],
+                              [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    quantize = [Weight(f"w{i}", node, [inputs, n]) for i, (node, n) in enumerate(zip(nodes, widths))]
+    x = rng.standard_normal((3, inputs)).astype(np.float32)
+
+    def run(m: onnx.ModelProto) -> list[np.ndarray]:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+    separate = quantize_nbits(model, quantize, bits, 32)
+    assert Counter(n.op_type for n in separate.graph.node) == {"MatMulNBits": 3}
+    fused = onnx.ModelProto.FromString(separate.SerializeToString())
+    assert fuse_shared_input(fused) == 2
+    assert Counter(n.op_type for n in fused.graph.node) == {"MatMulNBits": 1, "Split": 1}
+    for got, want, w in zip(run(fused), run(separate), weights):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        # and a product of the right weight: 4-bit blocks of normal weights are ~10% off, another weight ~140%
+        assert np.abs(got - x @ w).max() < 0.3 * np.abs(x @ w).max()
 
 
 def test_keep_leaves_named_layers_in_float32(fp32_export, tmp_path):

@@ -10,7 +10,10 @@ What each mode does to the export's linear layers (MatMul initializers `{module}
   output channel, every block with its own scale and zero point; linear layers become
   com.microsoft MatMulNBits, the embedding GatherBlockQuantized. accuracy_level 4: at run time
   the activations are quantized to int8 per block too (dynamic quantization) and ORT's CPU
-  kernels multiply in integers, their fastest path.
+  kernels multiply in integers, their fastest path. The MatMulNBits of one activation (a mixer's
+  q/k/v/proj_fb/gamma_ctx) then become one over their weights side by side and a Split
+  (`fuse_shared_input`): a decode step launches 4 fewer kernels a layer (125M int4, context 64:
+  5.46 -> 4.9 ms/token).
   Why not `quantize_dynamic` for int8: its activation scale is one per tensor, so a prefill chunk
   shares one scale across all its tokens; on the bundled model that gave 98.0% top-1 agreement
   (< the 99% bar) against 99.2% for 8-bit blocks, at the same decode speed.
@@ -190,6 +193,60 @@ def quantize_nbits(model: onnx.ModelProto, quantize: list[Weight], bits: int, bl
     for weight in gathers:
         _gather_block_quantized_8bit(model, weight, block_size)
     return model
+
+
+def fuse_shared_input(model: onnx.ModelProto) -> int:
+    """Make each set of MatMulNBits that read one activation with one layout (K, bits, block size,
+    accuracy level) one MatMulNBits over their weights side by side, then a Split; return how many
+    nodes it removed. A mixer's q/k/v/proj_fb/gamma_ctx then cost one kernel launch in a decode step,
+    not five; each output column is computed from the same weights and activation blocks as before.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    groups: dict[tuple, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if (node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and len(node.input) == 4
+                and all(name in inits for name in node.input[1:]) and set(attrs) <= {"K", "N", "bits", "block_size", "accuracy_level"}):
+            layout = tuple(sorted((k, v) for k, v in attrs.items() if k != "N"))
+            groups.setdefault((node.input[0], layout), []).append(node)
+    fused = {id(group[0]): group for group in groups.values() if len(group) > 1}
+    if not fused:
+        return 0
+    removed = {id(node) for group in fused.values() for node in group[1:]}
+    nodes = []
+    for node in model.graph.node:
+        if id(node) in removed:
+            continue
+        group = fused.get(id(node))
+        if group is None:
+            nodes.append(node)
+            continue
+        sizes = [next(a.i for a in n.attribute if a.name == "N") for n in group]
+        name = "+".join(n.name for n in group)
+        tensors = []
+        for slot in (1, 2, 3):  # B [N, blocks, blob], scales and zero points ([N, ...] or flat N x ...)
+            arrays = [numpy_helper.to_array(inits[n.input[slot]]) for n in group]
+            stacked = np.concatenate([a.reshape(n, -1) for a, n in zip(arrays, sizes)])
+            shape = (sum(sizes), *arrays[0].shape[1:]) if arrays[0].ndim > 1 else (-1,)
+            tensors.append(numpy_helper.from_array(stacked.reshape(shape), "+".join(n.input[slot] for n in group)))
+        model.graph.initializer.extend(tensors)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        joined = f"{node.output[0]}.fused"
+        nodes.append(onnx.helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in tensors)], [joined],
+                                           name=name, domain="com.microsoft", **{**attrs, "N": sum(sizes)}))
+        sizes_name = f"{name}.sizes"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(sizes, dtype=np.int64), sizes_name))
+        nodes.append(onnx.helper.make_node("Split", [joined, sizes_name], [n.output[0] for n in group],
+                                           name=f"{name}.split", axis=-1))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    replaced = {name for group in fused.values() for node in group for name in node.input[1:]}
+    used = {name for node in model.graph.node for name in node.input}
+    for init in [i for i in model.graph.initializer if i.name in replaced - used]:
+        model.graph.initializer.remove(init)
+    return len(removed)
 
 
 def _gather_block_quantized_8bit(model: onnx.ModelProto, weight: Weight, block_size: int) -> None:
@@ -451,7 +508,11 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
     source_sha = files_sha256(files)
 
     progress(f"{qmode.name}: {qmode.summary}" + (f", block {block}" if block else "") + f", {len(to_quantize)} weights")
-    qmodel = quantize_nbits(model, to_quantize, qmode.bits, block) if qmode.blocks else to_float16(model, kept)
+    if qmode.blocks:
+        qmodel = quantize_nbits(model, to_quantize, qmode.bits, block)
+        fuse_shared_input(qmodel)
+    else:
+        qmodel = to_float16(model, kept)
     _ensure_function(qmodel, fa_nodes)
     still_float32 = {w.name for w in find_weights(qmodel)}
     qmodel.producer_name = model.producer_name
@@ -465,7 +526,8 @@ def quantize_export(src: str | Path, out: str | Path, mode: str, block_size: int
         # int4 keep an embedding table tied to the LM head
         float_weights=[w.name for w in to_quantize if w.name in still_float32] + [w.name for w in tied],
         method=(f"onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer(bits={qmode.bits}, "
-                f"block_size={block}, asymmetric, round to nearest, accuracy_level={ACCURACY_LEVEL})"
+                f"block_size={block}, asymmetric, round to nearest, accuracy_level={ACCURACY_LEVEL}); those of one "
+                "activation fused (to_onnx.quantize.fuse_shared_input)"
                 + "".join(f"; {w.name} {TIED_REASON}" for w in tied)
                 if qmode.blocks else
                 "sessa_export.to_onnx.quantize.to_float16 (float32 softmax, LayerNorm, Gelu, gain, RoPE angles, "
