@@ -21,8 +21,8 @@ that runs an online softmax (running max / running sum) over its j ≤ t keys, a
 at a time: the tile's scores first (independent dot products), then one rescale of the
 accumulator per tile and one exp per key. On CPU a decode step (S = 1) takes one row per (batch,
 head), its d-wide dot products and updates written with explicit vector lanes so LLVM emits SIMD
-without fast-math; a prefill task takes ``rows`` rows of one head as register tiles and a plain
-(not online) softmax: all its scores first, a rows x keys tile at a time vectorised over the keys
+without fast-math; a prefill task takes ``rows`` rows of one head and a plain (not online)
+softmax: all its scores first, a ``score_rows`` x keys register tile at a time vectorised over the keys
 (read from the keys transposed once a call, so that no product ends in a lane sum), then one max,
 one exp per key and one sum per row, then probs @ values in passes of ``value_rows`` rows x
 ``value_vectors`` vectors of columns. The tasks
@@ -256,7 +256,8 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
     def block_task(task, q, turn, key_t, value_cache, past_len, out, batch, seq_len):
         """CPU prefill: rows R*rb .. R*rb+R-1 of head h (task = (b, rb, h)), register-tiled.
 
-        Scores are a rows x keys tile vectorised over the keys (``key_t`` holds the keys
+        Scores are score_rows x keys tiles vectorised over the keys, a pass of rows at a time over
+        each tile of keys (so the tile, from the L2, serves all R rows; ``key_t`` holds the keys
         transposed a tile at a time, [tile, d, KT]: the tile streams from one contiguous block, where
         rows of all positions put every step of dd a page apart, past the reach of Intel's stride
         prefetcher), so no product ends in a lane sum. They are kept for the whole row (``probs``, at
@@ -388,7 +389,7 @@ def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope:
                         row_task(bx * threads + tx, q, inv_freq, key_cache, value_cache, past_len, out, batch, seq_len)
         else:
             # cos and sin of each new position's angles, once for every batch row and head
-            turn = T.alloc_buffer((seq_len, half, 2), dtype)
+            turn = T.alloc_buffer((seq_len if rope else 1, half, 2), dtype)
             for i in T.parallel(seq_len):
                 if rope:
                     for p in range(d // 2):
