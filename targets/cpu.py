@@ -39,10 +39,10 @@ PANELS = (32, 16, 8)  # columns per weight panel, by preference: 32 = two AVX-51
 ROW_TILE = 8  # prefill rows per register tile (8 x 32 accumulators: 16 AVX-512 registers)
 # Weight bytes a float prefill matmul's panel group holds at most: its tasks (a row tile over a panel
 # each) run every row tile over the group's panels in turn, so the group's weights stay in the L2 and
-# a row tile comes from the L3 once a group, not once a panel. 125M shapes, T = 1024, 2 threads, in turns, against one panel a group:
-# 768 x 2304 339 -> 383 GFLOP/s, 768 x 32000 355 -> 389, 3072 x 768 391 -> 390 (BENCHMARKS.md,
-# 2026-12-03); 768 KB 386-394, 18 panels (1.7 MB, near this 2 MB L2) fell to 330. Under the L2 of
-# most cores.
+# a row tile comes from the L3 once a group, not once a panel. 125M shapes, T = 1024, 2 threads, in
+# turns, against one panel a group: 768 x 2304 339 -> 383 GFLOP/s, 768 x 32000 355 -> 389, 3072 x
+# 768 391 -> 390 (BENCHMARKS.md, 2026-12-03); 768 KB 386-394, 18 panels (1.7 MB, near this 2 MB L2)
+# fell to 330. Under the L2 of most cores.
 PANEL_GROUP_BYTES = 512 * 1024
 # Quantized prefill rows per tile (4 x 32 int32 and float32 accumulators: 16 AVX-512 registers). One
 # 768 x 3840 kernel over 1024 rows, AVX-512 VNNI, 2 threads, q8 / q4: 3 rows 6.7 / 7.5 ms, 4 rows 6.4 / 7.1,
@@ -314,7 +314,8 @@ def weight_panel(columns: int) -> int | None:
 
 def panel_group(panels: int, panel_bytes: int) -> int:
     """The panels of a prefill matmul's group: the most that divide ``panels`` and fit PANEL_GROUP_BYTES."""
-    return max(g for g in range(1, panels + 1) if panels % g == 0 and (g == 1 or g * panel_bytes <= PANEL_GROUP_BYTES))
+    return max(g for g in range(1, panels + 1)
+               if panels % g == 0 and (g == 1 or g * panel_bytes <= PANEL_GROUP_BYTES))
 
 
 def emit_linear(bb: relax.BlockBuilder, x: relax.Expr, panels: relax.Expr, bias: relax.Expr | None,

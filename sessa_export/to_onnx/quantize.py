@@ -195,6 +195,9 @@ def quantize_nbits(model: onnx.ModelProto, quantize: list[Weight], bits: int, bl
     return model
 
 
+NBITS_ATTRIBUTES = frozenset({"K", "N", "bits", "block_size", "accuracy_level"})  # what fuse_shared_input knows
+
+
 def fuse_shared_input(model: onnx.ModelProto) -> int:
     """Make each set of MatMulNBits that read one activation with one layout (K, bits, block size,
     accuracy level) one MatMulNBits over their weights side by side, then a Split; return how many
@@ -208,7 +211,7 @@ def fuse_shared_input(model: onnx.ModelProto) -> int:
     for node in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if (node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and len(node.input) == 4
-                and all(name in inits for name in node.input[1:]) and set(attrs) <= {"K", "N", "bits", "block_size", "accuracy_level"}):
+                and all(name in inits for name in node.input[1:]) and set(attrs) <= NBITS_ATTRIBUTES):
             layout = tuple(sorted((k, v) for k, v in attrs.items() if k != "N"))
             groups.setdefault((node.input[0], layout), []).append(node)
     fused = {id(group[0]): group for group in groups.values() if len(group) > 1}
