@@ -207,26 +207,27 @@ def fuse_shared_input(model: onnx.ModelProto) -> int:
     from onnx import numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
-    groups: dict[tuple, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    graph_nodes = list(model.graph.node)
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} for node in graph_nodes]
+    groups: dict[tuple, list[int]] = {}  # (activation, layout) -> indices of its nodes
+    for i, node in enumerate(graph_nodes):
         if (node.op_type == "MatMulNBits" and node.domain == "com.microsoft" and len(node.input) == 4
-                and all(name in inits for name in node.input[1:]) and set(attrs) <= NBITS_ATTRIBUTES):
-            layout = tuple(sorted((k, v) for k, v in attrs.items() if k != "N"))
-            groups.setdefault((node.input[0], layout), []).append(node)
-    fused = {id(group[0]): group for group in groups.values() if len(group) > 1}
+                and all(name in inits for name in node.input[1:]) and set(attrs[i]) <= NBITS_ATTRIBUTES):
+            layout = tuple(sorted((k, v) for k, v in attrs[i].items() if k != "N"))
+            groups.setdefault((node.input[0], layout), []).append(i)
+    fused = {group[0]: group for group in groups.values() if len(group) > 1}
     if not fused:
         return 0
-    removed = {id(node) for group in fused.values() for node in group[1:]}
+    removed = {i for group in fused.values() for i in group[1:]}
     nodes = []
-    for node in model.graph.node:
-        if id(node) in removed:
+    for i, node in enumerate(graph_nodes):
+        if i in removed:
             continue
-        group = fused.get(id(node))
-        if group is None:
+        if i not in fused:
             nodes.append(node)
             continue
-        sizes = [next(a.i for a in n.attribute if a.name == "N") for n in group]
+        group = [graph_nodes[j] for j in fused[i]]
+        sizes = [attrs[j]["N"] for j in fused[i]]
         name = "+".join(n.name for n in group)
         tensors = []
         for slot in (1, 2, 3):  # B [N, blocks, blob], scales and zero points ([N, ...] or flat N x ...)
@@ -235,17 +236,16 @@ def fuse_shared_input(model: onnx.ModelProto) -> int:
             shape = (sum(sizes), *arrays[0].shape[1:]) if arrays[0].ndim > 1 else (-1,)
             tensors.append(numpy_helper.from_array(stacked.reshape(shape), "+".join(n.input[slot] for n in group)))
         model.graph.initializer.extend(tensors)
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         joined = f"{node.output[0]}.fused"
         nodes.append(onnx.helper.make_node("MatMulNBits", [node.input[0], *(t.name for t in tensors)], [joined],
-                                           name=name, domain="com.microsoft", **{**attrs, "N": sum(sizes)}))
+                                           name=name, domain="com.microsoft", **{**attrs[i], "N": sum(sizes)}))
         sizes_name = f"{name}.sizes"
         model.graph.initializer.append(numpy_helper.from_array(np.array(sizes, dtype=np.int64), sizes_name))
         nodes.append(onnx.helper.make_node("Split", [joined, sizes_name], [n.output[0] for n in group],
                                            name=f"{name}.split", axis=-1))
+    replaced = {name for group in fused.values() for j in group for name in graph_nodes[j].input[1:]}
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    replaced = {name for group in fused.values() for node in group for name in node.input[1:]}
     used = {name for node in model.graph.node for name in node.input}
     for init in [i for i in model.graph.initializer if i.name in replaced - used]:
         model.graph.initializer.remove(init)
