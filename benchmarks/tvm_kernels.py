@@ -5,13 +5,16 @@ Times (median of --repeat calls, after one untimed call), at the 125M config's s
 - the forward-attention kernel (`ops/tvm_attention.py`): decode (S = 1 at context P) and
   prefill (S = T from an empty cache);
 - the FeedbackAttention kernels (`ops/tvm_kernels.py` with `targets/cpu.py`'s rule): decode,
-  and prefill with D cut into 1 and 2 chunks; and a decode step's pass over 12 layers' caches
-  (more than the L3 holds) with the keys in 1 slice and in the rule's DECODE_KEY_SPLITS; the
-  forward attention's decode (12 layers) with vectors of 16 and of 8 lanes, in turns;
+  and prefill with D cut into 1 and 2 chunks; and a decode step's pass over --layers layers' caches
+  (default 12; 96 to read them from memory) with the keys in 1 slice and in the rule's
+  DECODE_KEY_SPLITS; the forward attention's decode (--layers layers) with vectors of 16 and of 8
+  lanes, in turns; each with the read bandwidth of its caches;
 - exact GELU over T x D from Relax's `gelu` (libm's erf) and from `positionwise.gelu_te`, in turns;
 - the LM head's matrix-vector product (768 x 32000) the way the compiler emits it: `--layout
   packed` (the CPU panel layout) or `plain` (W^T as [in, out], through Relax's matmul; what GPUs
-  get), with its read bandwidth.
+  get), with its read bandwidth;
+- the float32 prefill matmul of the q/k/v-sized product (T x 768 @ 768 x 2304, packed panels), in
+  GFLOP/s.
 
 Run it on an older install (`pip install --no-deps --target DIR <checkout>`, then
 `PYTHONPATH=DIR python benchmarks/tvm_kernels.py --layout plain --threads 2`) to compare
@@ -20,6 +23,7 @@ kernels across commits with one script.
 Every kernel is built for `--cpu` (default native, as benchmarks/tvm_cpu.py builds).
 
 Run: python benchmarks/tvm_kernels.py [--threads N] [--context 1024] [--layout packed|plain] [--cpu NAME]
+     [--layers 12]
 """
 
 from __future__ import annotations
@@ -170,6 +174,17 @@ def gelu_ms(rows: int, repeat: int) -> dict[str, float]:
     return median_ms_in_turns(calls, repeat)
 
 
+def dense_gflops(rows: int, repeat: int) -> float:
+    """The float32 prefill matmul of the fused q/k/v-sized product (rows x D @ D x 3D) the way the CPU
+    build emits it (packed panels, CpuMatmul's rule), in GFLOP/s."""
+    import tvm
+
+    weight = np.random.default_rng(0).standard_normal((3 * D, D)).astype(np.float32)
+    linear = tvm_linear(weight, rows=rows, packed=True, cpu_name=CPU["cpu"])
+    data = tvm.runtime.tensor(np.random.default_rng(1).standard_normal((1, rows, D)).astype(np.float32))
+    return 2 * rows * D * 3 * D / median_ms(lambda: linear(data), repeat) / 1e6
+
+
 def lm_head_ms(layout: str, repeat: int) -> float:
     import tvm
 
@@ -189,7 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", default="native", choices=cpu_choices(None)[0], help="compile --cpu of the kernels (default native, as "
                         "benchmarks/tvm_cpu.py builds; the figures before 2026-12-02 08:00 UTC were the default build)")
     parser.add_argument("--repeat", type=int, default=20, help="timed calls per kernel (prefill: a quarter)")
+    parser.add_argument("--layers", type=int, default=12, help="layers' caches the multi-layer decode rows cycle "
+                        "through (96 at P = 1024: 1.2 GB, read from memory rather than the L3)")
     args = parser.parse_args(argv)
+    if args.layers < 1:
+        parser.error(f"--layers must be at least 1, got {args.layers}")
     CPU["cpu"] = args.cpu
     if args.threads is None:  # an install older than runtime.available_cores needs --threads
         from sessa_export.runtime import available_cores
@@ -204,19 +223,22 @@ def main(argv: list[str] | None = None) -> int:
 
     splits = getattr(cpu, "DECODE_KEY_SPLITS", None)  # an install from before split-K decode has none
     print(f"sessa_export from {Path(sessa_export.__file__).parent}; TVM threads {threads}", flush=True)
-    T, few = args.context, max(3, args.repeat // 4)
+    T, few, L = args.context, max(3, args.repeat // 4), args.layers
     rows = [
         ("forward attention, decode", f"S=1, P={T}", f"{attention_ms(1, T, args.repeat):.3f}"),
         ("forward attention, prefill", f"S={T}, P=0", f"{attention_ms(T, 0, few):.2f}"),
         ("FeedbackAttention, decode", f"S=1, P={T}", f"{feedback_ms(1, T, 1, args.repeat):.3f}"),
-        *((f"FeedbackAttention, decode, 12 layers, {n} key slice{'s' if n > 1 else ''}", f"S=1, P={T}",
-           f"{ms:.3f} ({12 * 2 * T * D * 4 / ms / 1e6:.1f} GB/s)")
-          for n, ms in (feedback_layers_ms(T, (1, splits), args.repeat) if splits else {}).items()),
+        *((f"FeedbackAttention, decode, {L} layers, {n} key slice{'s' if n > 1 else ''}", f"S=1, P={T}",
+           f"{ms:.3f} ({L * 2 * T * D * 4 / ms / 1e6:.1f} GB/s)")
+          for n, ms in (feedback_layers_ms(T, (1, splits), args.repeat, L) if splits else {}).items()),
         ("FeedbackAttention, prefill, 1 D chunk", f"S={T}, P=0", f"{feedback_ms(T, 0, 1, few):.2f}"),
         ("FeedbackAttention, prefill, 2 D chunks", f"S={T}, P=0", f"{feedback_ms(T, 0, 2, few):.2f}"),
     ]
-    rows += [(f"forward attention, decode, 12 layers, {n} lanes", f"S=1, P={T}", f"{ms:.3f}")
-             for n, ms in attention_lanes_ms(1, T, (16, 8), args.repeat, 12).items()]
+    rows += [(f"forward attention, decode, {L} layers, {n} lanes", f"S=1, P={T}",
+              f"{ms:.3f} ({L * 2 * T * D * 4 / ms / 1e6:.1f} GB/s)")
+             for n, ms in attention_lanes_ms(1, T, (16, 8), args.repeat, L).items()]
+    rows.append(("dense float32 matmul (packed rule)", f"{T} x {D} @ {D} x {3 * D}",
+                 f"{dense_gflops(T, few):.0f} GFLOP/s"))
     if hasattr(positionwise, "gelu_te"):  # an install from before the polynomial erf has none
         rows += [(f"exact GELU, {name}", f"{T} x {D}", f"{ms:.3f}") for name, ms in gelu_ms(T, args.repeat).items()]
     head = lm_head_ms(args.layout, args.repeat)
