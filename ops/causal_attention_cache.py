@@ -41,14 +41,15 @@ def CausalAttentionCache(query, key, value, past_length, key_cache, value_cache,
     present_value = op.TensorScatter(value_cache, v, rows, axis=2)
     new = op.Shape(query, start=1, end=2)
     if op.Equal(op.Squeeze(new), op.Constant(value_int=1)):
-        # q as [B, Hkv, G, d] (query head h reads kv head h // G); scores are keys @ q per kv head, so
-        # each cache is read once, straight through (a GEMV per head), and no copy of it is made
+        # q as [B, Hkv, G, d] (query head h reads kv head h // G); scores are q @ keys^T per kv head, which
+        # ONNX Runtime runs with the transpose folded into the product (FusedMatMul, transB): each cache is
+        # read once, straight through, and no copy of it is made. (keys @ q^T folds the transpose into the
+        # one-column operand instead, which MLAS runs at half the speed.)
         d = op.Shape(key_cache, start=3)
         groups = op.Concat(op.Constant(value_ints=[0]), op.Shape(key_cache, start=1, end=2),
                            op.Constant(value_ints=[-1]), d, axis=0)  # [0, Hkv, G, d]
         q = op.Reshape(op.Mul(op.Cast(query, to=FLOAT), op.Constant(value_float=scale)), groups)
-        scores = op.Transpose(op.MatMul(op.Cast(present_key, to=FLOAT), op.Transpose(q, perm=[0, 1, 3, 2])),
-                              perm=[0, 1, 3, 2])  # [B, Hkv, G, C]
+        scores = op.MatMul(q, op.Transpose(op.Cast(present_key, to=FLOAT), perm=[0, 1, 3, 2]))  # [B, Hkv, G, C]
         j = op.Range(op.Constant(value_int=0), op.Squeeze(op.Shape(key_cache, start=2, end=3)),
                      op.Constant(value_int=1))
         visible = op.LessOrEqual(j, past)  # [C]: rows 0..P

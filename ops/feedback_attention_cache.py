@@ -49,9 +49,9 @@ def FeedbackAttentionCache(query, key, forward, gain, key_cache, state_cache, pa
         given = op.Constant(value_float=scale)
         scale_used = op.Where(op.Equal(given, op.Constant(value_float=0.0)), op.Reciprocal(op.Sqrt(width)), given)
         q = op.Mul(op.Cast(query, to=FLOAT), scale_used)
-        # keys @ q, then the [B, C, 1] scores transposed: no transposed copy of the whole key cache
-        scores = op.Transpose(op.MatMul(op.Cast(keys, to=FLOAT), op.Transpose(q, perm=[0, 2, 1])),
-                              perm=[0, 2, 1])  # [B, 1, C]
+        # q @ keys^T, the transpose folded into the product (as in causal_attention_cache): one pass over
+        # the key cache, no copy of it
+        scores = op.MatMul(q, op.Transpose(op.Cast(keys, to=FLOAT), perm=[0, 2, 1]))  # [B, 1, C]
         j = op.Range(op.Constant(value_int=0), op.Squeeze(op.Shape(keys, start=1, end=2)),
                      op.Constant(value_int=1))
         earlier = op.Less(j, past)  # [C]: the P valid rows
