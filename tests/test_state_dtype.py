@@ -83,17 +83,18 @@ def test_the_buffers_are_narrow(exports, contract, dtype):
     assert manifest["state_contract"]["dtype"] == dtype and manifest["dtype"] == "float32"  # weights stay float32
 
 
-def test_tvm_float16_caches(model, tmp_path, one_tvm_thread):
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tvm_narrow_caches(model, tmp_path, one_tvm_thread, dtype):
     from sessa_export.runtime.tvm_runner import TvmRunner
     from sessa_export.to_tvm import compile_graph
 
-    out = compile_graph(trace(model), tmp_path / "tvm16", max_len=320, state_dtype="float16")
+    out = compile_graph(trace(model), tmp_path / dtype, max_len=320, state_dtype=dtype)
     manifest = read_manifest(out)
-    assert state_layout(manifest).dtype == "float16"
-    assert all(": float16 [" in arg for arg in manifest["calling_convention"]["arguments"][2:])
+    assert state_layout(manifest).dtype == dtype
+    assert all(f": {dtype} [" in arg for arg in manifest["calling_convention"]["arguments"][2:])
     runner = TvmRunner(out, threads=1)
-    assert {c.dtype for c in runner.empty_state(1).caches} == {"float16"}
-    check_against_reference(model, runner, "float16")
+    assert {c.dtype for c in runner.empty_state(1).caches} == {dtype}
+    check_against_reference(model, runner, dtype)
 
 
 class Scaled:
