@@ -18,9 +18,9 @@ it must be cleared.
 
 New buffers come from `state_buffers`: one anonymous mapping, zero-filled, aligned to 2 MiB and
 marked for transparent huge pages where Linux offers them (THP "madvise", the common default). A
-decode streams every cache once a step; over 2 MiB pages instead of 4 KiB ones the TVM
-FeedbackAttention decode read its caches 8-10% faster here (BENCHMARKS.md, 2026-12-03 08:00), and a
-first touch faults once a huge page.
+decode streams every cache once a step: over 2 MiB pages instead of 4 KiB ones, with fewer TLB
+misses, a TVM q4 decode at context 1024 ran 7-12% faster here (BENCHMARKS.md, 2026-12-03 07:28), and
+a first touch faults once a huge page, not 512 times.
 """
 
 from __future__ import annotations
