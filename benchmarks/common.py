@@ -161,12 +161,16 @@ def read_bandwidth(threads: int, gigabytes: float = 1.0, repeat: int = 5) -> tup
     return single, parallel
 
 
-def op_times(path: Path, context: int, threads: int, vocab: int, steps: int = 8) -> dict[str, float]:
+def op_times(path: Path, context: int, threads: int, vocab: int, steps: int = 8,
+             by_node: bool = False) -> dict[str, float]:
     """ms/token by op type over `steps` decode steps after a prefill of `context`, from ONNX Runtime's
-    profiler: one OrtRunner on the export at `path` (either state contract) with the profiler on."""
+    profiler: one OrtRunner on the export at `path` (either state contract) with the profiler on.
+    `by_node`: by op type and node name with its numbers dropped, so each layer's instance of a node
+    (inside the cache functions' `If` branches too) adds to one row."""
     import collections
     import json
     import os
+    import re
 
     import onnxruntime as ort
 
@@ -187,7 +191,8 @@ def op_times(path: Path, context: int, threads: int, vocab: int, steps: int = 8)
     by_op = collections.Counter()
     for e in events:
         if e.get("cat") == "Node" and e["ts"] >= runs[0]["ts"] and e["name"].endswith("_kernel_time"):
-            by_op[e["args"]["op_name"]] += e["dur"] / 1e3 / steps
+            node = re.sub(r"\d+", "#", e["name"][:-len("_kernel_time")])
+            by_op[f"{e['args']['op_name']} {node}" if by_node else e["args"]["op_name"]] += e["dur"] / 1e3 / steps
     by_op["(whole step)"] = sum(e["dur"] for e in runs) / 1e3 / steps
     return dict(by_op)
 

@@ -22,7 +22,7 @@ with a float16 state >= 2.5x faster than grow fp32 there.
 
 Run: python benchmarks/inplace_state.py [--threads N] [--contexts 64,1024,4096] [--steps 16]
                                         [--rounds 2] [--state-dtypes float16,bfloat16] [--no-arena]
-                                        [--profile CONTEXT] [--workdir DIR [--reuse]]
+                                        [--profile CONTEXT [--profile-nodes]] [--workdir DIR [--reuse]]
 """
 
 from __future__ import annotations
@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
                         "otherwise (at context 4096 the nine sessions outgrow 24 GiB)")
     p.add_argument("--profile", type=int, default=None, metavar="CONTEXT",
                    help="also break decode down by op type at CONTEXT (ORT profiler)")
+    p.add_argument("--profile-nodes", action="store_true",
+                   help="with --profile: by op type and node (each layer's instances of a node summed), not op type alone")
     p.add_argument("--workdir", type=Path, default=None, help="keep the exports here (default: a temp dir)")
     p.add_argument("--reuse", action="store_true", help="with --workdir: reuse the exports already there")
     args = p.parse_args(argv)
@@ -125,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                              f"{bound_ms / ms:.0%}", f"{base / ms:.2f}"])
             print(f"  context {context}: " + ", ".join(f"{n} {t.decode_ms_per_token:.1f} ms"
                                                       for n, t in timings.items()), flush=True)
-        breakdown = ({name: op_times(path, args.profile, threads, config.vocab_size) for name, path in variants.items()}
+        breakdown = ({name: op_times(path, args.profile, threads, config.vocab_size, by_node=args.profile_nodes)
+                      for name, path in variants.items()}
                      if args.profile else None)
     print()
     print_table(["context", "export", "decode ms/token", "best ms", "bound ms", "of bound", "vs grow fp32"], rows,
@@ -137,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
                      key=lambda op: -max(b.get(op, 0) for b in breakdown.values()))
         print()
         print_table(["op"] + list(breakdown), [[op] + [f"{breakdown[n].get(op, 0):.2f}" for n in breakdown]
-                                               for op in ops[:16]],
-                    title=f"where decode time goes at context {args.profile}: ms/token by op type (ORT profiler)")
+                                               for op in ops[:24 if args.profile_nodes else 16]],
+                    title=f"where decode time goes at context {args.profile}: ms/token by op type"
+                          f"{' and node' if args.profile_nodes else ''} (ORT profiler)")
     return 0
 
 
