@@ -8,8 +8,9 @@ Times (median of --repeat calls, after one untimed call), at the 125M config's s
   and prefill with D cut into 1 and 2 chunks; and a decode step's pass over --layers layers' caches
   (default 12; 96 to read them from memory) with the keys in 1 slice and in the rule's
   DECODE_KEY_SPLITS, and with the caches in TVM's own allocations and in the runners'
-  (`runtime.buffer_pool.state_buffers`: huge pages where the OS gives them); the forward attention's decode (--layers layers) with vectors of 16 and of 8
-  lanes, in turns; each with the read bandwidth of its caches;
+  (`runtime.buffer_pool.state_buffers`: huge pages where the OS gives them); the forward
+  attention's decode (--layers layers) with vectors of 16 and of 8 lanes, in turns; each with the
+  read bandwidth of its caches;
 - exact GELU over T x D from Relax's `gelu` (libm's erf) and from `positionwise.gelu_te`, in turns;
 - the LM head's matrix-vector product (768 x 32000) the way the compiler emits it: `--layout
   packed` (the CPU panel layout) or `plain` (W^T as [in, out], through Relax's matmul; what GPUs

@@ -7,9 +7,9 @@ in-place state contract; standard ops, opset 24, inlined at export).
 
 The new keys and values go into the caches with `TensorScatter` (in place when the caches are
 bound as input and output). A decode step (S = 1) attends over the whole cache with the rows
-beyond P masked (q @ keys^T, a softmax, @ values), no copy; its cost grows with the capacity, which is why the
-runner grows the capacity with the context (state.capacity_for). A prefill or chunk runs
-ops/causal_attention.py's blocked attention on the P valid rows and the new ones.
+beyond P masked (q @ keys^T, a softmax, @ values), no copy; its cost grows with the capacity,
+which is why the runner grows the capacity with the context (state.capacity_for). A prefill or
+chunk runs ops/causal_attention.py's blocked attention on the P valid rows and the new ones.
 """
 
 from __future__ import annotations
