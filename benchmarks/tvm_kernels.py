@@ -7,10 +7,8 @@ Times (median of --repeat calls, after one untimed call), at the 125M config's s
 - the FeedbackAttention kernels (`ops/tvm_kernels.py` with `targets/cpu.py`'s rule): decode,
   and prefill with D cut into 1 and 2 chunks; and a decode step's pass over --layers layers' caches
   (default 12; 96 to read them from memory) with the keys in 1 slice and in the rule's
-  DECODE_KEY_SPLITS, and with the caches in TVM's own allocations and in the runners'
-  (`runtime.buffer_pool.state_buffers`: huge pages where the OS gives them); the forward
-  attention's decode (--layers layers) with vectors of 16 and of 8 lanes, in turns; each with the
-  read bandwidth of its caches;
+  DECODE_KEY_SPLITS; the forward attention's decode (--layers layers) with vectors of 16 and of 8
+  lanes, in turns; each with the read bandwidth of its caches;
 - exact GELU over T x D from Relax's `gelu` (libm's erf) and from `positionwise.gelu_te`, in turns;
 - the LM head's matrix-vector product (768 x 32000) the way the compiler emits it: `--layout
   packed` (the CPU panel layout) or `plain` (W^T as [in, out], through Relax's matmul; what GPUs
@@ -124,30 +122,6 @@ def feedback_layers_ms(past: int, key_splits: tuple[int, ...], repeat: int, laye
                                for n, kernel in kernels.items()}, repeat)
 
 
-def feedback_memory_ms(past: int, repeat: int, layers: int) -> dict[str, float]:
-    """The rule's FeedbackAttention decode over `layers` layers' caches, held in TVM's own allocations and in
-    runtime.buffer_pool.state_buffers' (one mapping, huge pages where the OS gives them), timed in turns."""
-    import tvm
-
-    from sessa_export.ops import tvm_kernels
-    from sessa_export.runtime.buffer_pool import state_buffers
-    from sessa_export.targets import build_feedback_attention
-
-    kernel = build_feedback_attention("cpu", D, "float32", **CPU)[tvm_kernels.DECODE]
-    rng = np.random.default_rng(0)
-    steps = [tvm.runtime.tensor(rng.standard_normal((1, 1, D)).astype(np.float32)) for _ in range(3)]
-    gain = tvm.runtime.tensor(np.full((1, 1, 1), 0.5, np.float32))
-    rows = rng.standard_normal((1, past + 1, D)).astype(np.float32)
-    own = [[tvm.runtime.tensor(rows) for _ in range(2)] for _ in range(layers)]
-    mapped = state_buffers([rows.shape] * (2 * layers), np.float32)
-    for array in mapped:
-        array[...] = rows
-    mapped = [[tvm.runtime.from_dlpack(a) for a in mapped[2 * i:2 * i + 2]] for i in range(layers)]
-    out = tvm.runtime.tensor(np.zeros((1, 1, D), np.float32))
-    return median_ms_in_turns({name: lambda caches=caches: [kernel(*steps, gain, *layer, past, out) for layer in caches]
-                               for name, caches in (("TVM's allocator", own), ("state_buffers", mapped))}, repeat)
-
-
 def attention_lanes_ms(seq: int, past: int, lanes: tuple[int, ...], repeat: int, layers: int) -> dict[int, float]:
     """The forward-attention kernel built with each of `lanes` (the decode's vectors), timed in turns:
     a step over `layers` layers' caches (decode: more than the L3 holds)."""
@@ -220,13 +194,6 @@ def lm_head_ms(layout: str, repeat: int) -> float:
     return median_ms(lambda: head(data), repeat)
 
 
-def has_state_buffers() -> bool:
-    """Whether the install has runtime.buffer_pool.state_buffers (from 2026-12-03 08:00 UTC)."""
-    from sessa_export.runtime import buffer_pool
-
-    return hasattr(buffer_pool, "state_buffers")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=None, help="TVM threads (default: available cores)")
@@ -264,9 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         *((f"FeedbackAttention, decode, {L} layers, {n} key slice{'s' if n > 1 else ''}", f"S=1, P={T}",
            f"{ms:.3f} ({L * 2 * T * D * 4 / ms / 1e6:.1f} GB/s)")
           for n, ms in (feedback_layers_ms(T, (1, splits), args.repeat, L) if splits else {}).items()),
-        *((f"FeedbackAttention, decode, {L} layers, caches from {name}", f"S=1, P={T}",
-           f"{ms:.3f} ({L * 2 * T * D * 4 / ms / 1e6:.1f} GB/s)")
-          for name, ms in (feedback_memory_ms(T, args.repeat, L) if has_state_buffers() else {}).items()),
         ("FeedbackAttention, prefill, 1 D chunk", f"S={T}, P=0", f"{feedback_ms(T, 0, 1, few):.2f}"),
         ("FeedbackAttention, prefill, 2 D chunks", f"S={T}, P=0", f"{feedback_ms(T, 0, 2, few):.2f}"),
     ]

@@ -5,7 +5,6 @@ logits, off by up to 1.96, before); `copy()` forks; threads may share a runner."
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -121,32 +120,3 @@ def test_a_held_state_s_buffers_are_not_handed_out(runners, name):
     got, _ = runner.step(IDS[:, 8:9], held)
     check, _ = runner.step(IDS[:, 8:9], runner.step(IDS[:, :8], runner.empty_state(1))[1])
     assert np.array_equal(got, check)
-
-
-def _vm_flags(address: int) -> list[str]:
-    """The VmFlags of the mapping holding `address` (/proc/self/smaps)."""
-    inside = False
-    for line in open("/proc/self/smaps"):
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            low, high = (int(x, 16) for x in head.split("-"))
-            inside = low <= address < high
-        elif inside and head == "VmFlags:":
-            return line.split()[1:]
-    raise AssertionError(f"no mapping holds {address:#x}")
-
-
-def test_state_buffers_are_zeroed_apart_aligned_and_marked_for_huge_pages():
-    import mmap
-
-    from sessa_export.runtime.buffer_pool import state_buffers
-
-    shapes = [(1, 3, 70, 64), (2, 5, 33), (1,), (4, 1000, 9)]
-    arrays = state_buffers(shapes, np.float16)
-    assert [a.shape for a in arrays] == shapes and all(a.dtype == np.float16 and a.flags.c_contiguous for a in arrays)
-    assert all(a.ctypes.data % 4096 == 0 and not a.any() for a in arrays)
-    for i, a in enumerate(arrays):  # each its own memory: filling one leaves the others zero
-        a.fill(i + 1)
-    assert all((a == i + 1).all() for i, a in enumerate(arrays))
-    if hasattr(mmap, "MADV_HUGEPAGE") and os.path.exists("/proc/self/smaps"):
-        assert "hg" in _vm_flags(arrays[-1].ctypes.data)  # madvise(MADV_HUGEPAGE) took

@@ -15,40 +15,13 @@ grows its ONNX caches block by block leaves only the last block's). Sequential u
 the state being replaced is still held while its successor is made, and given back after, for the
 one after that. Reused memory holds the rows of an earlier sequence; whoever takes it says whether
 it must be cleared.
-
-New buffers come from `state_buffers`: one anonymous mapping, zero-filled, aligned to 2 MiB and
-marked for transparent huge pages where Linux offers them (THP "madvise", the common default). A
-decode streams every cache once a step: over 2 MiB pages instead of 4 KiB ones, with fewer TLB
-misses, a TVM q4 decode at context 1024 ran 7-12% faster here (BENCHMARKS.md, 2026-12-03 07:28), and
-a first touch faults once a huge page, not 512 times.
 """
 
 from __future__ import annotations
 
-import mmap
 import threading
 import weakref
-from typing import Callable, Hashable, Sequence
-
-import numpy as np
-
-HUGE_PAGE = 2 << 20  # x86-64's and AArch64's (4 KiB granule) transparent huge page
-ALIGN = 4096  # every buffer starts on a page: TVM needs 64 bytes, DLPack consumers at least 16
-
-
-def state_buffers(shapes: Sequence[Sequence[int]], storage: type) -> list[np.ndarray]:
-    """Zeroed C-contiguous arrays of `shapes` and numpy dtype `storage`, side by side in one mapping in
-    huge pages where the OS gives them (it stays mapped while any of the arrays is alive)."""
-    sizes = [int(np.prod(shape, dtype=np.int64)) * np.dtype(storage).itemsize for shape in shapes]
-    offsets = np.concatenate([[0], np.cumsum([-(-n // ALIGN) * ALIGN for n in sizes])]).astype(int)
-    total = max(int(offsets[-1]), ALIGN)
-    private = {"flags": mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS} if hasattr(mmap, "MAP_PRIVATE") else {}
-    mapping = mmap.mmap(-1, total + HUGE_PAGE, **private)  # page-aligned; shared anonymous memory gets no THP
-    raw = np.frombuffer(mapping, np.uint8)
-    start = -raw.ctypes.data % HUGE_PAGE
-    if hasattr(mapping, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
-        mapping.madvise(mmap.MADV_HUGEPAGE, start, total)
-    return [raw[start + o:start + o + n].view(storage).reshape(shape) for o, n, shape in zip(offsets, sizes, shapes)]
+from typing import Callable, Hashable
 
 
 class BufferPool:
@@ -75,4 +48,4 @@ class BufferPool:
             self._free = (key, buffers)  # the set held before goes back to the allocator
 
 
-__all__ = ["BufferPool", "state_buffers"]
+__all__ = ["BufferPool"]

@@ -20,7 +20,7 @@ import numpy as np
 from ..artifact import member, read_manifest, state_layout
 from ..errors import SessaExportError
 from ..state import ATTENTION_MASK, GENAI, GROW, PAST_LENGTH, capacity_for
-from .buffer_pool import BufferPool, state_buffers
+from .buffer_pool import BufferPool
 from .cache_writes import CacheWrites
 
 
@@ -94,9 +94,7 @@ class OrtRunner:
     def _caches(self, batch: int, capacity: int, state: CacheState | None = None) -> CacheState:
         """Zeroed caches of `capacity`, holding the valid rows of `state` if given: those of a state no
         longer held when there is one (runtime/buffer_pool.py), cleared, since the graph reads every row."""
-        shapes = [self.layout.shape(layer, f, batch, capacity) for layer, f in self.layout.tensors()]
-        arrays, reused = self._pool.take((batch, capacity), lambda: dict(zip(
-            self.layout.names(), state_buffers(shapes, self.precision.storage))))
+        arrays, reused = self._pool.take((batch, capacity), lambda: self.layout.zeros(batch, capacity))
         if reused:
             for array in arrays.values():
                 array.fill(0)

@@ -24,7 +24,7 @@ from ..artifact import member, read_manifest, state_layout
 from ..errors import SessaExportError
 from ..targets import TARGETS
 from . import available_cores
-from .buffer_pool import BufferPool, state_buffers
+from .buffer_pool import BufferPool
 from .cache_writes import CacheWrites
 
 
@@ -98,18 +98,12 @@ class TvmRunner:
     def empty_state(self, batch: int) -> TvmState:
         """Caches for `batch` sequences, capacity rows each, uninitialised (only rows < P are read):
         those of a state no longer held when there is one (runtime/buffer_pool.py)."""
-        caches, _ = self._pool.take(batch, lambda: self._new_caches(batch))
+        caches, _ = self._pool.take(batch, lambda: tuple(
+            self._tvm.runtime.empty(layer.shape(f, batch, self.capacity), self.layout.dtype, self._tvm.cpu())
+            for layer, f in self.layout.tensors()))
         state = TvmState(caches, 0, batch)
         self._pool.lend(state.writes, batch, caches)
         return state
-
-    def _new_caches(self, batch: int) -> tuple:
-        """TVM tensors over state_buffers' memory (huge pages); a bfloat16 state's uint16 bits viewed as bfloat16."""
-        shapes = [layer.shape(f, batch, self.capacity) for layer, f in self.layout.tensors()]
-        tensors = [self._tvm.runtime.from_dlpack(a) for a in state_buffers(shapes, self.layout.precision.storage)]
-        if self.layout.dtype == "bfloat16":
-            tensors = [t._create_view(t.shape, "bfloat16") for t in tensors]
-        return tuple(tensors)
 
     def step(self, input_ids: np.ndarray, state: TvmState) -> tuple[np.ndarray, TvmState]:
         input_ids = np.asarray(input_ids)
