@@ -1,10 +1,11 @@
 """ONNX Runtime on an export directory, under either state contract (sessa_export/state.py).
 
 - grow: each step returns new state tensors of P + S positions, kept in ORT's buffers;
-- inplace: a `CacheState` holds caches of a capacity C; each step binds them as both input and
-  output (IOBinding), so ORT writes the new rows in place: no state is allocated or copied per
-  step. When a step needs more than C positions the caches grow to `state.capacity_for` (whole
-  blocks of 256 positions, at most max_len) and the valid rows are copied once. Rows < P are never
+- inplace: a `CacheState` holds caches of a capacity C, bound as both input and output of one
+  IOBinding (once per set of caches; a step rebinds only its input ids and P), so ORT writes the
+  new rows in place: no state is allocated, copied or bound again per step. When a step needs
+  more than C positions the caches grow to `state.capacity_for` (whole blocks of
+  state.CAPACITY_BLOCK positions, at most max_len) and the valid rows are copied once. Rows < P are never
   written, so an earlier CacheState stays valid only until a step runs on it or on a later one
   (two continuations of one state need `state.copy()`).
 """
@@ -12,6 +13,7 @@
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +83,7 @@ class OrtRunner:
         self.max_len = self.manifest.get("max_len")
         self.inplace = self.layout.contract != GROW
         self._pool = BufferPool()
+        self._bindings = weakref.WeakKeyDictionary()  # a set of caches' CacheWrites -> (its OrtValues, IOBinding)
 
     def empty_state(self, batch: int) -> dict | CacheState:
         if self.inplace:
@@ -145,9 +148,9 @@ class OrtRunner:
             raise SessaExportError(f"the state holds batch {state.batch}, the input has batch {input_ids.shape[0]}")
         if input_ids.shape[1] < 1:
             raise SessaExportError("a step needs at least one new position")
-        shapes = {name: array.shape for name, array in state.arrays.items()}
-        if self.layout.positions_held(state.batch, shapes) != state.capacity or not 0 <= state.past <= state.capacity:
+        if not 0 <= state.past <= state.capacity:
             raise SessaExportError(f"the state's caches do not hold its capacity {state.capacity} and past {state.past}")
+        self._binding(state)  # checks the caches on their first step
         total = state.past + input_ids.shape[1]
         with state.writes.lock:
             index = state.writes.begin(state.index, state.past)
@@ -157,18 +160,32 @@ class OrtRunner:
             logits = self._run_bound(input_ids, state)
         return logits, CacheState(state.arrays, state.values, total, state.batch, state.capacity, state.writes, index)
 
+    def _binding(self, state: CacheState):
+        """The IOBinding of this set of caches: each cache bound as its input and its present output.
+        Made on the set's first step, after checking that the caches hold the state's capacity; its
+        steps run one at a time (`CacheWrites.lock`)."""
+        values, binding = self._bindings.get(state.writes, (None, None))
+        if values is not state.values:
+            shapes = {name: array.shape for name, array in state.arrays.items()}
+            if self.layout.positions_held(state.batch, shapes) != state.capacity:
+                raise SessaExportError(f"the state's caches do not hold its capacity {state.capacity} "
+                                       f"and past {state.past}")
+            binding = self.session.io_binding()
+            for name, value in state.values.items():
+                binding.bind_ortvalue_input(self.graph_input[name], value)
+                binding.bind_ortvalue_output(self.present_name[name], value)
+            self._bindings[state.writes] = (state.values, binding)
+        return binding
+
     def _run_bound(self, input_ids: np.ndarray, state: CacheState) -> np.ndarray:
-        """One session run with the caches bound as input and output; the logits."""
-        binding = self.session.io_binding()
+        """One session run over the caches' binding, with this step's input ids and length; the logits."""
+        binding = self._binding(state)
         binding.bind_cpu_input(self.input_name, np.ascontiguousarray(self._feed(input_ids)))
         if self.layout.contract == GENAI:
             binding.bind_cpu_input(ATTENTION_MASK, np.ones((state.batch, state.past + input_ids.shape[1]), np.int64))
         else:
             binding.bind_cpu_input(PAST_LENGTH, np.array(state.past, dtype=np.int64))
-        for name, value in state.values.items():
-            binding.bind_ortvalue_input(self.graph_input[name], value)
-            binding.bind_ortvalue_output(self.present_name[name], value)
-        binding.bind_output(self.manifest["outputs"][0])
+        binding.bind_output(self.manifest["outputs"][0])  # allocated by ORT: its shape changes with S
         try:
             self.session.run_with_iobinding(binding)
         except Exception as exc:
