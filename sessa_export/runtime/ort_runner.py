@@ -5,9 +5,9 @@
   IOBinding (once per set of caches; a step rebinds only its input ids and P), so ORT writes the
   new rows in place: no state is allocated, copied or bound again per step. When a step needs
   more than C positions the caches grow to `state.capacity_for` (whole blocks of
-  state.CAPACITY_BLOCK positions, at most max_len) and the valid rows are copied once. Rows < P are never
-  written, so an earlier CacheState stays valid only until a step runs on it or on a later one
-  (two continuations of one state need `state.copy()`).
+  state.CAPACITY_BLOCK positions, at most max_len) and the valid rows are copied once. Rows < P
+  are never written, so an earlier CacheState stays valid only until a step runs on it or on a
+  later one (two continuations of one state need `state.copy()`).
 """
 
 from __future__ import annotations
@@ -150,14 +150,15 @@ class OrtRunner:
             raise SessaExportError("a step needs at least one new position")
         if not 0 <= state.past <= state.capacity:
             raise SessaExportError(f"the state's caches do not hold its capacity {state.capacity} and past {state.past}")
-        self._binding(state)  # checks the caches on their first step
+        binding = self._binding(state)  # checks the caches on their first step
         total = state.past + input_ids.shape[1]
         with state.writes.lock:
             index = state.writes.begin(state.index, state.past)
             if total > state.capacity:  # new caches, holding the valid rows: their own writes
                 state = self._caches(state.batch, capacity_for(total, self.max_len), state)
                 index = state.writes.begin(0, state.past)
-            logits = self._run_bound(input_ids, state)
+                binding = self._binding(state)
+            logits = self._run_bound(input_ids, state, binding)
         return logits, CacheState(state.arrays, state.values, total, state.batch, state.capacity, state.writes, index)
 
     def _binding(self, state: CacheState):
@@ -177,9 +178,8 @@ class OrtRunner:
             self._bindings[state.writes] = (state.values, binding)
         return binding
 
-    def _run_bound(self, input_ids: np.ndarray, state: CacheState) -> np.ndarray:
-        """One session run over the caches' binding, with this step's input ids and length; the logits."""
-        binding = self._binding(state)
+    def _run_bound(self, input_ids: np.ndarray, state: CacheState, binding) -> np.ndarray:
+        """One session run over the caches' `binding`, with this step's input ids and length; the logits."""
         binding.bind_cpu_input(self.input_name, np.ascontiguousarray(self._feed(input_ids)))
         if self.layout.contract == GENAI:
             binding.bind_cpu_input(ATTENTION_MASK, np.ones((state.batch, state.past + input_ids.shape[1]), np.int64))
