@@ -335,8 +335,9 @@ class CpuMatmul(dl.ScheduleRule):
     or a run of up to 512 columns, keeps its accumulators in registers and streams the weight
     through them (a packed one prefetched FLOAT_PREFETCH_BYTES ahead). More rows (prefill): tiles
     of ROW_TILE rows x one panel (or 32 columns), accumulators in registers, groups of panels
-    outermost (panel_group) so that the group's panels stay in the L2 across row tiles. The rows are padded to a multiple of ROW_TILE (copies of x and of the result,
-    both cheap): a row predicate would keep LLVM from holding the accumulators in registers.
+    outermost (panel_group) so that the group's panels stay in the L2 across row tiles. The rows
+    are padded to a multiple of ROW_TILE (copies of x and of the result, both cheap): a row
+    predicate would keep LLVM from holding the accumulators in registers.
     Weight decode blocks of ops/tvm_dequant_matmul.py (named "dequantize*") lead the function. In a
     matrix-vector product they are inlined into the reduction (each weight widened and scaled in
     registers as it is used); in a prefill each task owns one panel, decodes it once into a float32
