@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, default=None, help="keep the exports here (default: a temp dir)")
     p.add_argument("--reuse", action="store_true", help="with --workdir: reuse the exports already there")
     args = p.parse_args(argv)
+    if args.profile_nodes and args.profile is None:
+        p.error("--profile-nodes breaks down the --profile CONTEXT run: give --profile CONTEXT too")
     threads = args.threads or available_cores()
     config = config_125m()
     _, bandwidth = read_bandwidth(threads)
