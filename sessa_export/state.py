@@ -12,7 +12,7 @@ positions. The exporters, runners, validation, benchmarks and the C++ example re
 manifest's "state" list is `StateLayout.to_manifest()`); nothing guesses a tensor's kind.
 
 Calling convention of a step: the data input, then the state tensors in `names()` order (layer
-by layer, fields in FIELDS order). Three contracts (`CONTRACTS`):
+by layer, fields in FIELDS order). Four contracts (`CONTRACTS`):
 
 - "grow": the state tensors hold exactly P positions (axis "past"); the ONNX graph returns
   `present.{i}.{field}` with P + S positions, which become the next step's past.
@@ -21,7 +21,10 @@ by layer, fields in FIELDS order). Three contracts (`CONTRACTS`):
   writes rows P..P+S-1 and returns the same caches as `present.{i}.{field}`: bound to the same
   buffers as the inputs, nothing is copied. The caller grows C with the context (`capacity_for`:
   whole blocks of CAPACITY_BLOCK positions, at most max_len) and copies the valid rows once when
-  it does. A TVM module takes caches the same way, with C fixed when it is compiled.
+  it does.
+- "fixed": "inplace" with C fixed when the module is compiled (the TVM modules: compile --max-len):
+  the caller passes P with the caches, a context past C is refused, and the step writes the caches it
+  is given without returning them (no present outputs).
 - "genai": "inplace" as ONNX Runtime GenAI binds a decoder with `past_present_share_buffer`: each
   layer's key / value are KV layer i (`past_key_values.{i}.key` / `.value`), its feedback_key /
   feedback_state KV layer L + i with one head of width d_model ([batch, 1, capacity, d_model]),
@@ -45,9 +48,10 @@ from .errors import SessaExportError
 
 FIELDS = ("key", "value", "feedback_key", "feedback_state")
 BATCH, PAST = "batch", "past"  # the symbolic axes of every state tensor
-GROW, INPLACE, GENAI = "grow", "inplace", "genai"
-CONTRACTS = (GROW, INPLACE, GENAI)
-POSITIONS = {GROW: PAST, INPLACE: "capacity", GENAI: "capacity"}  # the positions axis under each contract
+GROW, INPLACE, GENAI, FIXED = "grow", "inplace", "genai", "fixed"
+CONTRACTS = (GROW, INPLACE, GENAI, FIXED)
+EXPORT_CONTRACTS = (GROW, INPLACE, GENAI)  # an ONNX export's (--state); FIXED is a compiled module's
+POSITIONS = {GROW: PAST, INPLACE: "capacity", GENAI: "capacity", FIXED: "capacity"}  # each contract's positions axis
 PAST_LENGTH = "past_sequence_length"  # the in-place contract's input: P
 ATTENTION_MASK = "attention_mask"  # the genai contract's: [batch, P + S]
 FEEDBACK_FIELDS = ("feedback_key", "feedback_state")
@@ -139,12 +143,14 @@ class StateLayout:
     layers: tuple[LayerLayout, ...]
     contract: str = GROW
     dtype: str = "float32"  # a STATE_DTYPES name
+    capacity: int | None = None  # FIXED: the compiled capacity
 
     @classmethod
     def from_mixers(cls, mixers: Sequence, contract: str = GROW, dtype: str = "float32") -> StateLayout:
-        """The layout of a model's Sessa mixers (sessa_export.model.SessaMixer), in order."""
-        if contract not in CONTRACTS:
-            raise SessaExportError(f"unknown --state {contract!r}; choose one of {', '.join(CONTRACTS)}")
+        """The layout of a model's Sessa mixers (sessa_export.model.SessaMixer), in order, under an export's
+        `contract` (EXPORT_CONTRACTS)."""
+        if contract not in EXPORT_CONTRACTS:
+            raise SessaExportError(f"unknown --state {contract!r}; choose one of {', '.join(EXPORT_CONTRACTS)}")
         state_dtype(dtype)
         return cls(tuple(LayerLayout(i, m.n_heads, m.n_kv_heads, m.head_dim, m.D, bool(m.use_forward_rope),
                                      float(m.gamma_max)) for i, m in enumerate(mixers)), contract, dtype)
@@ -171,7 +177,11 @@ class StateLayout:
                                        "re-run the export")
             layers.append(LayerLayout(i, *(entry[k] for k in keys), bool(entry.get("use_forward_rope", False)),
                                      float(entry.get("gamma_max", 0.0))))
-        layout = cls(tuple(layers), kind, dtype)
+        capacity = contract.get("capacity") if kind == FIXED else None
+        if kind == FIXED and not (type(capacity) is int and capacity > 0):
+            raise SessaExportError(f"{where}: the \"fixed\" state contract needs a positive \"capacity\"; "
+                                   "re-run the compile")
+        layout = cls(tuple(layers), kind, dtype, capacity)
         contract = ("past", "present", "shapes")  # manifests before "fields" was written hold the same
         if any({k: e.get(k) for k in contract} != {k: w[k] for k in contract}
                for e, w in zip(entries, layout.to_manifest())):
@@ -192,10 +202,14 @@ class StateLayout:
         } for s in self.layers]
 
     def contract_manifest(self) -> dict:
-        """The manifest's "state_contract": which form, and for "inplace" its length input, capacity rule
-        and which outputs alias which inputs."""
+        """The manifest's "state_contract": which form, and for the in-place forms their length input,
+        capacity rule and which outputs alias which inputs (none for "fixed")."""
         if self.contract == GROW:
             return {"kind": GROW, "dtype": self.dtype}
+        if self.contract == FIXED:
+            return {"kind": FIXED, "dtype": self.dtype, "capacity_axis": POSITIONS[FIXED], "capacity": self.capacity,
+                    "capacity_rule": "fixed when compiled (compile --max-len); a longer context is refused",
+                    "in_place": "the step writes rows P..P+S-1 of the caches passed to it and returns none of them"}
         length = ({"past_length_input": PAST_LENGTH} if self.contract == INPLACE else
                   {"attention_mask_input": ATTENTION_MASK, "past_length": "the attention mask's width minus the new "
                    "positions (its values are not read)"})

@@ -28,7 +28,7 @@ from sessa_export.ops.registry import OPS
 from sessa_export.quantization import MODES
 from sessa_export.runtime import OrtRunner, TorchRunner
 from sessa_export.runtime.tvm_runner import TvmRunner
-from sessa_export.state import FIELDS, StateLayout
+from sessa_export.state import FIELDS, FIXED, StateLayout
 from sessa_export.targets import TARGETS
 from sessa_export.to_onnx import export_onnx
 from sessa_export.to_tvm import CompileTarget, compile_graph
@@ -115,6 +115,23 @@ def test_a_manifest_without_fields_reads_and_a_tampered_layout_is_refused(make_l
         StateLayout.from_manifest(tampered)
     with pytest.raises(SessaExportError, match="positive integers"):
         StateLayout.from_manifest([{**written[0], "head_dim": "16"}])
+
+
+def test_the_fixed_contract_records_its_capacity_and_reads_back(make_lm):
+    """A compiled module's contract: the caches' capacity in the manifest, the "capacity" axis, no presents."""
+    mixers = [layer.mixer for layer in make_lm(seed=3, vocab_size=VOCAB, d_model=WIDTH, n_layers=2, n_heads=2).layers]
+    grow = StateLayout.from_mixers(mixers)
+    fixed = StateLayout(grow.layers, FIXED, "float16", capacity=48)
+    contract = fixed.contract_manifest()
+    assert contract["kind"] == FIXED and contract["capacity"] == 48 and "aliases" not in contract
+    assert StateLayout.from_manifest(fixed.to_manifest(), contract) == fixed
+    assert all(axes[fixed.position_axis(f)] == "capacity" for layer in fixed.to_manifest()
+               for f, axes in layer["shapes"].items())
+    for capacity in (None, 0, "48"):
+        with pytest.raises(SessaExportError, match="capacity"):
+            StateLayout.from_manifest(fixed.to_manifest(), {**contract, "capacity": capacity})
+    with pytest.raises(SessaExportError, match="--state 'fixed'"):  # an ONNX export cannot take it
+        StateLayout.from_mixers(mixers, FIXED)
 
 
 def test_a_state_of_the_wrong_shape_is_refused_by_name(make_lm, tmp_path):

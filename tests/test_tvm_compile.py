@@ -35,6 +35,7 @@ from sessa_export.errors import SessaExportError
 from sessa_export.runtime import TorchRunner, open_runner
 from sessa_export.tracer import trace
 from sessa_export.to_tvm import CompileTarget, build_module, compile_graph
+from sessa_export.state import FIXED
 from sessa_export.runtime.tvm_runner import TvmRunner
 
 CAPACITY = 640  # room for the longest parity check (600 tokens)
@@ -68,7 +69,11 @@ def test_manifest_and_library(cpu_builds):
 
     assert manifest["files"]["model.so"] == hashlib.sha256((out / "model.so").read_bytes()).hexdigest()
     assert len(manifest["calling_convention"]["arguments"]) == 2 + 4 * len(manifest["state"])
-    assert isinstance(open_runner(out), TvmRunner)
+    # the caches' contract: a capacity fixed at compile time, on the "capacity" axis of every state tensor
+    assert manifest["state_contract"]["kind"] == FIXED and manifest["state_contract"]["capacity"] == CAPACITY
+    assert all("capacity" in axes and "past" not in axes for layer in manifest["state"] for axes in layer["shapes"].values())
+    runner = open_runner(out)
+    assert isinstance(runner, TvmRunner) and runner.layout.contract == FIXED and runner.layout.capacity == CAPACITY
 
 
 def test_step_writes_the_caller_caches_in_place(cpu_builds):
@@ -448,7 +453,7 @@ def test_cuda_parity_on_a_gpu(cross_model, tmp_path):
     caches = []
     for layer in manifest["state"]:
         for f in ("key", "value", "feedback_key", "feedback_state"):
-            shape = [2 if d == "batch" else 64 if d == "past" else d for d in layer["shapes"][f]]
+            shape = [2 if d == "batch" else 64 if d == "capacity" else d for d in layer["shapes"][f]]
             caches.append(tvm.runtime.empty(shape, "float32", dev))
     ids = np.random.default_rng(6).integers(0, cross_model.config.vocab_size, (2, 40))
     ref = TorchRunner(cross_model)

@@ -48,7 +48,7 @@ from ..ops.op import Applied
 from ..ops.registry import OPS
 from ..quantization import QuantMode, keep_matches
 from ..quantization import mode as quant_mode
-from ..state import FIELDS, PAST, StateLayout
+from ..state import FIELDS, FIXED, PAST, StateLayout
 from ..state import state_dtype as state_dtype_of
 from ..stepgraph import StepGraph, feature_widths
 from ..targets import TARGETS, Target
@@ -518,7 +518,6 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
     """
     target = target or CompileTarget()
     qmode = check_quantization(quantization, target)
-    layout = StateLayout(graph.state.layers, graph.state.contract, state_dtype_of(state_dtype).name)
     out = Path(out)
     inputs = (source, *inputs)
     check_replaceable(out, inputs=inputs)  # before minutes of compiling, not after
@@ -526,6 +525,7 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
     if keep and qmode is None:
         raise SessaExportError("--keep applies to quantized builds: add --quantization q8 or q4, or drop --keep")
     capacity = resolve_capacity(graph, max_len, state_dtype)
+    layout = StateLayout(graph.state.layers, FIXED, state_dtype_of(state_dtype).name, capacity)
     started = time.perf_counter()
     progress(f"building the Relax module (capacity {capacity}" + (f", {qmode.name} weights)" if qmode else ")"))
     builder = RelaxBuilder(graph, capacity, target, quantization=qmode, state_dtype=state_dtype, keep=keep)
@@ -553,7 +553,7 @@ def compile_graph(graph: StepGraph, out: str | Path, target: CompileTarget | Non
                                 tvm_target=str(target.tvm_target()),
                                 capacity=capacity, library=library, entry=ENTRY,
                                 tvm_version=_tvm_version(), compiled_by=__version__,
-                                calling_convention=calling_convention(graph, state_dtype),
+                                calling_convention=calling_convention(graph, layout),
                                 compile_seconds=round(time.perf_counter() - started, 2),
                                 source=source, factory=factory)
         if qmode is not None:
@@ -576,14 +576,14 @@ def _quantization(builder: RelaxBuilder, qmode: QuantMode, size: int) -> dict:
         size_bytes=size, source_size_bytes=size - stored + 4 * values, source_export=None, source_sha256=None)
 
 
-def calling_convention(graph: StepGraph, state_dtype: str = "float32") -> dict:
-    """How a host program calls `step`: argument order and meaning (also in the manifest)."""
+def calling_convention(graph: StepGraph, layout: StateLayout) -> dict:
+    """How a host program calls `step` on the caches of `layout` (the "fixed" contract): argument order and
+    meaning (also in the manifest)."""
     args = [f"{graph.input_name}: " + ("int64 [batch, seq_len]" if graph.input_kind == "tokens"
                                        else f"float32 [batch, seq_len, {graph.input_width}]"),
             "past: shape tuple (P,), positions already in the caches"]
-    for layer, field in graph.state.tensors():
-        axes = ", ".join(str("capacity" if a == PAST else a) for a in layer.axes(field))
-        args.append(f"{field}_{layer.layer}: {state_dtype} [{axes}]")
+    for layer, field in layout.tensors():
+        args.append(f"{field}_{layer.layer}: {layout.dtype} [{', '.join(map(str, layout.axes(layer, field)))}]")
     return {"function": ENTRY, "arguments": args, "returns": list(graph.outputs),
             "in_place": "rows P..P+seq_len-1 of every cache are written; P + seq_len <= capacity"}
 
