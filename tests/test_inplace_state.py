@@ -80,6 +80,26 @@ def test_decode_alone_matches_across_a_growth(inplace_exports):
     run_parity(model, OrtRunner(out, threads=1), ids, [1] * ids.shape[1])
 
 
+def test_logits_of_a_width_the_graph_leaves_open_are_learnt(inplace_exports):
+    """The runner binds the logits to an array of the graph's declared width; without one it takes ORT's
+    output once and learns the width from it. Both give the same numbers, and every step fresh logits."""
+    model, out = inplace_exports["GQA-mlp-tied"]
+    declared, open_width = OrtRunner(out, threads=1), OrtRunner(out, threads=1)
+    assert declared._logits == (model.config.vocab_size, np.float32)
+    open_width._logits = None
+    ids = np.random.default_rng(8).integers(0, model.config.vocab_size, (2, 12))
+    results = []
+    for runner in (declared, open_width):
+        state, logits = runner.empty_state(2), []
+        for chunk in (ids[:, :9], ids[:, 9:10], ids[:, 10:11], ids[:, 11:]):
+            step, state = runner.step(chunk, state)
+            logits.append(step)
+        results.append(logits)
+    assert open_width._logits == (model.config.vocab_size, np.float32)
+    assert all(np.array_equal(a, b) for a, b in zip(*results))
+    assert not np.array_equal(results[0][1], results[0][2])  # an earlier step's logits are not overwritten
+
+
 def test_capacity_rule():
     block = CAPACITY_BLOCK
     assert [capacity_for(n, None) for n in (1, block, block + 1, 10 * block - 3)] == [block, block, 2 * block, 10 * block]
