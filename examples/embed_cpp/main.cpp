@@ -164,8 +164,8 @@ static int Run(int argc, char** argv) {
                              " positions exceed the compiled capacity " + std::to_string(capacity));
 
   // Caches: the state layout of the manifest ("state": per layer its "fields" in call order and
-  // their "shapes"); "batch" -> 1, "past" -> capacity. Allocated once; `step` writes rows
-  // P..P+S-1 of each in place.
+  // their "shapes"); "batch" -> 1, "capacity" (the "fixed" contract; "past" in older manifests) ->
+  // capacity. Allocated once; `step` writes rows P..P+S-1 of each in place.
   // ... in the state's dtype ("state_contract"."dtype": compile --state-dtype; float32 before it was recorded)
   const DLDataType i64{kDLInt, 64, 1};
   std::string state_dtype = "float32";
@@ -188,7 +188,7 @@ static int Run(int argc, char** argv) {
       std::vector<int64_t> shape;
       for (const ffi::Any& dim : shapes.at(field.cast<ffi::String>()).cast<json::Array>()) {
         if (auto name = dim.try_cast<ffi::String>())
-          shape.push_back(*name == "batch" ? 1 : capacity);  // "past" -> capacity rows
+          shape.push_back(*name == "batch" ? 1 : capacity);  // "capacity" (or "past") -> capacity rows
         else
           shape.push_back(dim.cast<int64_t>());
       }
