@@ -2,8 +2,8 @@
 
 - grow: each step returns new state tensors of P + S positions, kept in ORT's buffers;
 - inplace: a `CacheState` holds caches of a capacity C, bound as both input and output of one
-  IOBinding (once per set of caches; a step rebinds only its input ids and P), so ORT writes the
-  new rows in place: no state is allocated, copied or bound again per step. When a step needs
+  IOBinding (once per set of caches; a step rebinds only its input ids, P and a new logits array),
+  so ORT writes the new rows in place: no state is allocated, copied or bound again per step. When a step needs
   more than C positions the caches grow to `state.capacity_for` (whole blocks of
   state.CAPACITY_BLOCK positions, at most max_len) and the valid rows are copied once. Rows < P
   are never written, so an earlier CacheState stays valid only until a step runs on it or on a
