@@ -129,9 +129,8 @@ def attention_tiling(head_dim: int, tgt: Target) -> AttentionTiling:
     Decode: 8 lanes, not 16, even with AVX-512: a head of 64 then sums 8 lanes, not 16, at the end of
     each key's product (`benchmarks/tvm_kernels.py`, 125M shapes, 2 threads, in turns, two runs:
     decode over 12 layers at P = 1024 as fast or 11% faster); the products of ``decode_keys`` keys
-    run interleaved, one accumulator each, in half the SIMD registers; each tile of keys and values
-    prefetches the next (96 layers' caches at P = 1024 read cold, 2 threads, in turns: 23.3 / 21.5 GB/s
-    without, 24.9 / 26.0 with, 24.7 / 25.7 two tiles ahead; BENCHMARKS.md, 2026-12-02, 17:00 UTC).
+    run interleaved, one accumulator each, in half the SIMD registers; the key tile and its prefetch
+    come from `decode_streaming`.
 
     Prefill: a task takes PREFILL_BLOCK_ROWS rows of a head; its scores, a pass at a time, are
     score_rows x PREFILL_KEYS keys of accumulators, at most half the SIMD registers (32 with AVX-512
@@ -144,10 +143,27 @@ def attention_tiling(head_dim: int, tgt: Target) -> AttentionTiling:
     decode_lanes = next(n for n in (8, 4, 2, 1) if head_dim % n == 0)
     interleaved = registers // 2 // max(1, decode_lanes // lanes)  # accumulators of decode_lanes each
     value_rows, value_vectors = value_tile(rows, head_dim // vector, registers)
-    return AttentionTiling(lanes=decode_lanes, key_tile=16, rows=rows, vector=vector, prefetch_tiles=1,
+    key_tile, prefetch_tiles = decode_streaming(tgt)
+    return AttentionTiling(lanes=decode_lanes, key_tile=key_tile, rows=rows, vector=vector, prefetch_tiles=prefetch_tiles,
                            decode_keys=next(n for n in (16, 8, 4, 2, 1) if n <= interleaved),
                            score_rows=score_rows, score_vectors=PREFILL_KEYS // vector, value_rows=value_rows,
                            value_vectors=value_vectors)
+
+
+# The forward attention's decode streams each head's keys and values a tile of keys at a time: (keys a
+# tile, tiles ahead prefetched) by the LLVM CPU name's prefix, measured over 96 layers' caches at P = 1024
+# read cold (2 threads, in turns). Intel Xeon (AVX-512): tiles of 16, one prefetched ahead, 24.9 / 26.0
+# GB/s against 23.3 / 21.5 without (BENCHMARKS.md, 2026-12-02, 17:00 UTC). AMD Zen 4 (znver4): tiles of
+# 128 without prefetches 25.5 / 21.7 GB/s against 19.9 / 11.4 for Intel's choice, every prefetch slower
+# (BENCHMARKS.md, 2026-12-03, 12:17 UTC). Other CPUs take the first row.
+DECODE_STREAMING = (("", 16, 1), ("znver", 128, 0))
+
+
+def decode_streaming(tgt: Target) -> tuple[int, int]:
+    """(key tile, tiles prefetched ahead) of the forward attention's decode for `tgt`'s CPU (DECODE_STREAMING)."""
+    mcpu = str(tgt.attrs.get("mcpu", ""))
+    _, tile, ahead = max((row for row in DECODE_STREAMING if mcpu.startswith(row[0])), key=lambda row: len(row[0]))
+    return tile, ahead
 
 
 def prefill_rows(tgt: Target) -> tuple[int, int]:
