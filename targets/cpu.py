@@ -143,8 +143,8 @@ def attention_tiling(head_dim: int, tgt: Target) -> AttentionTiling:
     decode_lanes = next(n for n in (8, 4, 2, 1) if head_dim % n == 0)
     interleaved = registers // 2 // max(1, decode_lanes // lanes)  # accumulators of decode_lanes each
     value_rows, value_vectors = value_tile(rows, head_dim // vector, registers)
-    key_tile, prefetch_tiles = decode_streaming(tgt)
-    return AttentionTiling(lanes=decode_lanes, key_tile=key_tile, rows=rows, vector=vector, prefetch_tiles=prefetch_tiles,
+    key_tile, ahead = decode_streaming(tgt)
+    return AttentionTiling(lanes=decode_lanes, key_tile=key_tile, rows=rows, vector=vector, prefetch_tiles=ahead,
                            decode_keys=next(n for n in (16, 8, 4, 2, 1) if n <= interleaved),
                            score_rows=score_rows, score_vectors=PREFILL_KEYS // vector, value_rows=value_rows,
                            value_vectors=value_vectors)

@@ -17,13 +17,14 @@ from sessa_export.targets import cpu
 
 H, HKV, HEAD_DIM = 4, 2, 24
 INV_FREQ = (10000.0 ** (-np.arange(0, HEAD_DIM, 2) / HEAD_DIM)).astype(np.float32)
+X86_64 = "x86_64-pc-linux-gnu"  # the triple of the x86-64 CPUs named below, whatever this machine is
 # (batch, past, new rows): decode with and without a past (300: over three tiles of 128 keys), prefill
 # from empty, chunked prefill
 CASES = ((1, 0, 1), (2, 19, 1), (2, 300, 1), (1, 0, 37), (3, 5, 11), (1, 40, 29))
 TILINGS = {
     "rule, this machine": cpu.attention_tiling(HEAD_DIM, cpu.tvm_target(cpu=cpu.NATIVE)),
     "rule, default build": cpu.attention_tiling(HEAD_DIM, cpu.tvm_target()),
-    "rule, AMD Zen 4 build": cpu.attention_tiling(HEAD_DIM, cpu.tvm_target(cpu="znver4")),
+    "rule, AMD Zen 4 build": cpu.attention_tiling(HEAD_DIM, cpu.tvm_target(host=X86_64, cpu="znver4")),
     "3 rows, 1 score vector, 3 x 3 value passes, decode prefetching 2 tiles ahead": tvm_attention.AttentionTiling(
         lanes=4, key_tile=5, rows=3, vector=8, score_rows=3, score_vectors=1, value_rows=1, value_vectors=1, prefetch_tiles=2),
     "5 rows, 3 score vectors of 4": tvm_attention.AttentionTiling(
@@ -113,6 +114,6 @@ def test_decode_prefetches_the_next_tile(prefetch_tiles: int) -> None:
 def test_decode_streaming_follows_the_cpu(mcpu: str, streaming: tuple[int, int]) -> None:
     """Zen CPUs decode in tiles of 128 keys without prefetches, the rest in tiles of 16 with one ahead
     (DECODE_STREAMING), and the tiling built for the target carries that choice."""
-    target = tvm.target.Target({"kind": "llvm", "mtriple": cpu.host_triple(), "mcpu": mcpu})
+    target = cpu.tvm_target(host=X86_64, cpu=mcpu)
     tiling = cpu.attention_tiling(HEAD_DIM, target)
     assert cpu.decode_streaming(target) == streaming == (tiling.key_tile, tiling.prefetch_tiles)
