@@ -35,7 +35,7 @@ from sessa_export.model import feedback_attention
 from sessa_export.to_onnx import export_onnx
 from sessa_export.ops import causal_attention as causal_op
 from sessa_export.ops import feedback_attention as fa_op
-from sessa_export.runtime import OrtRunner, TorchRunner
+from sessa_export.runtime import OrtRunner
 from sessa_export.state import FIELDS as STATE_FIELDS
 from sessa_export.tracer import trace
 
@@ -701,34 +701,27 @@ def test_export_replaces_an_earlier_export_and_is_readable(make_lm, tmp_path):
 GREEDY_PROMPT, GREEDY_STEPS = b"def decode(x):\n ", 4096
 
 
-@pytest.fixture(scope="module")
-def greedy_reference(bundled) -> tuple[list[np.ndarray], np.ndarray]:
-    """PyTorch's greedy decode of the bundled model: the fed tokens [GREEDY_STEPS] (the prompt as the
-    first step) and the last row of logits of each step [GREEDY_STEPS, vocab]."""
-    model, _ = bundled
-    reference = TorchRunner(model)
-    state, token, fed, logits = reference.empty_state(1), np.array([list(GREEDY_PROMPT)], dtype=np.int64), [], []
-    for _ in range(GREEDY_STEPS):
-        out, state = reference.step(token, state)
-        fed.append(token)
-        logits.append(out[0, -1])
-        token = np.array([[int(np.argmax(out[0, -1]))]], dtype=np.int64)
-    return fed, np.stack(logits)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("state", ["grow", "inplace"])
-def test_a_4096_step_greedy_decode_stays_on_pytorch(bundled, greedy_reference, state, tmp_path):
-    """4096 greedy decode steps of the bundled model after a 16-byte prompt: ONNX Runtime picks the
-    same token as PyTorch at every step and its logits stay within the fp32 bar (the audit of issue
-    13 measured at most 8.1e-5 and identical tokens; issue 11's in-place contract must hold it too)."""
+def test_a_4096_step_greedy_decode_stays_on_pytorch(bundled, state, tmp_path):
+    """4096 greedy decode steps of the bundled model after a 16-byte prompt, ONNX Runtime picking each
+    next token: at every step its logits stay within the fp32 bar of PyTorch's forward over the same
+    bytes, and its token is PyTorch's argmax there, so the bytes are PyTorch's greedy decode (the audit
+    of issue 13 measured at most 8.1e-5 and identical tokens; issue 11's in-place contract must hold it
+    too). One full-sequence forward stands for PyTorch's 4096 steps (45 s of this test on a 2-core AMD
+    EPYC)."""
     model, grown = bundled
     out = grown if state == "grow" else export_onnx(trace(model), tmp_path / "inplace", state="inplace")
     runner = OrtRunner(out, threads=1)
-    fed, want = greedy_reference
-    got_state, worst = runner.empty_state(1), 0.0
-    for step, token in enumerate(fed):
-        got, got_state = runner.step(token, got_state)
-        worst = max(worst, max_abs(got[0, -1], want[step]))
-        assert worst <= ATOL, f"step {step}: logits max abs error {worst:.3g}"
-        assert int(np.argmax(got[0, -1])) == int(np.argmax(want[step])), f"step {step}: another token than PyTorch"
+    decoded, token, ids, got = runner.empty_state(1), np.array([list(GREEDY_PROMPT)], dtype=np.int64), [], []
+    for _ in range(GREEDY_STEPS):
+        logits, decoded = runner.step(token, decoded)
+        ids.extend(int(t) for t in token[0])
+        got.append(logits[0, -1])
+        token = np.array([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
+    got = np.stack(got)  # [GREEDY_STEPS, vocab]: step i's logits predict the byte after position P + i
+    want = forward_logits(model, np.array([ids], dtype=np.int64))[0, len(GREEDY_PROMPT) - 1:]
+    errors = np.abs(got - want).max(axis=-1)
+    assert errors.max() <= ATOL, f"step {int(errors.argmax())}: logits max abs error {errors.max():.3g}"
+    other = np.flatnonzero(got.argmax(axis=-1) != want.argmax(axis=-1))
+    assert other.size == 0, f"step {int(other[0])}: another token than PyTorch"
