@@ -182,7 +182,8 @@ class StateLayout:
             raise SessaExportError(f"{where}: the \"fixed\" state contract needs a positive \"capacity\"; "
                                    "re-run the compile")
         layout = cls(tuple(layers), kind, dtype, capacity)
-        contract = ("past", "present", "shapes")  # manifests before "fields" was written hold the same
+        # manifests before "fields" was written hold the same; a "fixed" one of 2026-12-03 also has presents
+        contract = ("past", "shapes") if kind == FIXED else ("past", "present", "shapes")
         if any({k: e.get(k) for k in contract} != {k: w[k] for k in contract}
                for e, w in zip(entries, layout.to_manifest())):
             raise SessaExportError(f"{where}: \"state\" names or shapes differ from the state contract; "
@@ -190,12 +191,14 @@ class StateLayout:
         return layout
 
     def to_manifest(self) -> list[dict]:
-        """The manifest's "state" list: per layer its names, axes, fields in order and head layout."""
+        """The manifest's "state" list: per layer its names, axes, fields in order and head layout (and its
+        present names, but for "fixed", whose step returns no state)."""
         return [{
             "layer": s.layer,
             "fields": list(FIELDS),
             "past": {f: self.graph_name(s.layer, f) for f in FIELDS},
-            "present": {f: self.graph_name(s.layer, f, present=True) for f in FIELDS},
+            **({} if self.contract == FIXED else
+               {"present": {f: self.graph_name(s.layer, f, present=True) for f in FIELDS}}),
             "shapes": {f: self.axes(s, f) for f in FIELDS},
             "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "head_dim": s.head_dim,
             "d_model": s.d_model, "use_forward_rope": s.use_forward_rope, "gamma_max": s.gamma_max,
