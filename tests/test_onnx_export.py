@@ -719,7 +719,7 @@ def test_a_4096_step_greedy_decode_stays_on_pytorch(bundled, state, tmp_path):
         ids.extend(int(t) for t in token[0])
         got.append(logits[0, -1])
         token = np.array([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
-    got = np.stack(got)  # [GREEDY_STEPS, vocab]: step i's logits predict the byte after position P + i
+    got = np.stack(got)  # [GREEDY_STEPS, vocab]: step i gives the logits of position len(GREEDY_PROMPT) - 1 + i
     want = forward_logits(model, np.array([ids], dtype=np.int64))[0, len(GREEDY_PROMPT) - 1:]
     errors = np.abs(got - want).max(axis=-1)
     assert errors.max() <= ATOL, f"step {int(errors.argmax())}: logits max abs error {errors.max():.3g}"
