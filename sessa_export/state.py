@@ -162,32 +162,31 @@ class StateLayout:
         wrote; no contract: "grow"; no "dtype" in it: `dtype`, the model's); a clear error when they do not fit."""
         kind = GROW if contract is None else contract.get("kind") if isinstance(contract, dict) else None
         if kind not in CONTRACTS:
-            raise SessaExportError(f"{where}: unknown \"state_contract\" {contract!r}; re-run the export")
+            raise SessaExportError(f"{where}: unknown \"state_contract\" {contract!r}; re-run the export or compile")
+        rerun = "re-run the compile" if kind == FIXED else "re-run the export"  # "fixed": a TVM library's
         dtype = contract.get("dtype", dtype) if isinstance(contract, dict) else dtype
         if dtype not in STATE_DTYPES:
-            raise SessaExportError(f"{where}: unknown state dtype {dtype!r}; re-run the export")
+            raise SessaExportError(f"{where}: unknown state dtype {dtype!r}; {rerun}")
         keys = ("n_heads", "n_kv_heads", "head_dim", "d_model")
         if not isinstance(entries, list):
-            raise SessaExportError(f"{where}: \"state\" must be a list of layers; re-run the export")
+            raise SessaExportError(f"{where}: \"state\" must be a list of layers; {rerun}")
         layers = []
         for i, entry in enumerate(entries):
             ok = isinstance(entry, dict) and all(type(entry.get(k)) is int and entry[k] > 0 for k in keys)
             if not ok:
                 raise SessaExportError(f"{where}: \"state\" entry {i} needs positive integers {', '.join(keys)}; "
-                                       "re-run the export")
+                                       f"{rerun}")
             layers.append(LayerLayout(i, *(entry[k] for k in keys), bool(entry.get("use_forward_rope", False)),
                                      float(entry.get("gamma_max", 0.0))))
         capacity = contract.get("capacity") if kind == FIXED else None
         if kind == FIXED and not (type(capacity) is int and capacity > 0):
-            raise SessaExportError(f"{where}: the \"fixed\" state contract needs a positive \"capacity\"; "
-                                   "re-run the compile")
+            raise SessaExportError(f"{where}: the \"fixed\" state contract needs a positive \"capacity\"; {rerun}")
         layout = cls(tuple(layers), kind, dtype, capacity)
         # manifests before "fields" was written hold the same; a "fixed" one of 2026-12-03 also has presents
         contract = ("past", "shapes") if kind == FIXED else ("past", "present", "shapes")
         if any({k: e.get(k) for k in contract} != {k: w[k] for k in contract}
                for e, w in zip(entries, layout.to_manifest())):
-            raise SessaExportError(f"{where}: \"state\" names or shapes differ from the state contract; "
-                                   "re-run the export")
+            raise SessaExportError(f"{where}: \"state\" names or shapes differ from the state contract; {rerun}")
         return layout
 
     def to_manifest(self) -> list[dict]:

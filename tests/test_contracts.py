@@ -129,6 +129,9 @@ def test_the_fixed_contract_records_its_capacity_and_reads_back(make_lm):
     compiled_before = [{**layer, "present": written["present"]}  # TVM manifests of 2026-12-03 list presents
                        for layer, written in zip(fixed.to_manifest(), grow.to_manifest())]
     assert StateLayout.from_manifest(compiled_before, contract) == fixed
+    renamed = [{**layer, "past": {**layer["past"], "key": "nope"}} for layer in fixed.to_manifest()]
+    with pytest.raises(SessaExportError, match="differ from the state contract; re-run the compile"):
+        StateLayout.from_manifest(renamed, contract)
     assert all(axes[fixed.position_axis(f)] == "capacity" for layer in fixed.to_manifest()
                for f, axes in layer["shapes"].items())
     for capacity in (None, 0, "48"):
