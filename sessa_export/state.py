@@ -183,8 +183,8 @@ class StateLayout:
             raise SessaExportError(f"{where}: the \"fixed\" state contract needs a positive \"capacity\"; {rerun}")
         layout = cls(tuple(layers), kind, dtype, capacity)
         # manifests before "fields" was written hold the same; a "fixed" one of 2026-12-03 also has presents
-        contract = ("past", "shapes") if kind == FIXED else ("past", "present", "shapes")
-        if any({k: e.get(k) for k in contract} != {k: w[k] for k in contract}
+        checked = ("past", "shapes") if kind == FIXED else ("past", "present", "shapes")
+        if any({k: e.get(k) for k in checked} != {k: w[k] for k in checked}
                for e, w in zip(entries, layout.to_manifest())):
             raise SessaExportError(f"{where}: \"state\" names or shapes differ from the state contract; {rerun}")
         return layout

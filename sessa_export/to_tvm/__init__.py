@@ -585,7 +585,7 @@ def calling_convention(graph: StepGraph, layout: StateLayout) -> dict:
     for layer, field in layout.tensors():
         args.append(f"{field}_{layer.layer}: {layout.dtype} [{', '.join(map(str, layout.axes(layer, field)))}]")
     return {"function": ENTRY, "arguments": args, "returns": list(graph.outputs),
-            "in_place": "rows P..P+seq_len-1 of every cache are written; P + seq_len <= capacity"}
+            "in_place": layout.contract_manifest()["in_place"]}
 
 
 def _tvm_version() -> str:
