@@ -90,7 +90,8 @@ def test_a_killed_writer_leaves_nothing_the_next_run_keeps(checkpoint, tmp_path,
     args = {"export": [str(checkpoint)], "quantize": [str(export), "--mode", "int8"],
             "compile": [str(checkpoint), "--max-len", "16"]}[command]
     module, name = SLOW_POINTS[command]
-    code = ("import importlib, time\n"
+    code = ("import importlib, signal, time\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # a shell's background job inherits it ignored
             f"m = importlib.import_module({module!r})\n"
             "def slow(*a, **k):\n"
             "    print('writing', flush=True); time.sleep(60)\n"
