@@ -36,6 +36,7 @@ writes out of bounds.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -80,6 +81,7 @@ class AttentionTiling:
     threads: int | None = None  # GPU threads per block
 
 
+@functools.lru_cache(maxsize=None)  # PrimFuncs are immutable: parse the TVMScript once a process
 def forward_attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, rope: bool,
                              dtype: str = "float32", tiling: AttentionTiling = AttentionTiling(),
                              cache_dtype: str | None = None) -> tirx.PrimFunc:

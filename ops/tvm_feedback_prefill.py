@@ -26,6 +26,7 @@ kernel's split-K pass. The probabilities of a group take group_rows x (P + S) fl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from tvm import tirx
@@ -62,6 +63,7 @@ class PrefillTiling:
             raise ValueError(f"{self} does not divide d_model {d_model}")
 
 
+@functools.lru_cache(maxsize=None)  # PrimFuncs are immutable: parse the TVMScript once a process
 def feedback_prefill_kernel(d_model: int, dtype: str = "float32", scale: float | None = None,
                             tiling: PrefillTiling = PrefillTiling(), cache_dtype: str | None = None) -> tirx.PrimFunc:
     """The PrimFunc, named ``tvm_kernels.PREFILL`` (symbolic batch, seq_len and capacity)."""

@@ -66,6 +66,7 @@ freshly allocated outputs (``inplace_indices`` -1) are appended after them::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -164,6 +165,7 @@ def feedback_attention_module(kernels: Mapping[str, tirx.PrimFunc]) -> tvm.IRMod
     return tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in kernels.items()})
 
 
+@functools.lru_cache(maxsize=None)  # PrimFuncs are immutable: parse the TVMScript once a process
 def _feedback_attention(
     name: str, d_model: int, dtype: str, scale: float, tiling: FeedbackTiling, cache_dtype: str
 ) -> tirx.PrimFunc:
