@@ -698,28 +698,29 @@ def test_export_replaces_an_earlier_export_and_is_readable(make_lm, tmp_path):
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask, "the artifact directory must not be private (0700)"
 
 
-GREEDY_PROMPT, GREEDY_STEPS = b"def decode(x):\n ", 4096
+GREEDY_PROMPT = b"def decode(x):\n "
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("state", ["grow", "inplace"])
-def test_a_4096_step_greedy_decode_stays_on_pytorch(bundled, state, tmp_path):
-    """4096 greedy decode steps of the bundled model after a 16-byte prompt, ONNX Runtime picking each
+@pytest.mark.parametrize("state,steps", [("grow", 1024), ("inplace", 4096)])
+def test_a_long_greedy_decode_stays_on_pytorch(bundled, state, steps, tmp_path):
+    """`steps` greedy decode steps of the bundled model after a 16-byte prompt, ONNX Runtime picking each
     next token: at every step its logits stay within the fp32 bar of PyTorch's forward over the same
     bytes, and its token is PyTorch's argmax there, so the bytes are PyTorch's greedy decode (the audit
     of issue 13 measured at most 8.1e-5 and identical tokens; issue 11's in-place contract must hold it
-    too). One full-sequence forward stands for PyTorch's 4096 steps (45 s of this test on a 2-core AMD
-    EPYC)."""
+    too). One full-sequence forward stands for PyTorch's steps. The growing contract copies its whole
+    state every step, so 4096 of its steps cost 33 s on a 2-core AMD EPYC (Zen 3): it decodes 1024, and
+    the positions past that are the in-place run's (the same attention math over more keys)."""
     model, grown = bundled
     out = grown if state == "grow" else export_onnx(trace(model), tmp_path / "inplace", state="inplace")
     runner = OrtRunner(out, threads=1)
     decoded, token, ids, got = runner.empty_state(1), np.array([list(GREEDY_PROMPT)], dtype=np.int64), [], []
-    for _ in range(GREEDY_STEPS):
+    for _ in range(steps):
         logits, decoded = runner.step(token, decoded)
         ids.extend(int(t) for t in token[0])
         got.append(logits[0, -1])
         token = np.array([[int(np.argmax(logits[0, -1]))]], dtype=np.int64)
-    got = np.stack(got)  # [GREEDY_STEPS, vocab]: step i gives the logits of position len(GREEDY_PROMPT) - 1 + i
+    got = np.stack(got)  # [steps, vocab]: step i gives the logits of position len(GREEDY_PROMPT) - 1 + i
     want = forward_logits(model, np.array([ids], dtype=np.int64))[0, len(GREEDY_PROMPT) - 1:]
     errors = np.abs(got - want).max(axis=-1)
     assert errors.max() <= ATOL, f"step {int(errors.argmax())}: logits max abs error {errors.max():.3g}"
