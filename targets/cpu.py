@@ -36,7 +36,7 @@ from . import packaging
 # takes from the workspace pool, a call per allocation and task.
 SCRATCH = "global"
 PANELS = (32, 16, 8)  # columns per weight panel, by preference: 32 = two AVX-512 or eight NEON registers
-ROW_TILE = 8  # prefill rows per register tile (8 x 32 accumulators: 16 AVX-512 registers)
+ROW_TILE = 8  # prefill rows per register tile at most (8 x 32 accumulators: 16 AVX-512 registers)
 # Weight bytes a float prefill matmul's panel group holds at most: its tasks (a row tile over a panel
 # each) run every row tile over the group's panels in turn, so the group's weights stay in the L2 and
 # a row tile comes from the L3 once a group, not once a panel. 125M shapes, T = 1024, 2 threads, in
@@ -344,15 +344,24 @@ def emit_linear(bb: relax.BlockBuilder, x: relax.Expr, panels: relax.Expr, bias:
     return bb.emit(relax.op.memory.view(y, relax.ShapeExpr(shape)))
 
 
+def matmul_row_tile(tgt: Target, columns: int) -> int:
+    """Rows of a float32 prefill matmul's register tile over `columns` columns: accumulators in half
+    the SIMD registers, at most ROW_TILE rows. AVX-512 keeps 8 rows of a 32-column panel; AVX2 takes
+    2, where 8 rows (32 accumulators for 16 registers) spilled: 1024 x 768 @ 768 x 2304 on an AMD
+    Zen 3, 2 threads, 55-60 GFLOP/s with 8 rows, 87-108 with 2, 46-64 with 1, 3, 4 or 6
+    (BENCHMARKS.md, 2026-12-07)."""
+    return max(1, min(ROW_TILE, simd_registers(tgt) // 2 // max(1, columns // vector_lanes(tgt))))
+
+
 class CpuMatmul(dl.ScheduleRule):
     """x @ W (+ injective epilogues) on LLVM targets: ``packed_matmul`` or W stored [in, out].
 
     One row (decode, S = 1): a matrix-vector product; each task owns one panel (a packed weight)
     or a run of up to 512 columns, keeps its accumulators in registers and streams the weight
     through them (a packed one prefetched FLOAT_PREFETCH_BYTES ahead). More rows (prefill): tiles
-    of ROW_TILE rows x one panel (or 32 columns), accumulators in registers, groups of panels
+    of `matmul_row_tile` rows x one panel (or 32 columns), accumulators in registers, groups of panels
     outermost (panel_group) so that the group's panels stay in the L2 across row tiles. The rows
-    are padded to a multiple of ROW_TILE (copies of x and of the result, both cheap): a row
+    are padded to a multiple of that tile (copies of x and of the result, both cheap): a row
     predicate would keep LLVM from holding the accumulators in registers.
     Weight decode blocks of ops/tvm_dequant_matmul.py (named "dequantize*") lead the function. In a
     matrix-vector product they are inlined into the reduction (each weight widened and scaled in
@@ -404,7 +413,8 @@ class CpuMatmul(dl.ScheduleRule):
             row_i = None
         else:
             width = columns if packed else (32 if columns % 32 == 0 else _vector_width(columns))
-            sch.pad_einsum(matmul, [1] * len(outer) + [ROW_TILE] + [1] * (3 if packed else 2))
+            rows = matmul_row_tile(target, width)
+            sch.pad_einsum(matmul, [1] * len(outer) + [rows] + [1] * (3 if packed else 2))
             blocks = sch.get_child_blocks(sch.get_sblock("root"))
             at = [sch.get(b).name_hint for b in blocks].index(name)
             producers, epilogues = blocks[:at], blocks[at + 1:]
@@ -413,7 +423,7 @@ class CpuMatmul(dl.ScheduleRule):
                 body = sch.get_loops(block)
                 sch.parallel(sch.fuse(*body[:-1]) if len(body) > 2 else body[0])
             outer, row, panel, col, red = loops()
-            row_o, row_i = sch.split(row, [None, ROW_TILE])
+            row_o, row_i = sch.split(row, [None, rows])
             col_o, col_i = (panel, col) if packed else sch.split(col, [None, width])
             sch.reorder(col_o, *outer, row_o, red, row_i, col_i)
             if decoded:  # a task per panel: decoded once, then every row tile over it

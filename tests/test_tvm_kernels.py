@@ -288,12 +288,14 @@ def test_cuda_kernels_match_reference(dtype):
 
 
 # -- linear layers on CPU: panel-packed weights (targets/cpu.py) ---------------------------------
+@pytest.mark.parametrize("cpu_name", [None, "native"], ids=["default build", "this machine"])
 @pytest.mark.parametrize("columns, inputs", [(96, 64), (48, 64), (40, 64), (7, 64), (160, 2048)],
                          ids=["panel32", "panel16", "panel8", "plain", "panel32-groups"])
-def test_cpu_linear_layout_matches_numpy(columns, inputs):
+def test_cpu_linear_layout_matches_numpy(columns, inputs, cpu_name):
     """x @ W^T + b as the CPU build emits it, for decode (S = 1) and a prefill whose rows are not
-    a multiple of the row tile, against float64 NumPy; 2048 inputs make panels of 256 KB, a prefill
-    group (cpu.panel_group) then holds fewer than all of them."""
+    a multiple of the row tile (2 rows in the AVX2 default build, 8 in a native AVX-512 one), against
+    float64 NumPy; 2048 inputs make panels of 256 KB, a prefill group (cpu.panel_group) then holds
+    fewer than all of them."""
     from sessa_export.to_tvm import CompileTarget
 
     if columns % 32 == 0:  # float32 panels of 32 columns
@@ -315,7 +317,7 @@ def test_cpu_linear_layout_matches_numpy(columns, inputs):
                                     relax.const(bias.reshape(-1, panel)), [1, seq, columns])
             out = bb.emit_output(y)
         bb.emit_func_output(out)
-    target = CompileTarget("cpu").tvm_target()
+    target = CompileTarget("cpu", cpu=cpu_name).tvm_target()
     vm = relax.VirtualMachine(tvm.compile(bb.get(), target=target, relax_pipeline=cpu.pipeline(target)), tvm.cpu())
     for rows in (1, 13):
         data = rng.standard_normal((1, rows, inputs)).astype("float32")
@@ -323,6 +325,16 @@ def test_cpu_linear_layout_matches_numpy(columns, inputs):
         expected = data.astype(np.float64) @ weight.T.astype(np.float64) + bias
         assert got.shape == (1, rows, columns)
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_matmul_row_tile_keeps_the_accumulators_in_half_the_registers():
+    """A prefill register tile of a 32-column panel: 8 rows with AVX-512 (2 of its 32 registers a row),
+    2 with AVX2 and NEON (4 and 8 of their 16 and 32 registers a row); narrower panels take more rows."""
+    avx512, avx2, neon = (cpu.tvm_target(cpu="x86-64-v4"), cpu.tvm_target(cpu="x86-64-v3"),
+                          cpu.tvm_target(host="aarch64-linux-gnu"))
+    assert [cpu.matmul_row_tile(avx512, n) for n in (32, 16, 8)] == [8, 8, 8]
+    assert [cpu.matmul_row_tile(avx2, n) for n in (32, 16, 8)] == [2, 4, 8]
+    assert [cpu.matmul_row_tile(neon, n) for n in (32, 16, 8)] == [2, 4, 8]
 
 
 def test_cpu_decode_linear_prefetches_its_panels():
