@@ -348,7 +348,7 @@ def matmul_row_tile(tgt: Target, columns: int) -> int:
     """Rows of a float32 prefill matmul's register tile over `columns` columns: accumulators in half
     the SIMD registers, at most ROW_TILE rows. AVX-512 keeps 8 rows of a 32-column panel; AVX2 takes
     2, where 8 rows (32 accumulators for 16 registers) spilled: 1024 x 768 @ 768 x 2304 on an AMD
-    Zen 3, 2 threads, 55-60 GFLOP/s with 8 rows, 87-108 with 2, 46-64 with 1, 3, 4 or 6
+    Zen 3, 2 threads, 55-61 GFLOP/s with 8 rows, 87-108 with 2, 45-64 with 1, 3, 4 or 6
     (BENCHMARKS.md, 2026-12-07)."""
     return max(1, min(ROW_TILE, simd_registers(tgt) // 2 // max(1, columns // vector_lanes(tgt))))
 
