@@ -36,7 +36,11 @@ from . import packaging
 # takes from the workspace pool, a call per allocation and task.
 SCRATCH = "global"
 PANELS = (32, 16, 8)  # columns per weight panel, by preference: 32 = two AVX-512 or eight NEON registers
-ROW_TILE = 8  # prefill rows per register tile at most (8 x 32 accumulators: 16 AVX-512 registers)
+# Float32 prefill rows per register tile at most (8 x 32 accumulators: 16 AVX-512 registers); the tile is
+# register_rows': AVX2 and NEON take 2 rows of a 32-column panel, where 8 (32 accumulators for 16 AVX2
+# registers) spilled. 1024 x 768 @ 768 x 2304 on an AMD Zen 3, 2 threads: 55-61 GFLOP/s with 8 rows,
+# 87-108 with 2, 45-64 with 1, 3, 4 or 6 (BENCHMARKS.md, 2026-12-07).
+ROW_TILE = 8
 # Weight bytes a float prefill matmul's panel group holds at most: its tasks (a row tile over a panel
 # each) run every row tile over the group's panels in turn, so the group's weights stay in the L2 and
 # a row tile comes from the L3 once a group, not once a panel. 125M shapes, T = 1024, 2 threads, in
@@ -169,7 +173,7 @@ def decode_streaming(tgt: Target) -> tuple[int, int]:
 def prefill_rows(tgt: Target) -> tuple[int, int]:
     """(rows, score_rows) of a prefill task of either attention kernel: score tiles of score_rows x
     PREFILL_KEYS accumulators in half the SIMD registers, PREFILL_BLOCK_ROWS rows a task in passes of them."""
-    score_rows = min(PREFILL_ROWS, simd_registers(tgt) // 2 // max(1, PREFILL_KEYS // vector_lanes(tgt)))
+    score_rows = register_rows(tgt, PREFILL_KEYS, PREFILL_ROWS)
     return score_rows * max(1, PREFILL_BLOCK_ROWS // score_rows), score_rows
 
 
@@ -203,6 +207,12 @@ def vector_lanes(tgt: Target) -> int:
 def simd_registers(tgt: Target) -> int:
     """SIMD registers of ``tgt``: 32 with AVX-512 and on AArch64, 16 with AVX2 and SSE."""
     return 32 if vector_lanes(tgt) >= 16 or architecture(str(tgt.attrs["mtriple"])) == "aarch64" else 16
+
+
+def register_rows(tgt: Target, columns: int, most: int) -> int:
+    """Rows of a register tile of `columns` float32 accumulators a row in half the SIMD registers of
+    ``tgt`` (the loads and broadcasts keep the rest), at most `most`."""
+    return max(1, min(most, simd_registers(tgt) // 2 // max(1, columns // vector_lanes(tgt))))
 
 
 # Keys in a prefill score tile on every CPU target: the FeedbackAttention prefill sums each row's
@@ -344,22 +354,13 @@ def emit_linear(bb: relax.BlockBuilder, x: relax.Expr, panels: relax.Expr, bias:
     return bb.emit(relax.op.memory.view(y, relax.ShapeExpr(shape)))
 
 
-def matmul_row_tile(tgt: Target, columns: int) -> int:
-    """Rows of a float32 prefill matmul's register tile over `columns` columns: accumulators in half
-    the SIMD registers, at most ROW_TILE rows. AVX-512 keeps 8 rows of a 32-column panel; AVX2 takes
-    2, where 8 rows (32 accumulators for 16 registers) spilled: 1024 x 768 @ 768 x 2304 on an AMD
-    Zen 3, 2 threads, 55-61 GFLOP/s with 8 rows, 87-108 with 2, 45-64 with 1, 3, 4 or 6
-    (BENCHMARKS.md, 2026-12-07)."""
-    return max(1, min(ROW_TILE, simd_registers(tgt) // 2 // max(1, columns // vector_lanes(tgt))))
-
-
 class CpuMatmul(dl.ScheduleRule):
     """x @ W (+ injective epilogues) on LLVM targets: ``packed_matmul`` or W stored [in, out].
 
     One row (decode, S = 1): a matrix-vector product; each task owns one panel (a packed weight)
     or a run of up to 512 columns, keeps its accumulators in registers and streams the weight
     through them (a packed one prefetched FLOAT_PREFETCH_BYTES ahead). More rows (prefill): tiles
-    of `matmul_row_tile` rows x one panel (or 32 columns), accumulators in registers, groups of panels
+    of `register_rows` rows x one panel (or 32 columns), accumulators in registers, groups of panels
     outermost (panel_group) so that the group's panels stay in the L2 across row tiles. The rows
     are padded to a multiple of that tile (copies of x and of the result, both cheap): a row
     predicate would keep LLVM from holding the accumulators in registers.
@@ -413,7 +414,7 @@ class CpuMatmul(dl.ScheduleRule):
             row_i = None
         else:
             width = columns if packed else (32 if columns % 32 == 0 else _vector_width(columns))
-            rows = matmul_row_tile(target, width)
+            rows = register_rows(target, width, ROW_TILE)
             sch.pad_einsum(matmul, [1] * len(outer) + [rows] + [1] * (3 if packed else 2))
             blocks = sch.get_child_blocks(sch.get_sblock("root"))
             at = [sch.get(b).name_hint for b in blocks].index(name)

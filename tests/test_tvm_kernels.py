@@ -327,14 +327,14 @@ def test_cpu_linear_layout_matches_numpy(columns, inputs, cpu_name):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_matmul_row_tile_keeps_the_accumulators_in_half_the_registers():
+def test_register_rows_keep_the_accumulators_in_half_the_registers():
     """A prefill register tile of a 32-column panel: 8 rows with AVX-512 (2 of its 32 registers a row),
     2 with AVX2 and NEON (4 and 8 of their 16 and 32 registers a row); narrower panels take more rows."""
     avx512, avx2, neon = (cpu.tvm_target(cpu="x86-64-v4"), cpu.tvm_target(cpu="x86-64-v3"),
                           cpu.tvm_target(host="aarch64-linux-gnu"))
-    assert [cpu.matmul_row_tile(avx512, n) for n in (32, 16, 8)] == [8, 8, 8]
-    assert [cpu.matmul_row_tile(avx2, n) for n in (32, 16, 8)] == [2, 4, 8]
-    assert [cpu.matmul_row_tile(neon, n) for n in (32, 16, 8)] == [2, 4, 8]
+    assert [cpu.register_rows(avx512, n, cpu.ROW_TILE) for n in (32, 16, 8)] == [8, 8, 8]
+    assert [cpu.register_rows(avx2, n, cpu.ROW_TILE) for n in (32, 16, 8)] == [2, 4, 8]
+    assert [cpu.register_rows(neon, n, cpu.ROW_TILE) for n in (32, 16, 8)] == [2, 4, 8]
 
 
 def test_cpu_decode_linear_prefetches_its_panels():
