@@ -86,29 +86,34 @@ SLOW_POINTS = {  # a patch that makes each writer wait inside its temporary dire
 def test_a_killed_writer_leaves_nothing_the_next_run_keeps(checkpoint, tmp_path, command):
     export = tmp_path / "export"
     assert cli("export", checkpoint, "-o", export).exit_code == 0
-    out = tmp_path / "out"
     args = {"export": [str(checkpoint)], "quantize": [str(export), "--mode", "int8"],
             "compile": [str(checkpoint), "--max-len", "16"]}[command]
     module, name = SLOW_POINTS[command]
-    code = ("import importlib, signal, time\n"
-            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # a shell's background job inherits it ignored
-            f"m = importlib.import_module({module!r})\n"
-            "def slow(*a, **k):\n"
-            "    print('writing', flush=True); time.sleep(60)\n"
-            f"setattr(m, {name!r}, slow)\n"
-            "from sessa_export.cli import app\n"
-            f"app([{command!r}, *{args!r}, '-o', {str(out)!r}])\n")
-    for sig in (signal.SIGKILL, signal.SIGINT):
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+    def writer(out: Path) -> subprocess.Popen:
+        """The command writing `out`, waiting inside its temporary directory once it prints "writing"."""
+        code = ("import importlib, signal, time\n"
+                "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # a shell's background job inherits it ignored
+                f"m = importlib.import_module({module!r})\n"
+                "def slow(*a, **k):\n"
+                "    print('writing', flush=True); time.sleep(60)\n"
+                f"setattr(m, {name!r}, slow)\n"
+                "from sessa_export.cli import app\n"
+                f"app([{command!r}, *{args!r}, '-o', {str(out)!r}])\n")
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+
+    # the two writers run side by side (each is mostly imports and compiling), on outputs of their own
+    killed, interrupted = tmp_path / "out", tmp_path / "interrupted"
+    procs = {signal.SIGKILL: writer(killed), signal.SIGINT: writer(interrupted)}
+    for sig, proc in procs.items():
         assert proc.stdout.readline().strip() == "writing"  # inside the temporary directory now
         proc.send_signal(sig)
+    for proc in procs.values():
         proc.wait(timeout=30)
-        time.sleep(0.1)
-        left = list(tmp_path.glob(".out.*"))
-        assert not out.exists()
-        if sig == signal.SIGINT:  # a clean interrupt removes its own directories
-            assert left == [], left
-        else:  # SIGKILL cannot be caught: they stay until the next writer of out
-            assert left, "the killed writer's directory is gone: did it run?"
-    assert cli(command, *args, "-o", out).exit_code == 0
-    assert list(tmp_path.glob(".out.*")) == [] and (out / "sessa_config.json").is_file()
+    time.sleep(0.1)
+    assert not killed.exists() and not interrupted.exists()
+    assert list(tmp_path.glob(".interrupted.*")) == []  # a clean interrupt removes its own directories
+    # SIGKILL cannot be caught: its directories stay until the next writer of the same output
+    assert list(tmp_path.glob(".out.*")), "the killed writer's directory is gone: did it run?"
+    assert cli(command, *args, "-o", killed).exit_code == 0
+    assert list(tmp_path.glob(".out.*")) == [] and (killed / "sessa_config.json").is_file()
