@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -54,8 +55,17 @@ def export_elf(executable, path: Path, host: str | None, workspace: Path,
                                    f"(Debian/Ubuntu: apt-get install g++-{host})")
         fcompile = cc.cross_compiler(compiler)
     x86_64 = host is None and platform.machine() in ("x86_64", "AMD64")
-    executable.mod.export_library(str(path), fcompile=fcompile,
-                                  fpack_imports=_elf_blob_packer(x86_64, transform), workspace_dir=str(workspace))
+    library = executable.mod
+    # what export_library does for LLVM modules, with the objects written on parallel threads (LLVM emits
+    # the machine code there; a CPU build holds one LLVM module per kernel part, to_tvm.lower)
+    modules = library._collect_dso_modules()
+    if any(module.kind != "llvm" for module in modules):
+        raise SessaExportError(f"cannot package {[m.kind for m in modules]} modules into an ELF library")
+    objects = [str(Path(workspace) / f"lib{i}.o") for i in range(len(modules))]
+    with ThreadPoolExecutor(max(1, len(modules))) as pool:
+        list(pool.map(lambda module, name: module.write_to_file(name), modules, objects))
+    blob = _elf_blob_packer(x86_64, transform)(library, False, "", str(workspace)) if library.imports else None
+    (fcompile or cc.create_shared)(str(path), objects + ([blob] if blob else []))
 
 
 # An AArch64 (small code model) library reaches its GOT and data PC-relatively within +-4 GiB, and

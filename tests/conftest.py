@@ -58,12 +58,11 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def one_tvm_thread(one_torch_thread):
-    """1 TVM worker thread as well, for the same reason."""
-    import tvm
-
+    """1 TVM worker thread as well, for the same reason (set as TvmRunner sets it: a pool started any
+    other way pins this process to one core, use_tvm_threads)."""
     from sessa_export.runtime import available_cores
+    from sessa_export.runtime.tvm_runner import use_tvm_threads
 
-    configure = tvm.get_global_func("runtime.config_threadpool")
-    configure(1, 1)
+    use_tvm_threads(1)
     yield
-    configure(1, available_cores())  # what a runner gets by default: later modules time at full width
+    use_tvm_threads(available_cores())  # what a runner gets by default: later modules time at full width

@@ -20,6 +20,7 @@ import re
 import shutil
 import struct
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -74,6 +75,46 @@ def test_manifest_and_library(cpu_builds):
     assert all("capacity" in axes and "past" not in axes for layer in manifest["state"] for axes in layer["shapes"].values())
     runner = open_runner(out)
     assert isinstance(runner, TvmRunner) and runner.layout.contract == FIXED and runner.layout.capacity == CAPACITY
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_a_runner_leaves_the_process_on_all_its_cores(cpu_builds):
+    """TVM's thread pool, started without TVM_NUM_THREADS on 2 cores, pins the thread that starts it to
+    core 0 (and every thread started after it, a compile's parallel builds too): TvmRunner, and
+    use_tvm_threads with it, set TVM_NUM_THREADS first. A fresh process without it set, and one thread."""
+    _, out = cpu_builds["GQA-mlp-tied"]
+    code = ("import os\nfrom sessa_export.runtime.tvm_runner import TvmRunner\n"
+            "os.sched_setaffinity(0, range(os.cpu_count()))\n"  # not the mask of this process, which may be pinned
+            f"before = os.sched_getaffinity(0)\nrunner = TvmRunner({str(out)!r}, threads=1)\n"
+            "assert runner.threads == 1, runner.threads\n"
+            "assert os.sched_getaffinity(0) == before, (before, os.sched_getaffinity(0))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_kernel_parts_hold_every_kernel_once_in_balanced_groups():
+    """lower builds a CPU library's kernels in parts on parallel threads: each kernel in one part, at
+    most one part per core (and MAX_KERNEL_PARTS), the largest kernels spread first."""
+    from sessa_export.to_tvm import MAX_KERNEL_PARTS, kernel_parts
+
+    class Kernel:
+        def __init__(self, size: int):
+            self.size = size
+
+        def script(self) -> str:
+            return "x" * self.size
+
+    kernels = [(f"k{i}", Kernel(size)) for i, size in enumerate([9000, 200, 8000, 300, 7000, 100, 50, 400])]
+    for cores in (1, 2, 3, 64):
+        parts = kernel_parts(kernels, cores)
+        assert len(parts) == min(cores, MAX_KERNEL_PARTS, len(kernels))
+        assert sorted(name for part in parts for name, _ in part) == sorted(name for name, _ in kernels)
+        sizes = [sum(kernel.size for _, kernel in part) for part in parts]
+        assert max(sizes) <= sum(sizes) / len(parts) + 9000, sizes  # within one kernel of an even split
+    assert [[name for name, _ in part] for part in kernel_parts(kernels, 2)] == \
+        [["k0", "k7", "k3", "k1", "k5", "k6"], ["k2", "k4"]]  # 10,050 and 15,000 characters
+    assert kernel_parts([], 2) == []
 
 
 def test_step_writes_the_caller_caches_in_place(cpu_builds):

@@ -16,21 +16,13 @@ targets/ says runs here, or a checkpoint.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..artifact import MANIFEST_NAME, read_manifest
+from ..config import available_cores
 from ..errors import SessaExportError
 from .ort_runner import OrtRunner
 from .torch_runner import StepGraphRunner, TorchRunner
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def vocab_size(runner) -> int:

@@ -46,6 +46,22 @@ class TvmState:
         return TvmState(tuple(tvm.runtime.tensor(c.numpy()) for c in self.caches), self.past, self.batch)
 
 
+def use_tvm_threads(threads: int) -> int:
+    """Run TVM's parallel kernels on `threads` workers; returns how many run (at most the pool's size).
+
+    TVM sizes its thread pool from TVM_NUM_THREADS when the pool starts (default: half the cores, it
+    assumes hyperthreads), and a pool started that way on 2 cores pins the calling thread to core 0,
+    and so every thread it starts later (a compile's too); config_threadpool can only use fewer
+    workers than the pool has. So TVM_NUM_THREADS is set first, even when TVM is loaded already: every
+    parallel kernel launch reads it, and without it asks libstdc++ for the core count, which re-reads
+    /sys/devices/system/cpu/online each time (about 0.7 ms of a 3.7 ms q4 decode step here)."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(max(threads, available_cores())))
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(1, threads)
+    return int(tvm.get_global_func("runtime.NumThreads")())
+
+
 class TvmRunner:
     """A compiled TVM CPU library (model.so) loaded with the TVM runtime and the Relax VM."""
 
@@ -63,19 +79,10 @@ class TvmRunner:
             raise SessaExportError(f"{path} was cross-compiled for {manifest['host']}; run it on that machine")
         library = member(path, manifest, "library", "model.so")
         _check_cpu(library, manifest)
-        threads = threads or available_cores()
-        # TVM sizes its thread pool from TVM_NUM_THREADS when the pool starts (default: half the
-        # cores, it assumes hyperthreads) and config_threadpool below can only use fewer workers. Set
-        # it even when TVM is loaded already: every parallel kernel launch reads it, and without it
-        # asks libstdc++ for the core count, which re-reads /sys/devices/system/cpu/online each time
-        # (about 0.7 ms of a 3.7 ms q4 decode step here).
-        os.environ.setdefault("TVM_NUM_THREADS", str(max(threads, available_cores())))
+        self.threads = use_tvm_threads(threads or available_cores())
         import tvm
         import tvm_ffi
         from tvm import relax
-
-        tvm.get_global_func("runtime.config_threadpool")(1, threads)
-        self.threads = int(tvm.get_global_func("runtime.NumThreads")())  # what runs: at most the pool's size
 
         try:
             self.library = tvm.runtime.load_module(str(library))
@@ -172,4 +179,4 @@ def _check_cpu(library: Path, manifest: dict) -> None:
                                "(x86-64-v3, x86-64-v2, x86-64; AArch64: generic)")
 
 
-__all__ = ["TvmRunner", "TvmState"]
+__all__ = ["TvmRunner", "TvmState", "use_tvm_threads"]
