@@ -36,11 +36,16 @@ from . import packaging
 # takes from the workspace pool, a call per allocation and task.
 SCRATCH = "global"
 PANELS = (32, 16, 8)  # columns per weight panel, by preference: 32 = two AVX-512 or eight NEON registers
-# Float32 prefill rows per register tile at most (8 x 32 accumulators: 16 AVX-512 registers); the tile is
-# register_rows': AVX2 and NEON take 2 rows of a 32-column panel, where 8 (32 accumulators for 16 AVX2
-# registers) spilled. 1024 x 768 @ 768 x 2304 on an AMD Zen 3, 2 threads: 55-61 GFLOP/s with 8 rows,
-# 87-108 with 2, 45-64 with 1, 3, 4 or 6 (BENCHMARKS.md, 2026-12-07).
+# Float32 prefill rows per register tile at most (8 x 32 accumulators: 16 AVX-512 registers); see
+# register_tile. 1024 x 768 @ 768 x 2304 on an AMD Zen 3, 2 threads: 55-61 GFLOP/s with 8 rows of a
+# 32-column panel (32 accumulators for 16 AVX2 registers: spilled), 87-108 with 2, 45-64 with 1, 3, 4
+# or 6 (BENCHMARKS.md, 2026-12-07).
 ROW_TILE = 8
+# Rows a float32 prefill register tile keeps at least, by narrowing its columns to a part of the panel:
+# each row tile streams its columns of the panel from the L2, so 2 rows read it twice as often as 4.
+# Same product, AVX2, in turns: 2 rows x 32 columns 105-138 GFLOP/s, 4 x 16 137-159, 8 x 8 132-140
+# (BENCHMARKS.md, 2026-12-07, 21:47 UTC).
+TILE_ROWS = 4
 # Weight bytes a float prefill matmul's panel group holds at most: its tasks (a row tile over a panel
 # each) run every row tile over the group's panels in turn, so the group's weights stay in the L2 and
 # a row tile comes from the L3 once a group, not once a panel. 125M shapes, T = 1024, 2 threads, in
@@ -215,6 +220,16 @@ def register_rows(tgt: Target, columns: int, most: int) -> int:
     return max(1, min(most, simd_registers(tgt) // 2 // max(1, columns // vector_lanes(tgt))))
 
 
+def register_tile(tgt: Target, width: int) -> tuple[int, int]:
+    """(rows, columns) of a float32 prefill register tile over a `width`-column panel: the widest
+    columns (the panel, its half, its quarter... down to one vector) that leave at least TILE_ROWS
+    rows of accumulators in half the SIMD registers (AVX-512: 8 x 32; AVX2 and NEON: 4 x 16)."""
+    lanes, columns = vector_lanes(tgt), width
+    while columns % 2 == 0 and columns // 2 >= lanes and register_rows(tgt, columns, ROW_TILE) < TILE_ROWS:
+        columns //= 2
+    return register_rows(tgt, columns, ROW_TILE), columns
+
+
 # Keys in a prefill score tile on every CPU target: the FeedbackAttention prefill sums each row's
 # exps in this many lanes, so the tile fixes its rounding, and its x86-64 and AArch64 builds write
 # the same bytes (tests/test_embed_cpp.py compares them under qemu).
@@ -360,7 +375,7 @@ class CpuMatmul(dl.ScheduleRule):
     One row (decode, S = 1): a matrix-vector product; each task owns one panel (a packed weight)
     or a run of up to 512 columns, keeps its accumulators in registers and streams the weight
     through them (a packed one prefetched FLOAT_PREFETCH_BYTES ahead). More rows (prefill): tiles
-    of `register_rows` rows x one panel (or 32 columns), accumulators in registers, groups of panels
+    of `register_tile` rows x columns of one panel (or of 32 columns), accumulators in registers, groups of panels
     outermost (panel_group) so that the group's panels stay in the L2 across row tiles. The rows
     are padded to a multiple of that tile (copies of x and of the result, both cheap): a row
     predicate would keep LLVM from holding the accumulators in registers.
@@ -414,7 +429,7 @@ class CpuMatmul(dl.ScheduleRule):
             row_i = None
         else:
             width = columns if packed else (32 if columns % 32 == 0 else _vector_width(columns))
-            rows = register_rows(target, width, ROW_TILE)
+            rows, tile_columns = register_tile(target, width)
             sch.pad_einsum(matmul, [1] * len(outer) + [rows] + [1] * (3 if packed else 2))
             blocks = sch.get_child_blocks(sch.get_sblock("root"))
             at = [sch.get(b).name_hint for b in blocks].index(name)
@@ -426,9 +441,11 @@ class CpuMatmul(dl.ScheduleRule):
             outer, row, panel, col, red = loops()
             row_o, row_i = sch.split(row, [None, rows])
             col_o, col_i = (panel, col) if packed else sch.split(col, [None, width])
-            sch.reorder(col_o, *outer, row_o, red, row_i, col_i)
+            col_t, col_i = sch.split(col_i, [None, tile_columns])  # the register tile's columns of the panel
+            sch.reorder(col_o, *outer, row_o, col_t, red, row_i, col_i)
             if decoded:  # a task per panel: decoded once, then every row tile over it
-                task, tile = col_o, sch.fuse(*outer, row_o)
+                task = col_o
+                sch.fuse(*outer, row_o)
                 for block in decoded:
                     sch.compute_at(sch.get_sblock(block), col_o)
                     inner = sch.get_loops(sch.get_sblock(block))[-1]
@@ -438,7 +455,8 @@ class CpuMatmul(dl.ScheduleRule):
                 group = panel_group(int(sch.get(col_o).extent), int(sch.get(red).extent) * width * item)
                 col_g, col_in = sch.split(col_o, [None, group])
                 sch.reorder(col_g, *outer, row_o, col_in)
-                task = tile = sch.fuse(col_g, *outer, row_o, col_in)
+                task = sch.fuse(col_g, *outer, row_o, col_in)
+            tile = col_t
         sch.parallel(task)
         acc = sch.cache_write(matmul, 0, SCRATCH)
         sch.reverse_compute_at(acc, tile)

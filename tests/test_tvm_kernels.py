@@ -293,7 +293,7 @@ def test_cuda_kernels_match_reference(dtype):
                          ids=["panel32", "panel16", "panel8", "plain", "panel32-groups"])
 def test_cpu_linear_layout_matches_numpy(columns, inputs, cpu_name):
     """x @ W^T + b as the CPU build emits it, for decode (S = 1) and a prefill whose rows are not
-    a multiple of the row tile (2 rows in the AVX2 default build, 8 in a native AVX-512 one), against
+    a multiple of the row tile (4 rows of 16 columns in the AVX2 default build, 8 of 32 in a native AVX-512 one), against
     float64 NumPy; 2048 inputs make panels of 256 KB, a prefill group (cpu.panel_group) then holds
     fewer than all of them."""
     from sessa_export.to_tvm import CompileTarget
@@ -327,14 +327,19 @@ def test_cpu_linear_layout_matches_numpy(columns, inputs, cpu_name):
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_register_rows_keep_the_accumulators_in_half_the_registers():
-    """A prefill register tile of a 32-column panel: 8 rows with AVX-512 (2 of its 32 registers a row),
-    2 with AVX2 and NEON (4 and 8 of their 16 and 32 registers a row); narrower panels take more rows."""
+def test_register_tiles_keep_the_accumulators_in_half_the_registers():
+    """Rows of a register tile of 32 columns: 8 with AVX-512 (2 of its 32 registers a row), 2 with AVX2
+    and NEON (4 and 8 of their 16 and 32 registers a row); narrower tiles take more rows. A prefill
+    tile over a 32-column panel keeps TILE_ROWS = 4 rows at least: AVX2 and NEON take 4 rows of 16 of
+    its columns, AVX-512 the whole panel; a panel of one vector stays whole."""
     avx512, avx2, neon = (cpu.tvm_target(cpu="x86-64-v4"), cpu.tvm_target(cpu="x86-64-v3"),
                           cpu.tvm_target(host="aarch64-linux-gnu"))
     assert [cpu.register_rows(avx512, n, cpu.ROW_TILE) for n in (32, 16, 8)] == [8, 8, 8]
     assert [cpu.register_rows(avx2, n, cpu.ROW_TILE) for n in (32, 16, 8)] == [2, 4, 8]
     assert [cpu.register_rows(neon, n, cpu.ROW_TILE) for n in (32, 16, 8)] == [2, 4, 8]
+    assert [cpu.register_tile(avx512, n) for n in (32, 16)] == [(8, 32), (8, 16)]
+    assert [cpu.register_tile(avx2, n) for n in (32, 16, 8)] == [(4, 16), (4, 16), (8, 8)]
+    assert [cpu.register_tile(neon, n) for n in (32, 16, 8, 4)] == [(4, 16), (4, 16), (8, 8), (8, 4)]
 
 
 def test_cpu_decode_linear_prefetches_its_panels():
