@@ -66,3 +66,26 @@ def one_tvm_thread(one_torch_thread):
     use_tvm_threads(1)
     yield
     use_tvm_threads(available_cores())  # what a runner gets by default: later modules time at full width
+
+
+@pytest.fixture(scope="session")
+def bundled_library(tmp_path_factory):
+    """bundled_library(*options): `sessa-export compile` of the bundled model for --target cpu (the default
+    --cpu) at capacity BUNDLED_CAPACITY with `options` (such as "--quantization", "q8"), built once a
+    session for each set of options and shared by every test file that only reads it (a compile takes
+    5-10 s here). A test that changes a library copies it first."""
+    from parity import BUNDLED_CAPACITY, cli
+
+    from sessa_export.data import BUNDLED_MODEL
+
+    built: dict[tuple[str, ...], Path] = {}
+
+    def build(*options: str) -> Path:
+        if options not in built:
+            out = tmp_path_factory.mktemp("bundled_library") / "tiny"
+            result = cli("compile", BUNDLED_MODEL, "--target", "cpu", "-o", out, "--max-len", BUNDLED_CAPACITY, *options)
+            assert result.exit_code == 0, f"compile failed: {result.output}\n{result.exception!r}"
+            built[options] = out
+        return built[options]
+
+    return build

@@ -10,6 +10,7 @@ from sessa_export.cli import app
 from sessa_export.runtime import TorchRunner
 
 ATOL = 1e-4  # the issues' fp32 bar: max |back end - PyTorch| on logits and on every state tensor
+BUNDLED_CAPACITY = 256  # positions of the bundled model's CPU libraries that test files share (conftest.bundled_library)
 
 # Small random models covering the cases every back end must get right.
 CONFIGS = {

@@ -4,7 +4,8 @@ The program is built with g++ against the TVM runtime and tvm-ffi of the Python 
 (examples/embed_cpp/build.sh), the bundled model is compiled with `sessa-export compile
 --target cpu`, and the bytes the program prints for a prompt - a prefill, then greedy decode
 with the caches allocated once and written in place - must equal the greedy continuation of the
-PyTorch reference (SessaLM.step). Build and compile are module-scoped (about 10 s together).
+PyTorch reference (SessaLM.step). The build is module-scoped, the float32 and q8 libraries shared with
+tests/test_tvm_quantized.py (conftest.bundled_library).
 
 Where users deploy (each part skips with its reason when a tool is missing):
 - x86-64 without AVX-512: the default --cpu x86-64-v3 library holds no AVX-512 instruction (objdump),
@@ -35,12 +36,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from parity import BUNDLED_CAPACITY
 from sessa_export.checkpoint import load_checkpoint
 from sessa_export.cli import app
 from sessa_export.data import BUNDLED_MODEL, encode
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "embed_cpp"
-CAPACITY = 128
+CAPACITY = BUNDLED_CAPACITY
 CASES = [  # (prompt, new bytes): a multi-token prefill, and a one-byte prompt (S = 1 from the start)
     ("def main():\n    ", 48),
     ("T", 24),
@@ -79,8 +81,8 @@ def program(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory) -> Path:
-    return compile_cpu(tmp_path_factory.mktemp("embed_cpp_model") / "tiny")  # the default --cpu: x86-64-v3 here
+def artifact(bundled_library) -> Path:
+    return bundled_library()  # the default --cpu: x86-64-v3 here
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,7 @@ def assert_greedy_matches(program: Path, artifact: Path, model, prompt: str, n_n
     assert result.returncode == 0, result.stderr.decode(errors="replace")
     assert result.stdout == expected, (f"C++ printed {result.stdout!r}\nPyTorch greedy  {expected!r}\n"
                                        f"stderr: {result.stderr.decode(errors='replace')}")
-    assert b"decode" in result.stderr and b"capacity 128" in result.stderr
+    assert b"decode" in result.stderr and f"capacity {CAPACITY}".encode() in result.stderr
 
 
 def assert_refused_for(result: subprocess.CompletedProcess, cpu: str, *missing: str) -> None:
@@ -156,11 +158,11 @@ def test_a_float16_state_library_runs_as_in_python(program, tmp_path):
 
 
 def test_capacity_is_checked(program, artifact):
-    full = run(program, artifact, "x" * 100, CAPACITY - 100 + 1)  # 100 + n - 1 = 128 positions: fits
+    full = run(program, artifact, "x" * 100, CAPACITY - 100 + 1)  # 100 + n - 1 = CAPACITY positions: fits
     assert full.returncode == 0 and len(full.stdout) == CAPACITY - 100 + 1, full.stderr
-    result = run(program, artifact, "x" * 100, CAPACITY - 100 + 2)  # 129 positions: one too many
+    result = run(program, artifact, "x" * 100, CAPACITY - 100 + 2)  # one position too many
     assert result.returncode == 1 and result.stdout == b""
-    assert b"exceed the compiled capacity 128" in result.stderr, result.stderr
+    assert f"exceed the compiled capacity {CAPACITY}".encode() in result.stderr, result.stderr
 
 
 def test_usage(program):
@@ -339,7 +341,7 @@ def kernel_calls(artifact: Path, prompt: str, wanted) -> dict[str, tuple[bytes, 
     return calls
 
 
-def test_aarch64_q8_kernels_compute_as_on_x86(aarch64_program, tmp_path):  # (the program's fixture: the skips)
+def test_aarch64_q8_kernels_compute_as_on_x86(aarch64_program, bundled_library, tmp_path):  # (the program's fixture: the skips)
     """compile --quantization q8 for cortex-a76 puts the int8 matmuls, decode and prefill, on sdot
     (tests/test_quant_kernels.py checks the object code). Under qemu as a Neoverse-N1, each of its quantized matmul kernels and its
     FeedbackAttention prefill, called on the arguments the x86-64 q8 build's kernel got in a prefill and
@@ -351,7 +353,7 @@ def test_aarch64_q8_kernels_compute_as_on_x86(aarch64_program, tmp_path):  # (th
     model turns such a bit now and then into another int8 activation, so the two texts can part (they
     did after 46 bytes of this prompt once the FeedbackAttention prefill changed its summation order)."""
     kinds = ("int_matmul_decode", "int_matmul_prefill", "feedback_attention_prefill")
-    x86 = compile_cpu(tmp_path / "x86", "--quantization", "q8")
+    x86 = bundled_library("--quantization", "q8")
     arm = compile_cpu(tmp_path / "arm", "--quantization", "q8", "--host", "aarch64-linux-gnu", "--cpu", "cortex-a76")
     caller = build(tmp_path / "kernel_call", AARCH64_CXX, TVM_LIBS=str(AARCH64_RUNTIME),
                    SOURCE=str(Path(__file__).with_name("kernel_call.cpp")))

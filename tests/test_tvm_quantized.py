@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity import assert_clean_error, cli, run_parity
+from parity import BUNDLED_CAPACITY, assert_clean_error, cli, run_parity
 from sessa_export.checkpoint import load_checkpoint
 from sessa_export.data import BUNDLED_MODEL
 from sessa_export.ops import tvm_dequant_matmul as dq
@@ -30,7 +30,7 @@ from sessa_export.tracer import trace
 from sessa_export.to_tvm import CompileTarget, build_module, compile_graph
 from sessa_export.runtime.tvm_runner import TvmRunner
 
-CAPACITY = 256
+CAPACITY = BUNDLED_CAPACITY
 MODES = ("q8", "q4")
 # whether this machine's default CPU build runs its quantized prefill on integer dot products
 INTEGER_PREFILL = cpu.quantized_row_tile(CompileTarget("cpu").tvm_target()) is not None
@@ -45,12 +45,9 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def builds(model, tmp_path_factory):
-    """fp32, q8 and q4 libraries of the bundled model (capacity 256)."""
-    root, graph = tmp_path_factory.mktemp("tvm_quant"), trace(model)
-    return {mode: compile_graph(graph, root / mode, CompileTarget("cpu"), CAPACITY, source=str(BUNDLED_MODEL),
-                                quantization=None if mode == "fp32" else mode)
-            for mode in ("fp32", *MODES)}
+def builds(bundled_library):
+    """fp32, q8 and q4 libraries of the bundled model (capacity CAPACITY; shared with other test files)."""
+    return {mode: bundled_library(*(() if mode == "fp32" else ("--quantization", mode))) for mode in ("fp32", *MODES)}
 
 
 def test_libraries_are_smaller(builds):
