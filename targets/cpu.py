@@ -445,7 +445,6 @@ class CpuMatmul(dl.ScheduleRule):
             sch.reorder(col_o, *outer, row_o, col_t, red, row_i, col_i)
             if decoded:  # a task per panel: decoded once, then every row tile over it
                 task = col_o
-                sch.fuse(*outer, row_o)
                 for block in decoded:
                     sch.compute_at(sch.get_sblock(block), col_o)
                     inner = sch.get_loops(sch.get_sblock(block))[-1]

@@ -125,11 +125,18 @@ def test_the_quality_check_refuses_a_text_shorter_than_it_reads():
 
 
 def test_a_demo_failing_late_leaves_nothing_behind(tmp_path, monkeypatch):
+    """Both outputs written (the ONNX export for real, the compile by a stand-in that writes its folder:
+    a real one takes 5 s here), then a failure: neither is left."""
     from sessa_export import demo
+
+    def compiled(graph, out, *args, **kwargs):
+        out.mkdir()
+        (out / "model.so").write_bytes(b"stand-in")
 
     def broken(*args, **kwargs):
         raise SessaExportError("injected late failure")
 
+    monkeypatch.setattr(demo, "compile_graph", compiled)
     monkeypatch.setattr(demo, "TvmRunner", broken)
     result = cli("demo", "-o", tmp_path / "demo", "--max-new-tokens", "4")
     assert_clean_error(result, "injected late failure")
