@@ -518,11 +518,22 @@ def dot_instruction(tgt: Target) -> str | None:
     return "avx2" if has("avx2") else None
 
 
-def quantized_row_tile(tgt: Target) -> int | None:
-    """Rows per tile of the quantized prefill's integer kernel, or None where the build has no
-    dot-product instruction: there int32 multiplies are slower than decoding the weights into the float
-    matmul (SSE2: 18 against 67 GFLOP/s, BENCHMARKS.md 2026-12-02, 19:31 UTC)."""
-    return INT_ROW_TILE if dot_instruction(tgt) else None
+# Quantized prefills that decode their weights into the float32 matmul although the CPU has a dot-product
+# instruction: (LLVM CPU name prefix, mode). AMD Zen 3 (AVX2 only): AVX2's q8 product takes 7 instructions
+# per 32 weights (the |w - 128| and sign trick), q4's 3; the 125M q8 prefill of 1024 went from 336 / 327 to
+# 465 / 455 tokens/s over dequantized panels, in turns; q4's integer kernel stays the faster (BENCHMARKS.md,
+# 2026-12-07, 21:47 UTC). The portable x86-64-v3 build keeps the integer kernel: not measured on Intel.
+FLOAT_PREFILL = (("znver3", "q8"),)
+
+
+def quantized_row_tile(tgt: Target, mode: str) -> int | None:
+    """Rows per tile of the `mode` prefill's integer kernel, or None where the build has no dot-product
+    instruction (there int32 multiplies are slower than decoding the weights into the float matmul:
+    SSE2 18 against 67 GFLOP/s, BENCHMARKS.md 2026-12-02, 19:31 UTC) or FLOAT_PREFILL names its CPU."""
+    mcpu = str(tgt.attrs.get("mcpu", ""))
+    if not dot_instruction(tgt) or any(mcpu.startswith(name) and mode == m for name, m in FLOAT_PREFILL):
+        return None
+    return INT_ROW_TILE
 
 
 def quantized_matmul_kernel(in_features: int, out_features: int, mode: str, bias: bool, group_size: int,
@@ -533,7 +544,7 @@ def quantized_matmul_kernel(in_features: int, out_features: int, mode: str, bias
     from sessa_export.ops import tvm_dequant_matmul as dq
 
     panel, step = weight_panel(out_features), "decode" if decode else "prefill"
-    row_tile = None if decode else quantized_row_tile(tgt)
+    row_tile = None if decode else quantized_row_tile(tgt, mode)
     if decode or row_tile:
         kind, func = "int", dq.int_matmul_kernel(in_features, out_features, mode, bias, panel, group_size, row_tile)
     else:

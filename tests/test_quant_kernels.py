@@ -186,8 +186,21 @@ def test_aarch64_object_code_has_the_dot_product(mode, cpu_name, instruction):
     assert dots == ({instruction} if instruction else set()), dots
     assert ("\tprfm\t" in asm) == bool(dots)  # the weight stream prefetched on the dot-product paths
     assert "smlal" in asm or dots  # plain NEON widening multiply-adds without the dot product
-    assert (cpu.quantized_row_tile(target) is not None) == bool(dots)
+    assert (cpu.quantized_row_tile(target, mode) is not None) == bool(dots)
     if dots:
         prefill = tvm.compile(schedule(dq.int_matmul_kernel(96, 64, mode, False, 32, 32, cpu.INT_ROW_TILE), target),
                               target=target)
         assert f"\t{instruction}\t" in prefill.mod.inspect_source("asm")
+
+
+@pytest.mark.parametrize("cpu_name,integer", [("x86-64-v3", {"q8", "q4"}), ("znver3", {"q4"}), ("znver4", {"q8", "q4"}),
+                                              ("x86-64", set())])
+def test_the_prefill_kernel_follows_the_cpu(cpu_name, integer):
+    """A quantized prefill runs on integer dot products where the CPU has them, but q8 on a Zen 3 (AVX2
+    only) decodes its weights into the float32 matmul (cpu.FLOAT_PREFILL); decode is integer on all."""
+    target = cpu.tvm_target(cpu=cpu_name)
+    for mode in MODES:
+        prefill, _ = cpu.quantized_matmul_kernel(768, 768, mode, False, 32, False, target)
+        decode, _ = cpu.quantized_matmul_kernel(768, 768, mode, False, 32, True, target)
+        assert prefill.startswith("int_matmul_prefill" if mode in integer else "dequant_matmul_prefill"), prefill
+        assert decode.startswith("int_matmul_decode"), decode

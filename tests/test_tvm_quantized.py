@@ -32,8 +32,8 @@ from sessa_export.runtime.tvm_runner import TvmRunner
 
 CAPACITY = BUNDLED_CAPACITY
 MODES = ("q8", "q4")
-# whether this machine's default CPU build runs its quantized prefill on integer dot products
-INTEGER_PREFILL = cpu.quantized_row_tile(CompileTarget("cpu").tvm_target()) is not None
+# whether this machine's default CPU build runs each mode's quantized prefill on integer dot products
+INTEGER_PREFILL = {mode: cpu.quantized_row_tile(CompileTarget("cpu").tvm_target(), mode) is not None for mode in MODES}
 
 
 pytestmark = pytest.mark.usefixtures("one_tvm_thread")
@@ -117,7 +117,7 @@ def test_dequantize_is_inside_the_matmul_kernels(model, mode):
     kernels = {gv.name_hint: f for gv, f in lowered.functions.items() if isinstance(f, tvm.tirx.PrimFunc)
                and gv.name_hint.startswith(("int_matmul_", "dequant_matmul_"))}
     assert any(name.startswith("int_matmul_decode") for name in kernels), "no integer decode kernel"
-    prefill = "int_matmul_prefill" if INTEGER_PREFILL else "dequant_matmul_prefill"
+    prefill = "int_matmul_prefill" if INTEGER_PREFILL[mode] else "dequant_matmul_prefill"
     assert any(name.startswith(prefill) for name in kernels), f"no {prefill} kernel"
     for name, func in kernels.items():
         text = func.script()
@@ -150,7 +150,7 @@ def test_kernels_exact_for_the_dequantized_weights(model, mode, tmp_path):
     either way in the library and in PyTorch, and the feedback state carries that one step to every
     later position (the bundled model has such a tie in its first dozen positions). The integer
     prefill kernels are held exact in tests/test_quant_kernels.py, and the model to the quality bar below."""
-    cpu_name = next(c for c in cpu.cpu_choices(None)[0] if cpu.quantized_row_tile(cpu.tvm_target(cpu=c)) is None)
+    cpu_name = next(c for c in cpu.cpu_choices(None)[0] if cpu.quantized_row_tile(cpu.tvm_target(cpu=c), mode) is None)
     out = compile_graph(trace(model), tmp_path / mode, CompileTarget("cpu", cpu=cpu_name), CAPACITY,
                         source=str(BUNDLED_MODEL), quantization=mode)
     quant = json.loads((out / "sessa_config.json").read_text())["quantization"]
