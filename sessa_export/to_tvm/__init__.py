@@ -501,6 +501,8 @@ def kernel_parts(kernels: list, cores: int) -> list[list]:
     equal LLVM work, the largest kernel placed first (a kernel's TVMScript length follows its build
     time: correlation 0.9 over the bundled model's 40 kernels)."""
     count = max(1, min(cores, MAX_KERNEL_PARTS, len(kernels)))
+    if count == 1:  # one core or one kernel: no sizes to weigh (printing every kernel's TVMScript takes 0.1 s)
+        return [list(kernels)] if kernels else []
     parts, sizes = [[] for _ in range(count)], [0] * count
     for size, gv, func in sorted(((len(f.script()), gv, f) for gv, f in kernels), key=lambda k: -k[0]):
         lightest = sizes.index(min(sizes))
