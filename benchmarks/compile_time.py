@@ -1,11 +1,13 @@
 """How long `compile` takes, its kernels built on one core against all the cores this process may use.
 
-`sessa_export.to_tvm.lower` builds a CPU library's kernels as one LLVM module per core (up to
-MAX_KERNEL_PARTS), on as many threads, and the packager writes their objects in parallel. This script
-compiles each model in turns with this process pinned to one core (one part: what `tvm.compile` does)
-and unpinned, after one warm-up compile that pays the first kernel constructions, and prints the
-seconds of each compile (the median of --turns) and their ratio. The models: the bundled one (capacity
-128) and the 125M-class config (random weights, capacity 2048), float32 and --quantization q4.
+`sessa_export.to_tvm.lower` builds a CPU library's kernels as one LLVM module each, on as many threads
+as cores, and the packager writes their objects in parallel; both are kept for the process
+(targets/kernel_cache.py). This script compiles each model in turns with this process pinned to one
+core and unpinned, the kept kernels forgotten before each (a first compile of its kernels), and then
+unpinned with them kept (a library whose kernels this process built before), after one warm-up compile
+that pays the first kernel constructions, and prints the seconds of each compile (the median of
+--turns) and the ratios. The models: the bundled one (capacity 128) and the 125M-class config (random
+weights, capacity 2048), float32 and --quantization q4.
 
 Run: python benchmarks/compile_time.py [--turns 3] [--only bundled|125m]
 """
@@ -43,6 +45,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--only", choices=("bundled", "125m"), default=None)
     args = parser.parse_args()
+    from sessa_export.targets import kernel_cache
     from sessa_export.to_tvm import CompileTarget, compile_graph
 
     cores = os.sched_getaffinity(0)
@@ -51,8 +54,10 @@ def main() -> None:
     try:
         for name, graph, capacity in models(args.only):
             for quantization in (None, "q4"):
-                def compile_once(pinned: bool) -> float:
+                def compile_once(pinned: bool, kept: bool = False) -> float:
                     os.sched_setaffinity(0, {min(cores)} if pinned else cores)
+                    if not kept:
+                        kernel_cache.clear()
                     out = work / "out"
                     shutil.rmtree(out, ignore_errors=True)
                     started = time.perf_counter()
@@ -60,18 +65,20 @@ def main() -> None:
                     return time.perf_counter() - started
 
                 compile_once(False)  # the first compile of a shape builds its TVMScript kernels
-                seconds = {True: [], False: []}
+                seconds = {"one": [], "every": [], "kept": []}
                 for _ in range(args.turns):
-                    for pinned in (True, False):
-                        seconds[pinned].append(compile_once(pinned))
-                one, every = statistics.median(seconds[True]), statistics.median(seconds[False])
-                rows.append([f"{name} {quantization or 'fp32'}", f"{one:.2f}", f"{every:.2f}", f"{one / every:.2f}"])
-                print(f"{rows[-1][0]}: one core {[f'{s:.2f}' for s in seconds[True]]}, "
-                      f"{len(cores)} cores {[f'{s:.2f}' for s in seconds[False]]}", flush=True)
+                    seconds["one"].append(compile_once(True))
+                    seconds["every"].append(compile_once(False))
+                    seconds["kept"].append(compile_once(False, kept=True))
+                one, every, kept = (statistics.median(seconds[k]) for k in ("one", "every", "kept"))
+                rows.append([f"{name} {quantization or 'fp32'}", f"{one:.2f}", f"{every:.2f}", f"{one / every:.2f}",
+                             f"{kept:.2f}", f"{every / kept:.2f}"])
+                print(f"{rows[-1][0]}: " + ", ".join(f"{k} {[f'{s:.2f}' for s in v]}" for k, v in seconds.items()),
+                      flush=True)
     finally:
         os.sched_setaffinity(0, cores)
         shutil.rmtree(work, ignore_errors=True)
-    print_table(["model", "s, one core", f"s, {len(cores)} cores", "ratio"], rows,
+    print_table(["model", "s, one core", f"s, {len(cores)} cores", "ratio", "s, kernels kept", "ratio"], rows,
                 title=f"compile --target cpu, median of {args.turns} turns")
 
 

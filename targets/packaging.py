@@ -15,9 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
+from sessa_export.config import available_cores
 from sessa_export.errors import SessaExportError
 
 from . import CROSS_COMPILERS
+from .kernel_cache import write_object
 
 
 def device_modules(executable, kind: str) -> list:
@@ -57,13 +59,14 @@ def export_elf(executable, path: Path, host: str | None, workspace: Path,
     x86_64 = host is None and platform.machine() in ("x86_64", "AMD64")
     library = executable.mod
     # what export_library does for LLVM modules, with the objects written on parallel threads (LLVM emits
-    # the machine code there; a CPU build holds one LLVM module per kernel part, to_tvm.lower)
+    # the machine code there; a CPU build holds one LLVM module per kernel, kept with its object for the
+    # process: kernel_cache)
     modules = library._collect_dso_modules()
     if any(module.kind != "llvm" for module in modules):
         raise SessaExportError(f"cannot package {[m.kind for m in modules]} modules into an ELF library")
     objects = [str(Path(workspace) / f"lib{i}.o") for i in range(len(modules))]
-    with ThreadPoolExecutor(max(1, len(modules))) as pool:
-        list(pool.map(lambda module, name: module.write_to_file(name), modules, objects))
+    with ThreadPoolExecutor(max(1, min(len(modules), available_cores()))) as pool:
+        list(pool.map(write_object, modules, objects))
     blob = _elf_blob_packer(x86_64, transform)(library, False, "", str(workspace)) if library.imports else None
     (fcompile or cc.create_shared)(str(path), objects + ([blob] if blob else []))
 

@@ -93,28 +93,44 @@ def test_a_runner_leaves_the_process_on_all_its_cores(cpu_builds):
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_kernel_parts_hold_every_kernel_once_in_balanced_groups():
-    """lower builds a CPU library's kernels in parts on parallel threads: each kernel in one part, at
-    most one part per core (and MAX_KERNEL_PARTS), the largest kernels spread first."""
-    from sessa_export.to_tvm import MAX_KERNEL_PARTS, kernel_parts
+def test_a_built_kernel_is_reused_for_its_target_and_only_for_an_equal_kernel(monkeypatch, tmp_path):
+    """lower builds a CPU library's kernels one LLVM module each, kept for the process (kernel_cache): the
+    next library for the same target takes a kernel built before, another target or another kernel of
+    the same name and hash is built anew, and a kept kernel's object file is written once."""
+    import tvm
+    import tvm_ffi
+    from tvm import te
 
-    class Kernel:
-        def __init__(self, size: int):
-            self.size = size
+    from sessa_export.targets import kernel_cache
 
-        def script(self) -> str:
-            return "x" * self.size
+    monkeypatch.setattr(kernel_cache, "_built", type(kernel_cache._built)())
+    monkeypatch.setattr(kernel_cache, "_by_handle", {})
 
-    kernels = [(f"k{i}", Kernel(size)) for i, size in enumerate([9000, 200, 8000, 300, 7000, 100, 50, 400])]
-    for cores in (1, 2, 3, 64):
-        parts = kernel_parts(kernels, cores)
-        assert len(parts) == min(cores, MAX_KERNEL_PARTS, len(kernels))
-        assert sorted(name for part in parts for name, _ in part) == sorted(name for name, _ in kernels)
-        sizes = [sum(kernel.size for _, kernel in part) for part in parts]
-        assert max(sizes) <= sum(sizes) / len(parts) + 9000, sizes  # within one kernel of an even split
-    assert [[name for name, _ in part] for part in kernel_parts(kernels, 2)] == \
-        [["k0", "k7", "k3", "k1", "k5", "k6"], ["k2", "k4"]]  # 10,050 and 15,000 characters
-    assert kernel_parts([], 2) == []
+    def kernel(name: str, c: float):
+        a = te.placeholder((8,), name="a")
+        b = te.compute((8,), lambda i: a[i] + c, name="b")
+        return tvm.ir.GlobalVar(name), te.create_prim_func([a, b]).with_attr("global_symbol", name)
+
+    def adds(library, name: str) -> float:
+        x, y = tvm.runtime.tensor(np.zeros(8, "float32")), tvm.runtime.tensor(np.zeros(8, "float32"))
+        library.get_function(name, query_imports=True)(x, y)
+        return float(y.numpy()[0])
+
+    v3, v4 = CompileTarget(cpu="x86-64-v3").tvm_target(), CompileTarget(cpu="x86-64-v4").tvm_target()
+    first = kernel_cache.build_kernels([kernel("one", 1.0), kernel("two", 2.0)], v3, 2)
+    again = kernel_cache.build_kernels([kernel("one", 1.0), kernel("three", 3.0)], v3, 2)
+    assert again.imports[0].same_as(first.imports[0]) and not again.imports[1].same_as(first.imports[1])
+    assert (adds(again, "one"), adds(again, "three")) == (1.0, 3.0)
+    assert not kernel_cache.build_kernels([kernel("one", 1.0)], v4, 2).imports[0].same_as(first.imports[0])
+    monkeypatch.setattr(tvm_ffi, "structural_hash", lambda func: 0)  # every kernel named "one" now collides
+    kernel_cache.build_kernels([kernel("one", 1.0)], v3, 2)
+    collided = kernel_cache.build_kernels([kernel("one", 5.0)], v3, 2)
+    assert adds(collided, "one") == 5.0
+    kept = collided.imports[0]
+    kernel_cache.write_object(kept, tmp_path / "a.o")
+    monkeypatch.setattr(type(kept), "write_to_file", lambda *a: pytest.fail("a kept object was emitted again"))
+    kernel_cache.write_object(kept, tmp_path / "b.o")
+    assert (tmp_path / "a.o").read_bytes() == (tmp_path / "b.o").read_bytes()
 
 
 def test_step_writes_the_caller_caches_in_place(cpu_builds):

@@ -31,7 +31,6 @@ name and the calling convention.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -467,13 +466,15 @@ def build_module(graph: StepGraph, capacity: int, target: CompileTarget | None =
 def lower(mod, target: CompileTarget):
     """Run the target's Relax pipeline (targets/) and build the VM executable (not yet exported).
 
-    What `tvm.compile` does, except that a CPU build's kernels are built as `kernel_parts` LLVM modules
-    on as many threads (TVM releases the GIL in its passes and in LLVM) and imported side by side into
-    the one library; targets/packaging.py writes their objects in parallel too. A GPU build stays one
-    module: its packagers expect one device module."""
+    What `tvm.compile` does, except that a CPU build's kernels are LLVM modules of one kernel each,
+    built on every core and kept for the process (targets/kernel_cache.py: the next library with the
+    same kernel for the same target reuses it); targets/packaging.py writes their objects in parallel
+    too. A GPU build stays one module: its packagers expect one device module."""
     import tvm
     from tvm import relax
     from tvm.relax import vm_build
+
+    from ..targets.kernel_cache import build_kernels
 
     tvm_target = target.tvm_target()
     with tvm_target:
@@ -482,33 +483,13 @@ def lower(mod, target: CompileTarget):
     builder = relax.ExecBuilder()
     mod = vm_build._vmcodegen(builder, mod, "bytecode")
     kernels = [(gv, f) for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]
-    parts = kernel_parts(kernels, 1 if target.gpu else available_cores())
-    with ThreadPoolExecutor(max(1, len(parts))) as pool:
-        libs = list(pool.map(lambda part: tvm.tirx.build(tvm.IRModule(dict(part), attrs=mod.attrs),
-                                                         target=tvm_target), parts))
-    for other in libs[1:]:
-        libs[0].import_module(other)
-    return vm_build.VMExecutable(vm_build._ffi_api.VMLink(builder, tvm_target, libs[0] if libs else None,
+    if target.gpu:
+        library = tvm.tirx.build(tvm.IRModule(dict(kernels), attrs=mod.attrs), target=tvm_target)
+    else:
+        library = build_kernels(kernels, tvm_target, available_cores())
+    return vm_build.VMExecutable(vm_build._ffi_api.VMLink(builder, tvm_target, library,
                                                           list(attrs.get("external_mods", [])),
                                                           dict(attrs.get("const_name_to_constant", {}))))
-
-
-MAX_KERNEL_PARTS = 8
-
-
-def kernel_parts(kernels: list, cores: int) -> list[list]:
-    """`kernels` ((GlobalVar, PrimFunc) pairs) in at most min(cores, MAX_KERNEL_PARTS) groups of about
-    equal LLVM work, the largest kernel placed first (a kernel's TVMScript length follows its build
-    time: correlation 0.9 over the bundled model's 40 kernels)."""
-    count = max(1, min(cores, MAX_KERNEL_PARTS, len(kernels)))
-    if count == 1:  # one core or one kernel: no sizes to weigh (printing every kernel's TVMScript takes 0.1 s)
-        return [list(kernels)] if kernels else []
-    parts, sizes = [[] for _ in range(count)], [0] * count
-    for size, gv, func in sorted(((len(f.script()), gv, f) for gv, f in kernels), key=lambda k: -k[0]):
-        lightest = sizes.index(min(sizes))
-        parts[lightest].append((gv, func))
-        sizes[lightest] += size
-    return [part for part in parts if part]
 
 
 def last_line(exc: BaseException) -> str:
