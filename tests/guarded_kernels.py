@@ -6,7 +6,7 @@ before them), crashes now and then. Each tensor ends where a guard page begins (
 bytes before it when its size is not a multiple of 64: the kernels assume 64-byte aligned data);
 one whose size is a whole number of pages also starts where one ends. Run by tests/test_kernel_bounds.py:
 
-    python tests/guarded_kernels.py feedback|forward
+    python tests/guarded_kernels.py [feedback] [forward]   (both by default: one process pays the imports once)
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def feedback(rng: np.random.Generator) -> None:
         caches = [rng.standard_normal((1, capacity, D)).astype(np.float32) for _ in range(2)]
         args = (*[guarded(r) for r in rows[:3]], gain, *[guarded(c) for c in caches], past, guarded(rows[3]))
         kernels[name](*args)
-        print(f"{name} S={new} P={past}: ok", flush=True)
+        print(f"feedback: {name} S={new} P={past}: ok", flush=True)
 
 
 def forward(rng: np.random.Generator) -> None:
@@ -78,8 +78,9 @@ def forward(rng: np.random.Generator) -> None:
         q, k, v, out = (rng.standard_normal((1, new, width)).astype(np.float32) for width in (H * d, Hkv * d, Hkv * d, H * d))
         caches = [rng.standard_normal((1, Hkv, capacity, d)).astype(np.float32) for _ in range(2)]
         kernel(guarded(q), guarded(k), guarded(v), inv_freq, *[guarded(c) for c in caches], past, guarded(out))
-        print(f"forward attention S={new} P={past}: ok", flush=True)
+        print(f"forward: attention S={new} P={past}: ok", flush=True)
 
 
 if __name__ == "__main__":
-    {"feedback": feedback, "forward": forward}[sys.argv[1]](np.random.default_rng(0))
+    for kernels in sys.argv[1:] or ["feedback", "forward"]:
+        {"feedback": feedback, "forward": forward}[kernels](np.random.default_rng(0))
