@@ -82,21 +82,24 @@ def _elf_blob_packer(x86_64: bool, transform: Callable[[bytes], bytes] | None = 
     goes in with an assembler `.incbin` instead of an LLVM constant array, which takes LLVM minutes
     and gigabytes for a few hundred MB of weights; on x86-64 into .lrodata, else .rodata, refused
     past NEAR_BLOB_LIMIT. `transform` may rewrite the blob."""
+    import numpy as np
     import tvm
 
     blob_name = tvm.get_global_func("runtime.ModuleImportsBlobName")()
     section = '.lrodata,"al",@progbits' if x86_64 else ".rodata"
 
     def pack_imports(module, is_system_lib, prefix, workdir):
-        blob = tvm.get_global_func("runtime.ModulePackImportsToTensor")(module).numpy().tobytes()
+        packed = tvm.get_global_func("runtime.ModulePackImportsToTensor")(module)
+        blob = memoryview(np.from_dlpack(packed))  # no copy of the weights (.numpy().tobytes() made two)
         if transform is not None:
-            blob = transform(blob)
+            blob = transform(bytes(blob))
         if not x86_64 and len(blob) > NEAR_BLOB_LIMIT:
             raise SessaExportError(f"the weights make a {len(blob) / 2**30:.1f} GiB library, past the "
                                    f"{NEAR_BLOB_LIMIT / 2**30:g} GiB an AArch64 shared library can address: "
                                    "compile with --quantization q8 or q4")
         blob_file = Path(workdir) / "devc.bin"
-        blob_file.write_bytes(blob)
+        with open(blob_file, "wb") as out:
+            out.write(blob)
         symbol = f"{prefix}{blob_name}"
         asm = Path(workdir) / "devc.S"
         asm.write_text(
