@@ -43,7 +43,8 @@ def build_kernels(kernels: list, tvm_target, threads: int):
     keys = [(gv.name_hint, target_text, tvm_ffi.structural_hash(func)) for gv, func in kernels]
     with _lock:
         found = {key: _built[key] for key in keys if key in _built}
-    hits = {key for (_, func), key in zip(kernels, keys) if key in found and tvm_ffi.structural_equal(found[key].func, func)}
+    hits = {key for (_, func), key in zip(kernels, keys)
+            if key in found and tvm_ffi.structural_equal(found[key].func, func)}
     missing = [(key, gv, func) for (gv, func), key in zip(kernels, keys) if key not in hits]
     with ThreadPoolExecutor(max(1, min(threads, len(missing)))) as pool:
         built = list(pool.map(lambda kernel: tvm.tirx.build(tvm.IRModule({kernel[1]: kernel[2]}), target=tvm_target),
