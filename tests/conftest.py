@@ -74,18 +74,13 @@ def bundled_library(tmp_path_factory):
     --cpu) at capacity BUNDLED_CAPACITY with `options` (such as "--quantization", "q8"), built once a
     session for each set of options and shared by every test file that only reads it (a compile takes
     5-10 s here). A test that changes a library copies it first."""
-    from parity import BUNDLED_CAPACITY, cli
-
-    from sessa_export.data import BUNDLED_MODEL
+    from parity import compile_bundled
 
     built: dict[tuple[str, ...], Path] = {}
 
     def build(*options: str) -> Path:
         if options not in built:
-            out = tmp_path_factory.mktemp("bundled_library") / "tiny"
-            result = cli("compile", BUNDLED_MODEL, "--target", "cpu", "-o", out, "--max-len", BUNDLED_CAPACITY, *options)
-            assert result.exit_code == 0, f"compile failed: {result.output}\n{result.exception!r}"
-            built[options] = out
+            built[options] = compile_bundled(tmp_path_factory.mktemp("bundled_library") / "tiny", *options)
         return built[options]
 
     return build

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from typer.testing import CliRunner
@@ -62,6 +64,16 @@ def run_parity(model, got, ids: np.ndarray, steps: list[int]) -> np.ndarray:
 def cli(*args):
     """Run the CLI in-process; stdout and stderr are kept apart."""
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def compile_bundled(out: Path, *options) -> Path:
+    """`sessa-export compile` of the bundled model for --target cpu at capacity BUNDLED_CAPACITY with
+    `options` into `out`, which it returns; a failed compile fails the test with the CLI's output."""
+    from sessa_export.data import BUNDLED_MODEL
+
+    result = cli("compile", BUNDLED_MODEL, "--target", "cpu", "-o", out, "--max-len", BUNDLED_CAPACITY, *options)
+    assert result.exit_code == 0, f"compile failed: {result.output}\n{result.exception!r}"
+    return out
 
 
 def assert_clean_error(result, *names: str) -> str:

@@ -34,11 +34,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from parity import BUNDLED_CAPACITY
+from parity import BUNDLED_CAPACITY, compile_bundled
 from sessa_export.checkpoint import load_checkpoint
-from sessa_export.cli import app
 from sessa_export.data import BUNDLED_MODEL, encode
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "embed_cpp"
@@ -64,14 +62,6 @@ def build(out: Path, cxx: str, **env: str) -> Path:
     result = subprocess.run(["bash", str(EXAMPLE / "build.sh"), str(out)], capture_output=True, text=True,
                             env={**os.environ, "PYTHON": sys.executable, "CXX": cxx, **env})
     assert result.returncode == 0, f"build.sh failed:\n{result.stdout}\n{result.stderr}"
-    return out
-
-
-def compile_cpu(out: Path, *options: str) -> Path:
-    """`sessa-export compile` of the bundled model for --target cpu, capacity CAPACITY."""
-    result = CliRunner().invoke(app, ["compile", str(BUNDLED_MODEL), "--target", "cpu", "-o", str(out),
-                                      "--max-len", str(CAPACITY), *options])
-    assert result.exit_code == 0, f"compile failed: {result.output}\n{result.exception!r}"
     return out
 
 
@@ -149,7 +139,7 @@ def test_a_float16_state_library_runs_as_in_python(program, tmp_path):
     from sessa_export.generate import Sampling, generate
     from sessa_export.runtime.tvm_runner import TvmRunner
 
-    artifact = compile_cpu(tmp_path / "tiny16", "--state-dtype", "float16")
+    artifact = compile_bundled(tmp_path / "tiny16", "--state-dtype", "float16")
     prompt, n_new = CASES[0]
     expected = generate(TvmRunner(artifact, threads=1), np.array([encode(prompt)]), n_new, Sampling()).tokens[0]
     result = run(program, artifact, prompt, n_new)
@@ -219,7 +209,7 @@ def avx512_instructions(library: Path) -> int:
 
 @pytest.fixture(scope="module")
 def avx512_artifact(tmp_path_factory) -> Path:
-    return compile_cpu(tmp_path_factory.mktemp("embed_cpp_v4") / "tiny", "--cpu", "x86-64-v4")
+    return compile_bundled(tmp_path_factory.mktemp("embed_cpp_v4") / "tiny", "--cpu", "x86-64-v4")
 
 
 def qemu_x86(cpu: str) -> tuple[str, ...]:
@@ -276,7 +266,7 @@ def aarch64_program(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def aarch64_artifacts(tmp_path_factory, aarch64_program) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("embed_cpp_aarch64_model")
-    return {cpu: compile_cpu(folder / cpu, "--host", "aarch64-linux-gnu", "--cpu", cpu)
+    return {cpu: compile_bundled(folder / cpu, "--host", "aarch64-linux-gnu", "--cpu", cpu)
             for cpu in ("generic", "cortex-a76")}
 
 
@@ -354,7 +344,7 @@ def test_aarch64_q8_kernels_compute_as_on_x86(aarch64_program, bundled_library, 
     did after 46 bytes of this prompt once the FeedbackAttention prefill changed its summation order)."""
     kinds = ("int_matmul_decode", "int_matmul_prefill", "feedback_attention_prefill")
     x86 = bundled_library("--quantization", "q8")
-    arm = compile_cpu(tmp_path / "arm", "--quantization", "q8", "--host", "aarch64-linux-gnu", "--cpu", "cortex-a76")
+    arm = compile_bundled(tmp_path / "arm", "--quantization", "q8", "--host", "aarch64-linux-gnu", "--cpu", "cortex-a76")
     caller = build(tmp_path / "kernel_call", AARCH64_CXX, TVM_LIBS=str(AARCH64_RUNTIME),
                    SOURCE=str(Path(__file__).with_name("kernel_call.cpp")))
     calls = kernel_calls(x86, CASES[0][0], lambda name: name.startswith(kinds))
