@@ -375,10 +375,10 @@ class CpuMatmul(dl.ScheduleRule):
     One row (decode, S = 1): a matrix-vector product; each task owns one panel (a packed weight)
     or a run of up to 512 columns, keeps its accumulators in registers and streams the weight
     through them (a packed one prefetched FLOAT_PREFETCH_BYTES ahead). More rows (prefill): tiles
-    of `register_tile` rows x columns of one panel (or of 32 columns), accumulators in registers, groups of panels
-    outermost (panel_group) so that the group's panels stay in the L2 across row tiles. The rows
-    are padded to a multiple of that tile (copies of x and of the result, both cheap): a row
-    predicate would keep LLVM from holding the accumulators in registers.
+    of `register_tile` rows x columns of one panel (or of 32 columns), accumulators in registers,
+    groups of panels outermost (panel_group) so that the group's panels stay in the L2 across row
+    tiles. The rows are padded to a multiple of that tile (copies of x and of the result, both
+    cheap): a row predicate would keep LLVM from holding the accumulators in registers.
     Weight decode blocks of ops/tvm_dequant_matmul.py (named "dequantize*") lead the function. In a
     matrix-vector product they are inlined into the reduction (each weight widened and scaled in
     registers as it is used); in a prefill each task owns one panel, decodes it once into a float32

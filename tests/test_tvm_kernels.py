@@ -293,9 +293,9 @@ def test_cuda_kernels_match_reference(dtype):
                          ids=["panel32", "panel16", "panel8", "plain", "panel32-groups"])
 def test_cpu_linear_layout_matches_numpy(columns, inputs, cpu_name):
     """x @ W^T + b as the CPU build emits it, for decode (S = 1) and a prefill whose rows are not
-    a multiple of the row tile (4 rows of 16 columns in the AVX2 default build, 8 of 32 in a native AVX-512 one), against
-    float64 NumPy; 2048 inputs make panels of 256 KB, a prefill group (cpu.panel_group) then holds
-    fewer than all of them."""
+    a multiple of the row tile (4 rows of 16 columns in the AVX2 default build, 8 of 32 in a native
+    AVX-512 one), against float64 NumPy; 2048 inputs make panels of 256 KB, a prefill group
+    (cpu.panel_group) then holds fewer than all of them."""
     from sessa_export.to_tvm import CompileTarget
 
     if columns % 32 == 0:  # float32 panels of 32 columns
