@@ -79,27 +79,6 @@ def test_keep_leaves_modules_in_float32(model, builds, tmp_path):
     assert (out / "model.so").stat().st_size > (builds["q4"] / "model.so").stat().st_size
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_weights_quantize_alike_in_any_chunks(bits, monkeypatch):
-    """quantize_groups quantizes in chunks of rows on parallel threads: chunks of one row and of 3 rows
-    (the last one short) give the bytes of one pass over the whole weight; q8 is absmax per group."""
-    rng = np.random.default_rng(5)
-    weight = (rng.standard_normal((10, 64)) * rng.exponential(1.0, (10, 1))).astype(np.float32)
-    weight[3, :32] = 0.0  # an all-zero group
-    monkeypatch.setattr(dq, "QUANTIZE_CHUNK", weight.size)
-    whole = dq.quantize_groups(weight, bits)
-    for rows in (1, 3):
-        monkeypatch.setattr(dq, "QUANTIZE_CHUNK", rows * weight.shape[1])
-        q, scale = dq.quantize_groups(weight, bits)
-        assert np.array_equal(q, whole[0]) and np.array_equal(scale, whole[1]), f"chunks of {rows} rows"
-    if bits == 8:
-        groups = weight.reshape(10, 2, 32).astype(np.float64)
-        stored = (np.abs(groups).max(axis=-1) / 127).astype(np.float16).astype(np.float64)
-        stored[stored == 0] = 1.0
-        assert np.array_equal(whole[1], stored.astype(np.float32))
-        assert np.array_equal(whole[0], np.clip(np.rint(groups / stored[..., None]), -127, 127).reshape(10, 64))
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_dequantize_is_inside_the_matmul_kernels(model, mode):
     """After the CPU pipeline: no float32 constant of a quantized weight's size; the decode kernels are
